@@ -1,0 +1,83 @@
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/keybroker/keybroker/internal/broker"
+)
+
+// Error is a failed PKCS#11 operation. Its message carries the CKR_* name
+// for logs; the gRPC server never sends it to a client.
+type Error struct {
+	Op   string
+	Kind error // a broker sentinel, or nil for an internal error
+	Err  error
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("hsm: %s: %v", e.Op, e.Err) }
+func (e *Error) Unwrap() []error {
+	if e.Kind == nil {
+		return []error{e.Err}
+	}
+	return []error{e.Kind, e.Err}
+}
+
+// unavailable are the return values after which the token, the session or
+// the login is gone: retrying on a rebuilt context may succeed.
+var unavailable = map[pkcs11.Error]bool{
+	pkcs11.CKR_DEVICE_ERROR:             true,
+	pkcs11.CKR_DEVICE_MEMORY:            true,
+	pkcs11.CKR_DEVICE_REMOVED:           true,
+	pkcs11.CKR_TOKEN_NOT_PRESENT:        true,
+	pkcs11.CKR_TOKEN_NOT_RECOGNIZED:     true,
+	pkcs11.CKR_SESSION_HANDLE_INVALID:   true,
+	pkcs11.CKR_SESSION_CLOSED:           true,
+	pkcs11.CKR_USER_NOT_LOGGED_IN:       true,
+	pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: true,
+	pkcs11.CKR_GENERAL_ERROR:            true,
+	pkcs11.CKR_FUNCTION_FAILED:          true,
+	pkcs11.CKR_SESSION_COUNT:            true,
+	pkcs11.CKR_OBJECT_HANDLE_INVALID:    true,
+	pkcs11.CKR_KEY_HANDLE_INVALID:       true,
+}
+
+// classify wraps err with the broker sentinel that says what a caller can do
+// about it. nil stays nil.
+func classify(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	var kind error
+	var rv pkcs11.Error
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		// crypto11's pool timed out waiting for a free session.
+		kind = broker.ErrResourceExhausted
+	case errors.As(err, &rv):
+		switch {
+		case unavailable[rv]:
+			kind = broker.ErrUnavailable
+		case rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_EXPIRED:
+			kind = broker.ErrFailedPrecondition
+		}
+	}
+	return &Error{Op: op, Kind: kind, Err: err}
+}
+
+// isTemplateError reports whether the token refused an attribute of the
+// template (so a looser template may be tried).
+func isTemplateError(err error) bool {
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) {
+		return false
+	}
+	switch rv {
+	case pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_TEMPLATE_INCONSISTENT:
+		return true
+	}
+	return false
+}

@@ -1,0 +1,74 @@
+// Package broker holds the core vocabulary of keybroker: algorithms, key
+// specs, the hardware backend contract, and the error sentinels every layer
+// uses. It imports nothing but the standard library; backends (hsm, tpm), the
+// keyring and the gRPC server all build on it.
+package broker
+
+import (
+	"context"
+	"crypto"
+	"fmt"
+)
+
+// Backend is the contract every hardware backend (PKCS#11, TPM 2.0) meets.
+// Private keys are generated inside the hardware and never leave it. Every
+// method honours ctx where the hardware allows it. Inputs are validated by
+// the caller (see CheckSign); backends may assume a well-formed request but
+// must not trust it blindly.
+type Backend interface {
+	// Generate creates a non-extractable signing key for spec in partition p
+	// and returns its opaque handle and public key.
+	Generate(ctx context.Context, p Partition, spec KeySpec) (Handle, crypto.PublicKey, error)
+	// Sign signs digest with the key h. opts is crypto.Hash for PKCS#1 v1.5
+	// and ECDSA, *rsa.PSSOptions for PSS. ECDSA signatures are ASN.1 DER.
+	Sign(ctx context.Context, p Partition, h Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error)
+	// Destroy removes the key h from the hardware. Destroying a key that is
+	// already gone returns an error wrapping ErrNotFound.
+	Destroy(ctx context.Context, p Partition, h Handle) error
+	// Probe is a cheap liveness call into the hardware.
+	Probe(ctx context.Context) error
+	// Close releases the hardware. It is safe to call more than once.
+	Close() error
+}
+
+// Partition names the slice of the hardware a key belongs to. Backends map
+// it to a token (PKCS#11) or a storage parent (TPM).
+type Partition struct {
+	Tenant string
+}
+
+// Handle is a backend's opaque reference to a key, persisted by the store
+// (PKCS#11: the random CKA_ID; TPM: the marshalled key blobs). It is never
+// sent to a client.
+type Handle []byte
+
+// KeySpec describes a key to generate.
+type KeySpec struct {
+	Alg Algorithm
+	// Bits is the RSA modulus size; 0 for EC keys.
+	Bits int
+	// Label is a human-readable hardware label (PKCS#11 CKA_LABEL).
+	Label string
+}
+
+// Validate checks the spec and fills in the default RSA size.
+func (s KeySpec) Validate() (KeySpec, error) {
+	if !s.Alg.Valid() {
+		return s, &FieldError{Field: "algorithm", Reason: fmt.Sprintf("unknown algorithm %d", int(s.Alg))}
+	}
+	if s.Alg.IsRSA() {
+		if s.Bits == 0 {
+			s.Bits = 2048
+		}
+		switch s.Bits {
+		case 2048, 3072, 4096:
+		default:
+			return s, &FieldError{Field: "bits", Reason: fmt.Sprintf("got %d, want 2048, 3072 or 4096", s.Bits)}
+		}
+		return s, nil
+	}
+	if s.Bits != 0 {
+		return s, &FieldError{Field: "bits", Reason: fmt.Sprintf("got %d, want 0 for %s (the curve fixes the size)", s.Bits, s.Alg)}
+	}
+	return s, nil
+}

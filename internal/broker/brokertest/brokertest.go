@@ -1,0 +1,218 @@
+// Package brokertest is the conformance suite every broker.Backend passes,
+// run against real hardware (SoftHSM2, swtpm) by each backend's tests.
+package brokertest
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/keybroker/keybroker/internal/broker"
+)
+
+// Suite configures the conformance run for one backend.
+type Suite struct {
+	// New returns a fresh backend; the suite closes it.
+	New func(t testing.TB) broker.Backend
+	// Specs are the key specs the backend supports.
+	Specs []broker.KeySpec
+}
+
+// AllSpecs is every algorithm and RSA size keybroker knows.
+func AllSpecs() []broker.KeySpec {
+	return []broker.KeySpec{
+		{Alg: broker.ES256}, {Alg: broker.ES384},
+		{Alg: broker.RS256, Bits: 2048}, {Alg: broker.RS256, Bits: 3072}, {Alg: broker.RS256, Bits: 4096},
+		{Alg: broker.PS256, Bits: 2048}, {Alg: broker.PS256, Bits: 3072}, {Alg: broker.PS256, Bits: 4096},
+	}
+}
+
+// Name is a subtest name for a spec, e.g. "RS256-3072".
+func Name(s broker.KeySpec) string {
+	if s.Alg.IsRSA() {
+		return fmt.Sprintf("%v-%d", s.Alg, s.Bits)
+	}
+	return s.Alg.String()
+}
+
+// Run runs the whole suite.
+func (s Suite) Run(t *testing.T) {
+	t.Run("SignVerify", s.testSignVerify)
+	t.Run("BadDigest", s.testBadDigest)
+	t.Run("Destroy", s.testDestroy)
+	t.Run("Concurrent", s.testConcurrent)
+	t.Run("Probe", s.testProbe)
+}
+
+var part = broker.Partition{Tenant: "conformance"}
+
+func (s Suite) backend(t *testing.T) broker.Backend {
+	t.Helper()
+	b := s.New(t)
+	t.Cleanup(func() {
+		if err := b.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		if err := b.Close(); err != nil {
+			t.Errorf("second Close: %v", err)
+		}
+	})
+	return b
+}
+
+// Verify checks sig over digest with pub under opts; it is exported for
+// other hardware tests.
+func Verify(pub crypto.PublicKey, digest, sig []byte, opts crypto.SignerOpts) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if !ecdsa.VerifyASN1(k, digest, sig) {
+			return errors.New("ECDSA signature does not verify")
+		}
+		return nil
+	case *rsa.PublicKey:
+		if pss, ok := opts.(*rsa.PSSOptions); ok {
+			// Strict: the salt must be exactly the hash length.
+			return rsa.VerifyPSS(k, opts.HashFunc(), digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: pss.Hash})
+		}
+		return rsa.VerifyPKCS1v15(k, opts.HashFunc(), digest, sig)
+	}
+	return fmt.Errorf("unexpected public key %T", pub)
+}
+
+func digestFor(t testing.TB, h crypto.Hash) []byte {
+	d := make([]byte, h.Size())
+	if _, err := rand.Read(d); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func (s Suite) testSignVerify(t *testing.T) {
+	b := s.backend(t)
+	ctx := context.Background()
+	for _, spec := range s.Specs {
+		t.Run(Name(spec), func(t *testing.T) {
+			h, pub, err := b.Generate(ctx, part, spec)
+			if err != nil {
+				t.Fatalf("Generate: %v", err)
+			}
+			if !spec.Alg.MatchesPublicKey(pub, spec.Bits) {
+				t.Fatalf("public key %T does not match %s", pub, Name(spec))
+			}
+			for _, hash := range []crypto.Hash{crypto.SHA256, crypto.SHA384, crypto.SHA512} {
+				opts, err := broker.SignerOpts(spec.Alg, hash, broker.PaddingDefault, digestFor(t, hash))
+				if err != nil {
+					t.Fatal(err)
+				}
+				digest := digestFor(t, hash)
+				sig, err := b.Sign(ctx, part, h, digest, opts)
+				if err != nil {
+					t.Fatalf("Sign %v: %v", hash, err)
+				}
+				if err := Verify(pub, digest, sig, opts); err != nil {
+					t.Fatalf("%v: %v", hash, err)
+				}
+				digest[0] ^= 1
+				if Verify(pub, digest, sig, opts) == nil {
+					t.Fatalf("%v: signature verifies over a different digest", hash)
+				}
+			}
+			if err := b.Destroy(ctx, part, h); err != nil {
+				t.Fatalf("Destroy: %v", err)
+			}
+		})
+	}
+}
+
+func (s Suite) testBadDigest(t *testing.T) {
+	b := s.backend(t)
+	ctx := context.Background()
+	spec := s.Specs[0]
+	h, _, err := b.Generate(ctx, part, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Destroy(ctx, part, h)
+	for _, n := range []int{0, 1, 31, 33, 48, 64} {
+		_, err := b.Sign(ctx, part, h, make([]byte, n), crypto.SHA256)
+		if !errors.Is(err, broker.ErrInvalidArgument) {
+			t.Errorf("Sign with a %d-byte SHA-256 digest: got %v, want ErrInvalidArgument", n, err)
+		}
+	}
+}
+
+func (s Suite) testDestroy(t *testing.T) {
+	b := s.backend(t)
+	ctx := context.Background()
+	spec := s.Specs[0]
+	h, _, err := b.Generate(ctx, part, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := spec.Alg.Hash()
+	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); err != nil {
+		t.Fatalf("Sign before Destroy: %v", err)
+	}
+	if err := b.Destroy(ctx, part, h); err != nil {
+		t.Fatalf("Destroy: %v", err)
+	}
+	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, broker.ErrNotFound) {
+		t.Fatalf("Sign after Destroy: got %v, want ErrNotFound", err)
+	}
+	if err := b.Destroy(ctx, part, h); !errors.Is(err, broker.ErrNotFound) {
+		t.Fatalf("second Destroy: got %v, want ErrNotFound", err)
+	}
+}
+
+func (s Suite) testConcurrent(t *testing.T) {
+	b := s.backend(t)
+	ctx := context.Background()
+	spec := s.Specs[0]
+	h, pub, err := b.Generate(ctx, part, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Destroy(ctx, part, h)
+	const n = 50
+	opts := spec.Alg.Hash()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			digest := make([]byte, opts.Size())
+			rand.Read(digest)
+			sig, err := b.Sign(ctx, part, h, digest, opts)
+			if err == nil {
+				err = Verify(pub, digest, sig, opts)
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func (s Suite) testProbe(t *testing.T) {
+	b := s.backend(t)
+	if err := b.Probe(context.Background()); err != nil {
+		t.Fatalf("Probe: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := b.Probe(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Probe with a canceled context: got %v, want context.Canceled", err)
+	}
+}

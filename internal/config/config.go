@@ -1,0 +1,208 @@
+// Package config loads and validates keybrokerd's YAML configuration. Load
+// reports every problem at once; nothing is half-applied. Only the daemon's
+// wiring imports it.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the daemon's configuration file.
+type Config struct {
+	// Socket is the unix socket the daemon serves on (mode 0660).
+	Socket string `yaml:"socket"`
+	// StateDir holds the metadata store (keybroker.db).
+	StateDir string `yaml:"state_dir"`
+	// Backend is "pkcs11" (the only one so far).
+	Backend string `yaml:"backend"`
+	PKCS11  PKCS11 `yaml:"pkcs11"`
+	Limits  Limits `yaml:"limits"`
+	Log     Log    `yaml:"log"`
+}
+
+// PKCS11 configures the PKCS#11 backend.
+type PKCS11 struct {
+	// Module is the path of the PKCS#11 library.
+	Module string `yaml:"module"`
+	// TokenLabel selects the token.
+	TokenLabel string `yaml:"token_label"`
+	// PINFile holds the user PIN (a trailing newline is ignored). It must
+	// not be readable by others.
+	PINFile string `yaml:"pin_file"`
+	// SoftHSM2Conf, when set, is exported as SOFTHSM2_CONF before the
+	// module loads (SoftHSM2 only).
+	SoftHSM2Conf string `yaml:"softhsm2_conf"`
+	// MaxSessions sizes the session pool.
+	MaxSessions int `yaml:"max_sessions"`
+	// PoolWaitTimeout bounds the wait for a free session.
+	PoolWaitTimeout time.Duration `yaml:"pool_wait_timeout"`
+}
+
+// Limits bounds what a client can ask of the daemon.
+type Limits struct {
+	// MaxRecvMsgSize is the largest request in bytes.
+	MaxRecvMsgSize int `yaml:"max_recv_msg_size"`
+	// MaxConcurrentStreams per client connection.
+	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
+	// CallTimeout is the deadline of a call that carries none (and the cap
+	// on one that carries a longer one).
+	CallTimeout time.Duration `yaml:"call_timeout"`
+	// ShutdownTimeout bounds the graceful stop on SIGTERM.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // json, text
+}
+
+// Default returns the configuration used for every field a file leaves out.
+func Default() Config {
+	return Config{
+		Socket:   "/run/keybroker/keybroker.sock",
+		StateDir: "/var/lib/keybroker",
+		Backend:  "pkcs11",
+		PKCS11: PKCS11{
+			Module:          "/usr/lib/softhsm/libsofthsm2.so",
+			TokenLabel:      "keybroker",
+			PINFile:         "/etc/keybroker/pkcs11.pin",
+			MaxSessions:     16,
+			PoolWaitTimeout: 2 * time.Second,
+		},
+		Limits: Limits{
+			MaxRecvMsgSize:       64 << 10,
+			MaxConcurrentStreams: 256,
+			CallTimeout:          10 * time.Second,
+			ShutdownTimeout:      10 * time.Second,
+		},
+		Log: Log{Level: "info", Format: "json"},
+	}
+}
+
+// Parse reads YAML over the defaults. Unknown fields are errors.
+func Parse(r io.Reader) (Config, error) {
+	cfg := Default()
+	dec := yaml.NewDecoder(r)
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	return cfg, nil
+}
+
+// Load reads and parses a file (without validating it).
+func Load(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	return Parse(bytes.NewReader(b))
+}
+
+// Problems is every problem found in a configuration.
+type Problems []string
+
+func (p Problems) Error() string {
+	return "invalid configuration:\n  - " + strings.Join(p, "\n  - ")
+}
+
+// Validate checks the configuration and returns every problem at once (as
+// Problems), or nil.
+func (c Config) Validate() error {
+	var p Problems
+	add := func(format string, args ...any) { p = append(p, fmt.Sprintf(format, args...)) }
+	if c.Socket == "" {
+		add("socket: must be set")
+	} else if len(c.Socket) > 107 {
+		add("socket: %q is %d bytes, longer than a unix socket path may be (107)", c.Socket, len(c.Socket))
+	}
+	if c.StateDir == "" {
+		add("state_dir: must be set")
+	}
+	switch c.Backend {
+	case "pkcs11":
+		if c.PKCS11.Module == "" {
+			add("pkcs11.module: must be set")
+		} else if !filepath.IsAbs(c.PKCS11.Module) {
+			add("pkcs11.module: %q must be an absolute path", c.PKCS11.Module)
+		}
+		if c.PKCS11.TokenLabel == "" {
+			add("pkcs11.token_label: must be set")
+		} else if len(c.PKCS11.TokenLabel) > 32 {
+			add("pkcs11.token_label: %q is longer than 32 bytes (PKCS#11 CK_TOKEN_INFO.label)", c.PKCS11.TokenLabel)
+		}
+		if c.PKCS11.PINFile == "" {
+			add("pkcs11.pin_file: must be set")
+		}
+		if c.PKCS11.MaxSessions < 2 || c.PKCS11.MaxSessions > 1024 {
+			add("pkcs11.max_sessions: got %d, want 2..1024", c.PKCS11.MaxSessions)
+		}
+		if c.PKCS11.PoolWaitTimeout <= 0 {
+			add("pkcs11.pool_wait_timeout: got %v, want > 0", c.PKCS11.PoolWaitTimeout)
+		}
+	default:
+		add("backend: got %q, want pkcs11", c.Backend)
+	}
+	if c.Limits.MaxRecvMsgSize < 1024 || c.Limits.MaxRecvMsgSize > 16<<20 {
+		add("limits.max_recv_msg_size: got %d, want 1024..16777216", c.Limits.MaxRecvMsgSize)
+	}
+	if c.Limits.MaxConcurrentStreams == 0 {
+		add("limits.max_concurrent_streams: must be > 0")
+	}
+	if c.Limits.CallTimeout <= 0 {
+		add("limits.call_timeout: got %v, want > 0", c.Limits.CallTimeout)
+	}
+	if c.Limits.ShutdownTimeout <= 0 {
+		add("limits.shutdown_timeout: got %v, want > 0", c.Limits.ShutdownTimeout)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		add("log.level: got %q, want debug, info, warn or error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "json", "text":
+	default:
+		add("log.format: got %q, want json or text", c.Log.Format)
+	}
+	if len(p) > 0 {
+		return p
+	}
+	return nil
+}
+
+// ReadPIN reads a PIN file. It refuses a file that others can read, and
+// never includes the PIN in an error.
+func ReadPIN(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("pin file: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("pin file: %w", err)
+	}
+	if st.Mode().Perm()&0o007 != 0 {
+		return "", fmt.Errorf("pin file %s: mode %v lets other users read it; chmod o-rwx it", path, st.Mode().Perm())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 1024))
+	if err != nil {
+		return "", fmt.Errorf("pin file: %w", err)
+	}
+	pin := strings.TrimRight(string(b), "\r\n")
+	if pin == "" {
+		return "", fmt.Errorf("pin file %s is empty", path)
+	}
+	return pin, nil
+}

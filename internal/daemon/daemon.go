@@ -1,0 +1,202 @@
+// Package daemon wires keybrokerd together: backend, store, keyring, gRPC
+// server, health and the unix socket listener. cmd/keybrokerd is a thin
+// main around it; tests start a daemon in-process through it.
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/hsm"
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/internal/server"
+	"github.com/keybroker/keybroker/internal/store"
+)
+
+// DefaultTenant is the tenant every local caller belongs to until tenants
+// are configured.
+const DefaultTenant = "default"
+
+// Daemon is a running keybrokerd.
+type Daemon struct {
+	cfg     config.Config
+	log     *slog.Logger
+	backend broker.Backend
+	store   *store.Store
+	ring    *keyring.Keyring
+	health  *health.Server
+	grpc    *grpc.Server
+}
+
+// New validates cfg, opens the backend and the store, loads the keys and
+// probes the hardware. It does not listen yet.
+func New(cfg config.Config, log *slog.Logger) (d *Daemon, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	d = &Daemon{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	if d.backend, err = openBackend(cfg, log); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if d.store, err = store.Open(filepath.Join(cfg.StateDir, "keybroker.db")); err != nil {
+		return nil, err
+	}
+	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
+	defer cancel()
+	if err := d.backend.Probe(ctx); err != nil {
+		return nil, fmt.Errorf("backend probe: %w", err)
+	}
+
+	svc := server.New(d.ring, server.SingleTenant(DefaultTenant), log)
+	d.grpc = grpc.NewServer(
+		grpc.MaxRecvMsgSize(cfg.Limits.MaxRecvMsgSize),
+		grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
+		grpc.ChainUnaryInterceptor(deadline(cfg.Limits.CallTimeout), svc.UnaryInterceptor),
+	)
+	kbv1.RegisterKeyBrokerServer(d.grpc, svc)
+	d.health = health.NewServer()
+	healthpb.RegisterHealthServer(d.grpc, d.health)
+	reflection.Register(d.grpc)
+	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	d.health.SetServingStatus(kbv1.KeyBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	return d, nil
+}
+
+func openBackend(cfg config.Config, log *slog.Logger) (broker.Backend, error) {
+	pin, err := config.ReadPIN(cfg.PKCS11.PINFile)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.PKCS11.SoftHSM2Conf != "" {
+		// Read by libsofthsm2 in C_Initialize.
+		if err := os.Setenv("SOFTHSM2_CONF", cfg.PKCS11.SoftHSM2Conf); err != nil {
+			return nil, err
+		}
+	}
+	b, err := hsm.Open(hsm.Config{
+		ModulePath:      cfg.PKCS11.Module,
+		TokenLabel:      cfg.PKCS11.TokenLabel,
+		PIN:             pin,
+		MaxSessions:     cfg.PKCS11.MaxSessions,
+		PoolWaitTimeout: cfg.PKCS11.PoolWaitTimeout,
+	}, log)
+	if err != nil {
+		return nil, fmt.Errorf("pkcs11 token %q: %w", cfg.PKCS11.TokenLabel, err)
+	}
+	return b, nil
+}
+
+// Keyring is the daemon's keyring, for in-process callers (dev mode).
+func (d *Daemon) Keyring() *keyring.Keyring { return d.ring }
+
+// Serve listens on the configured unix socket and serves until ctx is done,
+// then stops gracefully: health turns NOT_SERVING, in-flight calls finish
+// within the shutdown timeout, the rest are cut off.
+func (d *Daemon) Serve(ctx context.Context) error {
+	lis, err := listenUnix(d.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(d.cfg.Socket)
+	return d.ServeListener(ctx, lis)
+}
+
+// ServeListener serves on lis until ctx is done (see Serve).
+func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- d.grpc.Serve(lis) }()
+	d.log.Info("serving", "socket", lis.Addr().String(), "backend", d.cfg.Backend)
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	d.log.Info("stopping")
+	d.health.Shutdown()
+	stopped := make(chan struct{})
+	go func() { d.grpc.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(d.cfg.Limits.ShutdownTimeout):
+		d.log.Warn("graceful stop timed out; closing remaining calls")
+		d.grpc.Stop()
+	}
+	return nil
+}
+
+// Close releases the store and the hardware.
+func (d *Daemon) Close() {
+	if d.store != nil {
+		if err := d.store.Close(); err != nil {
+			d.log.Error("closing store", "err", err)
+		}
+	}
+	if d.backend != nil {
+		if err := d.backend.Close(); err != nil {
+			d.log.Error("closing backend", "err", err)
+		}
+	}
+}
+
+// listenUnix listens on path with mode 0660, replacing a stale socket file
+// but refusing to steal the socket of a running daemon.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("socket dir: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("socket %s: exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("socket %s: another daemon is serving on it", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("socket %s: removing stale socket: %w", path, err)
+		}
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		lis.Close()
+		return nil, err
+	}
+	return lis, nil
+}
+
+// deadline gives every call the configured timeout, or its own if shorter.
+func deadline(max time.Duration) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		ctx, cancel := context.WithTimeout(ctx, max)
+		defer cancel()
+		return handler(ctx, req)
+	}
+}

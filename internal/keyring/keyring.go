@@ -1,0 +1,428 @@
+// Package keyring is keybroker's core: it ties the metadata store to a
+// hardware backend, keeps every key version in memory for O(1) lookups, and
+// implements the operations the gRPC server exposes (create, read, list,
+// sign, public keys, JWKS) in terms of the broker vocabulary. It never sees
+// protobuf types; the tenant is always an argument supplied by the server
+// from the authenticated caller.
+package keyring
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/json"
+
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/pop"
+)
+
+// Keyring serves keys from memory and signs through the backend.
+type Keyring struct {
+	backend     broker.Backend
+	backendName string
+	store       *store.Store
+	log         *slog.Logger
+	now         func() time.Time
+
+	mu       sync.RWMutex
+	keys     map[keyID]*key    // immutable snapshots, replaced on change
+	creating map[keyID]bool    // names being generated right now
+	jwks     map[string][]byte // per tenant, built on demand
+}
+
+type keyID struct{ tenant, name string }
+
+// key is an immutable snapshot of a stored key with parsed public keys.
+type key struct {
+	rec      store.Key
+	versions []*version // ascending by version number
+	active   *version
+}
+
+type version struct {
+	store.Version
+	pub crypto.PublicKey
+	jwk pop.JWK
+}
+
+// Options configures a Keyring.
+type Options struct {
+	Backend     broker.Backend
+	BackendName string // "pkcs11" or "tpm", shown in key metadata
+	Store       *store.Store
+	Log         *slog.Logger
+	Now         func() time.Time // defaults to time.Now
+}
+
+// New loads every key from the store into memory.
+func New(o Options) (*Keyring, error) {
+	r := &Keyring{
+		backend:     o.Backend,
+		backendName: o.BackendName,
+		store:       o.Store,
+		log:         o.Log,
+		now:         o.Now,
+		keys:        make(map[keyID]*key),
+		creating:    make(map[keyID]bool),
+		jwks:        make(map[string][]byte),
+	}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	if r.now == nil {
+		r.now = time.Now
+	}
+	recs, err := r.store.Keys()
+	if err != nil {
+		return nil, err
+	}
+	for _, rec := range recs {
+		k, err := newKey(rec)
+		if err != nil {
+			return nil, fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
+		}
+		r.keys[keyID{rec.Tenant, rec.Name}] = k
+	}
+	return r, nil
+}
+
+func newKey(rec store.Key) (*key, error) {
+	k := &key{rec: rec}
+	for i := range rec.Versions {
+		sv := rec.Versions[i]
+		pub, err := x509.ParsePKIXPublicKey(sv.PublicKey)
+		if err != nil {
+			return nil, fmt.Errorf("version %d: public key: %w", sv.Version, err)
+		}
+		if !rec.Alg.MatchesPublicKey(pub, rec.Bits) {
+			return nil, fmt.Errorf("version %d: public key does not match %v", sv.Version, rec.Alg)
+		}
+		jwk, err := pop.NewJWK(pub)
+		if err != nil {
+			return nil, fmt.Errorf("version %d: %w", sv.Version, err)
+		}
+		jwk.Use, jwk.Alg, jwk.Kid = "sig", rec.Alg.String(), sv.Kid
+		v := &version{Version: sv, pub: pub, jwk: jwk}
+		k.versions = append(k.versions, v)
+		if sv.State == broker.StateActive {
+			k.active = v
+		}
+	}
+	sort.Slice(k.versions, func(i, j int) bool { return k.versions[i].Version.Version < k.versions[j].Version.Version })
+	return k, nil
+}
+
+// KeyInfo describes a key for the API.
+type KeyInfo struct {
+	Name          string
+	Alg           broker.Algorithm
+	Bits          int
+	Backend       string
+	Created       time.Time
+	ActiveVersion uint32
+	ActiveKid     string
+	Versions      []VersionInfo
+}
+
+// VersionInfo describes a key version for the API.
+type VersionInfo struct {
+	Version uint32
+	Kid     string
+	State   broker.State
+	Created time.Time
+}
+
+func (k *key) info() KeyInfo {
+	ki := KeyInfo{Name: k.rec.Name, Alg: k.rec.Alg, Bits: k.rec.Bits, Backend: k.rec.Backend, Created: k.rec.Created}
+	if k.active != nil {
+		ki.ActiveVersion, ki.ActiveKid = k.active.Version.Version, k.active.Kid
+	}
+	for _, v := range k.versions {
+		ki.Versions = append(ki.Versions, VersionInfo{Version: v.Version.Version, Kid: v.Kid, State: v.State, Created: v.Created})
+	}
+	return ki
+}
+
+// CreateKey generates version 1 of a new key in hardware and records it.
+// The name and spec are validated before the hardware is touched.
+func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broker.KeySpec) (KeyInfo, error) {
+	if err := broker.ValidateName(name); err != nil {
+		return KeyInfo{}, err
+	}
+	spec, err := spec.Validate()
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	id := keyID{tenant, name}
+	r.mu.Lock()
+	if r.keys[id] != nil || r.creating[id] {
+		r.mu.Unlock()
+		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrAlreadyExists, Msg: fmt.Sprintf("key %q already exists", name)}
+	}
+	r.creating[id] = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.creating, id)
+		r.mu.Unlock()
+	}()
+
+	p := broker.Partition{Tenant: tenant}
+	spec.Label = "keybroker/" + name + "/v1"
+	h, pub, err := r.backend.Generate(ctx, p, spec)
+	if err != nil {
+		return KeyInfo{}, fmt.Errorf("generate %s: %w", name, err)
+	}
+	rec, err := r.newRecord(tenant, name, spec, h, pub)
+	if err == nil {
+		err = r.store.CreateKey(rec)
+	}
+	var k *key
+	if err == nil {
+		k, err = newKey(rec)
+	}
+	if err != nil {
+		// Nothing refers to the new hardware object: remove it.
+		if derr := r.backend.Destroy(context.WithoutCancel(ctx), p, h); derr != nil {
+			r.log.Error("removing a key that could not be recorded", "tenant", tenant, "key", name, "err", derr)
+		}
+		return KeyInfo{}, fmt.Errorf("record %s: %w", name, err)
+	}
+	r.mu.Lock()
+	r.keys[id] = k
+	delete(r.jwks, tenant)
+	r.mu.Unlock()
+	r.log.Info("key created", "tenant", tenant, "key", name, "alg", spec.Alg.String(), "bits", spec.Bits, "kid", k.active.Kid)
+	return k.info(), nil
+}
+
+func (r *Keyring) newRecord(tenant, name string, spec broker.KeySpec, h broker.Handle, pub crypto.PublicKey) (store.Key, error) {
+	if !spec.Alg.MatchesPublicKey(pub, spec.Bits) {
+		return store.Key{}, fmt.Errorf("backend returned a %T that does not match %v", pub, spec.Alg)
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return store.Key{}, err
+	}
+	kid, err := pop.Thumbprint(pub)
+	if err != nil {
+		return store.Key{}, err
+	}
+	now := r.now().UTC()
+	return store.Key{
+		Tenant: tenant, Name: name, Alg: spec.Alg, Bits: spec.Bits, Backend: r.backendName, Created: now,
+		Versions: []store.Version{{Version: 1, Kid: kid, State: broker.StateActive, Handle: h, PublicKey: der, Created: now}},
+	}, nil
+}
+
+// lookup returns the key (tenant, name). A key of another tenant is
+// indistinguishable from one that does not exist.
+func (r *Keyring) lookup(tenant, name string) (*key, error) {
+	if err := broker.ValidateName(name); err != nil {
+		return nil, err
+	}
+	r.mu.RLock()
+	k := r.keys[keyID{tenant, name}]
+	r.mu.RUnlock()
+	if k == nil {
+		return nil, broker.NotFound("key", name)
+	}
+	return k, nil
+}
+
+// GetKey returns a key's metadata.
+func (r *Keyring) GetKey(ctx context.Context, tenant, name string) (KeyInfo, error) {
+	k, err := r.lookup(tenant, name)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	return k.info(), nil
+}
+
+// MaxPageSize bounds ListKeys pages.
+const MaxPageSize = 1000
+
+// ListKeys returns up to limit of the tenant's keys whose names sort after
+// `after`, and the name to pass as `after` for the next page ("" at the end).
+func (r *Keyring) ListKeys(ctx context.Context, tenant, after string, limit int) ([]KeyInfo, string, error) {
+	if limit < 0 || limit > MaxPageSize {
+		return nil, "", &broker.FieldError{Field: "page_size", Reason: fmt.Sprintf("got %d, want 0..%d", limit, MaxPageSize)}
+	}
+	if limit == 0 {
+		limit = 100
+	}
+	if after != "" {
+		if err := broker.ValidateName(after); err != nil {
+			return nil, "", &broker.FieldError{Field: "page_token", Reason: "not a token from a previous response"}
+		}
+	}
+	r.mu.RLock()
+	var names []string
+	for id := range r.keys {
+		if id.tenant == tenant && id.name > after {
+			names = append(names, id.name)
+		}
+	}
+	sort.Strings(names)
+	next := ""
+	if len(names) > limit {
+		names = names[:limit]
+		next = names[limit-1]
+	}
+	out := make([]KeyInfo, len(names))
+	for i, n := range names {
+		out[i] = r.keys[keyID{tenant, n}].info()
+	}
+	r.mu.RUnlock()
+	return out, next, nil
+}
+
+// VersionRef selects a key version: by number, by kid, or (both zero) the
+// active one.
+type VersionRef struct {
+	Version uint32
+	Kid     string
+}
+
+func (k *key) version(ref VersionRef) (*version, error) {
+	switch {
+	case ref.Version != 0 && ref.Kid != "":
+		return nil, &broker.FieldError{Field: "kid", Reason: "give a version or a kid, not both"}
+	case ref.Version != 0:
+		for _, v := range k.versions {
+			if v.Version.Version == ref.Version {
+				return v, nil
+			}
+		}
+		return nil, &broker.ClientError{Kind: broker.ErrNotFound, Msg: fmt.Sprintf("key %q has no version %d", k.rec.Name, ref.Version)}
+	case ref.Kid != "":
+		for _, v := range k.versions {
+			if v.Kid == ref.Kid {
+				return v, nil
+			}
+		}
+		return nil, &broker.ClientError{Kind: broker.ErrNotFound, Msg: fmt.Sprintf("key %q has no version with kid %q", k.rec.Name, ref.Kid)}
+	}
+	if k.active == nil {
+		return nil, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Msg: fmt.Sprintf("key %q has no active version", k.rec.Name)}
+	}
+	return k.active, nil
+}
+
+// SignRequest is a request to sign a digest.
+type SignRequest struct {
+	Name    string
+	Ref     VersionRef
+	Digest  []byte
+	Hash    crypto.Hash // 0: the algorithm's hash
+	Padding broker.Padding
+	JOSE    bool // ECDSA as r||s instead of DER
+}
+
+// Signature is a signature and the key version that made it.
+type Signature struct {
+	Signature []byte
+	Kid       string
+	Version   uint32
+	Alg       broker.Algorithm
+}
+
+// Sign validates the request completely, then signs in hardware.
+func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Signature, error) {
+	k, err := r.lookup(tenant, req.Name)
+	if err != nil {
+		return Signature{}, err
+	}
+	v, err := k.version(req.Ref)
+	if err != nil {
+		return Signature{}, err
+	}
+	if !v.State.CanSign() {
+		return Signature{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition,
+			Msg: fmt.Sprintf("key %q version %d is %v and cannot sign", req.Name, v.Version.Version, v.State)}
+	}
+	opts, err := broker.SignerOpts(k.rec.Alg, req.Hash, req.Padding, req.Digest)
+	if err != nil {
+		return Signature{}, err
+	}
+	sig, err := r.backend.Sign(ctx, broker.Partition{Tenant: tenant}, v.Handle, req.Digest, opts)
+	if err != nil {
+		return Signature{}, err
+	}
+	if req.JOSE && k.rec.Alg.IsEC() {
+		if sig, err = pop.ECDSADERToJOSE(sig, k.rec.Alg.Curve()); err != nil {
+			return Signature{}, fmt.Errorf("encode signature: %w", err)
+		}
+	}
+	return Signature{Signature: sig, Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg}, nil
+}
+
+// PublicKey is the public half of a key version.
+type PublicKey struct {
+	Kid     string
+	Version uint32
+	Alg     broker.Algorithm
+	Key     crypto.PublicKey
+	DER     []byte // PKIX
+	JWK     pop.JWK
+}
+
+// PublicKey returns a version's public key, from memory.
+func (r *Keyring) PublicKey(ctx context.Context, tenant, name string, ref VersionRef) (PublicKey, error) {
+	k, err := r.lookup(tenant, name)
+	if err != nil {
+		return PublicKey{}, err
+	}
+	v, err := k.version(ref)
+	if err != nil {
+		return PublicKey{}, err
+	}
+	return PublicKey{Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg, Key: v.pub, DER: v.PublicKey, JWK: v.jwk}, nil
+}
+
+// JWKS returns the tenant's JWK Set: every published version of every key,
+// ordered by key name and version. It is served from memory.
+func (r *Keyring) JWKS(ctx context.Context, tenant string) ([]byte, error) {
+	r.mu.RLock()
+	b, ok := r.jwks[tenant]
+	r.mu.RUnlock()
+	if ok {
+		return b, nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if b, ok := r.jwks[tenant]; ok {
+		return b, nil
+	}
+	var names []string
+	for id := range r.keys {
+		if id.tenant == tenant {
+			names = append(names, id.name)
+		}
+	}
+	sort.Strings(names)
+	set := pop.JWKS{}
+	for _, n := range names {
+		for _, v := range r.keys[keyID{tenant, n}].versions {
+			if v.State.Published() {
+				set.Keys = append(set.Keys, v.jwk)
+			}
+		}
+	}
+	b, err := json.Marshal(set)
+	if err != nil {
+		return nil, err
+	}
+	r.jwks[tenant] = b
+	return b, nil
+}
+
+// Probe checks that the backend answers.
+func (r *Keyring) Probe(ctx context.Context) error { return r.backend.Probe(ctx) }

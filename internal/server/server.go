@@ -1,0 +1,282 @@
+// Package server is keybroker's gRPC service: it turns protobuf requests
+// into keyring calls and keyring results and errors into responses. It is
+// the only package (with the SDK) that imports the generated API code. The
+// tenant comes from the caller's identity (TenantFunc), never from a
+// request field.
+package server
+
+import (
+	"context"
+	"crypto"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/keyring"
+)
+
+// TenantFunc returns the tenant of the authenticated caller of ctx.
+type TenantFunc func(ctx context.Context) (string, error)
+
+// SingleTenant serves every caller as tenant name.
+func SingleTenant(name string) TenantFunc {
+	return func(context.Context) (string, error) { return name, nil }
+}
+
+// Server implements kbv1.KeyBrokerServer.
+type Server struct {
+	kbv1.UnimplementedKeyBrokerServer
+	ring   *keyring.Keyring
+	tenant TenantFunc
+	log    *slog.Logger
+}
+
+// New returns the service.
+func New(ring *keyring.Keyring, tenant TenantFunc, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{ring: ring, tenant: tenant, log: log}
+}
+
+// UnaryInterceptor logs every call, turns panics into Internal, and makes
+// sure every error leaving the server went through toStatus.
+func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	start := time.Now()
+	defer func() {
+		if p := recover(); p != nil {
+			s.log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			resp, err = nil, status.Error(codes.Internal, "internal error")
+		}
+		code := status.Code(err)
+		level := slog.LevelDebug
+		if code == codes.Internal || code == codes.Unavailable || code == codes.Unknown {
+			level = slog.LevelWarn
+		}
+		s.log.Log(ctx, level, "rpc", "method", info.FullMethod, "code", code.String(), "latency", time.Since(start))
+	}()
+	resp, err = handler(ctx, req)
+	if err != nil {
+		if _, ok := status.FromError(err); !ok {
+			s.log.Warn("rpc failed", "method", info.FullMethod, "err", err)
+		}
+		err = toStatus(err)
+	}
+	return resp, err
+}
+
+func (s *Server) CreateKey(ctx context.Context, req *kbv1.CreateKeyRequest) (*kbv1.CreateKeyResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	alg, err := algFromProto(req.GetAlgorithm())
+	if err != nil {
+		return nil, err
+	}
+	k, err := s.ring.CreateKey(ctx, tenant, req.GetName(), broker.KeySpec{Alg: alg, Bits: int(req.GetBits())})
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.CreateKeyResponse{Key: keyToProto(k)}, nil
+}
+
+func (s *Server) GetKey(ctx context.Context, req *kbv1.GetKeyRequest) (*kbv1.GetKeyResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	k, err := s.ring.GetKey(ctx, tenant, req.GetName())
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.GetKeyResponse{Key: keyToProto(k)}, nil
+}
+
+func (s *Server) ListKeys(ctx context.Context, req *kbv1.ListKeysRequest) (*kbv1.ListKeysResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	keys, next, err := s.ring.ListKeys(ctx, tenant, req.GetPageToken(), int(req.GetPageSize()))
+	if err != nil {
+		return nil, err
+	}
+	resp := &kbv1.ListKeysResponse{NextPageToken: next}
+	for _, k := range keys {
+		resp.Keys = append(resp.Keys, keyToProto(k))
+	}
+	return resp, nil
+}
+
+func (s *Server) Sign(ctx context.Context, req *kbv1.SignRequest) (*kbv1.SignResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	hash, err := hashFromProto(req.GetHash())
+	if err != nil {
+		return nil, err
+	}
+	pad, err := paddingFromProto(req.GetPadding())
+	if err != nil {
+		return nil, err
+	}
+	jose, err := formatFromProto(req.GetFormat())
+	if err != nil {
+		return nil, err
+	}
+	sig, err := s.ring.Sign(ctx, tenant, keyring.SignRequest{
+		Name:    req.GetName(),
+		Ref:     keyring.VersionRef{Version: req.GetVersion(), Kid: req.GetKid()},
+		Digest:  req.GetDigest(),
+		Hash:    hash,
+		Padding: pad,
+		JOSE:    jose,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.SignResponse{Signature: sig.Signature, Kid: sig.Kid, Version: sig.Version, Algorithm: algToProto(sig.Alg)}, nil
+}
+
+func (s *Server) GetPublicKey(ctx context.Context, req *kbv1.GetPublicKeyRequest) (*kbv1.GetPublicKeyResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pk, err := s.ring.PublicKey(ctx, tenant, req.GetName(), keyring.VersionRef{Version: req.GetVersion(), Kid: req.GetKid()})
+	if err != nil {
+		return nil, err
+	}
+	jwk, err := json.Marshal(pk.JWK)
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.GetPublicKeyResponse{
+		Kid:        pk.Kid,
+		Version:    pk.Version,
+		Algorithm:  algToProto(pk.Alg),
+		Pem:        string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pk.DER})),
+		Der:        pk.DER,
+		Jwk:        string(jwk),
+		Thumbprint: pk.Kid,
+	}, nil
+}
+
+func (s *Server) GetJWKS(ctx context.Context, req *kbv1.GetJWKSRequest) (*kbv1.GetJWKSResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	b, err := s.ring.JWKS(ctx, tenant)
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.GetJWKSResponse{Jwks: string(b)}, nil
+}
+
+func keyToProto(k keyring.KeyInfo) *kbv1.Key {
+	pk := &kbv1.Key{
+		Name:          k.Name,
+		Algorithm:     algToProto(k.Alg),
+		Bits:          int32(k.Bits),
+		Backend:       k.Backend,
+		CreateTime:    timestamppb.New(k.Created),
+		ActiveVersion: k.ActiveVersion,
+		ActiveKid:     k.ActiveKid,
+	}
+	for _, v := range k.Versions {
+		pk.Versions = append(pk.Versions, &kbv1.KeyVersion{
+			Version: v.Version, Kid: v.Kid, State: stateToProto(v.State), CreateTime: timestamppb.New(v.Created),
+		})
+	}
+	return pk
+}
+
+var algs = map[kbv1.Algorithm]broker.Algorithm{
+	kbv1.Algorithm_ALGORITHM_ES256: broker.ES256,
+	kbv1.Algorithm_ALGORITHM_ES384: broker.ES384,
+	kbv1.Algorithm_ALGORITHM_RS256: broker.RS256,
+	kbv1.Algorithm_ALGORITHM_PS256: broker.PS256,
+}
+
+func algFromProto(a kbv1.Algorithm) (broker.Algorithm, error) {
+	if alg, ok := algs[a]; ok {
+		return alg, nil
+	}
+	return broker.AlgUnknown, &broker.FieldError{Field: "algorithm", Reason: fmt.Sprintf("got %v, want ES256, ES384, RS256 or PS256", a)}
+}
+
+func algToProto(a broker.Algorithm) kbv1.Algorithm {
+	for p, alg := range algs {
+		if alg == a {
+			return p
+		}
+	}
+	return kbv1.Algorithm_ALGORITHM_UNSPECIFIED
+}
+
+func stateToProto(s broker.State) kbv1.KeyState {
+	switch s {
+	case broker.StatePending:
+		return kbv1.KeyState_KEY_STATE_PENDING
+	case broker.StateActive:
+		return kbv1.KeyState_KEY_STATE_ACTIVE
+	case broker.StateRetired:
+		return kbv1.KeyState_KEY_STATE_RETIRED
+	case broker.StateExpired:
+		return kbv1.KeyState_KEY_STATE_EXPIRED
+	case broker.StateDestroyed:
+		return kbv1.KeyState_KEY_STATE_DESTROYED
+	case broker.StateRevoked:
+		return kbv1.KeyState_KEY_STATE_REVOKED
+	}
+	return kbv1.KeyState_KEY_STATE_UNSPECIFIED
+}
+
+func hashFromProto(h kbv1.HashAlgorithm) (crypto.Hash, error) {
+	switch h {
+	case kbv1.HashAlgorithm_HASH_ALGORITHM_UNSPECIFIED:
+		return 0, nil
+	case kbv1.HashAlgorithm_HASH_ALGORITHM_SHA256:
+		return crypto.SHA256, nil
+	case kbv1.HashAlgorithm_HASH_ALGORITHM_SHA384:
+		return crypto.SHA384, nil
+	case kbv1.HashAlgorithm_HASH_ALGORITHM_SHA512:
+		return crypto.SHA512, nil
+	}
+	return 0, &broker.FieldError{Field: "hash", Reason: fmt.Sprintf("unknown hash %d", int32(h))}
+}
+
+func paddingFromProto(p kbv1.RSAPadding) (broker.Padding, error) {
+	switch p {
+	case kbv1.RSAPadding_RSA_PADDING_UNSPECIFIED:
+		return broker.PaddingDefault, nil
+	case kbv1.RSAPadding_RSA_PADDING_PKCS1V15:
+		return broker.PaddingPKCS1v15, nil
+	case kbv1.RSAPadding_RSA_PADDING_PSS:
+		return broker.PaddingPSS, nil
+	}
+	return 0, &broker.FieldError{Field: "padding", Reason: fmt.Sprintf("unknown padding %d", int32(p))}
+}
+
+func formatFromProto(f kbv1.SignatureFormat) (jose bool, err error) {
+	switch f {
+	case kbv1.SignatureFormat_SIGNATURE_FORMAT_UNSPECIFIED, kbv1.SignatureFormat_SIGNATURE_FORMAT_DER:
+		return false, nil
+	case kbv1.SignatureFormat_SIGNATURE_FORMAT_JOSE:
+		return true, nil
+	}
+	return false, &broker.FieldError{Field: "format", Reason: fmt.Sprintf("unknown signature format %d", int32(f))}
+}

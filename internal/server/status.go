@@ -1,0 +1,87 @@
+package server
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+
+	"github.com/keybroker/keybroker/internal/broker"
+)
+
+// ErrorDomain is the google.rpc.ErrorInfo domain of keybroker's errors.
+const ErrorDomain = "keybroker.v1"
+
+// ErrorInfo reasons.
+const (
+	ReasonInvalidArgument  = "INVALID_ARGUMENT"
+	ReasonKeyNotFound      = "KEY_NOT_FOUND"
+	ReasonKeyExists        = "KEY_ALREADY_EXISTS"
+	ReasonKeyNotUsable     = "KEY_VERSION_NOT_USABLE"
+	ReasonBackendDown      = "BACKEND_UNAVAILABLE"
+	ReasonBackendBusy      = "BACKEND_BUSY"
+	ReasonInternal         = "INTERNAL"
+	ReasonDeadlineExceeded = "DEADLINE_EXCEEDED"
+	ReasonCanceled         = "CANCELED"
+)
+
+// mapping lists, in order of precedence, how errors become status codes and
+// the text sent when the error carries no client message.
+var mapping = []struct {
+	err    error
+	code   codes.Code
+	reason string
+	msg    string
+}{
+	{broker.ErrInvalidArgument, codes.InvalidArgument, ReasonInvalidArgument, "invalid argument"},
+	{broker.ErrNotFound, codes.NotFound, ReasonKeyNotFound, "key not found"},
+	{broker.ErrAlreadyExists, codes.AlreadyExists, ReasonKeyExists, "key already exists"},
+	{broker.ErrFailedPrecondition, codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used"},
+	{broker.ErrUnavailable, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later"},
+	{broker.ErrResourceExhausted, codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later"},
+	{context.DeadlineExceeded, codes.DeadlineExceeded, ReasonDeadlineExceeded, "deadline exceeded"},
+	{context.Canceled, codes.Canceled, ReasonCanceled, "canceled"},
+}
+
+// clientMessager is implemented by errors whose text is written for the
+// client (broker.FieldError, broker.ClientError).
+type clientMessager interface{ ClientMessage() string }
+
+// toStatus is the one place where errors become gRPC status. Only messages
+// written for clients pass through; every other error (hardware, store,
+// internal) is replaced by a fixed text, so no CKR_* name, handle, path or
+// PIN can reach a client. It returns nil for nil.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	code, reason, msg := codes.Internal, ReasonInternal, "internal error"
+	for _, m := range mapping {
+		if errors.Is(err, m.err) {
+			code, reason, msg = m.code, m.reason, m.msg
+			break
+		}
+	}
+	var cm clientMessager
+	if code != codes.Internal && errors.As(err, &cm) {
+		msg = cm.ClientMessage()
+	}
+	st := status.New(code, msg)
+	details := []protoadapt.MessageV1{&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain}}
+	var fe *broker.FieldError
+	if code == codes.InvalidArgument && errors.As(err, &fe) {
+		details = append(details, &errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
+			{Field: fe.Field, Description: fe.Reason},
+		}})
+	}
+	if withDetails, derr := st.WithDetails(details...); derr == nil {
+		st = withDetails
+	}
+	return st.Err()
+}

@@ -1,0 +1,142 @@
+// Package store is keybroker's metadata store: an embedded bbolt database in
+// the state directory holding every key, its versions, states and backend
+// handles. Each write is one transaction. The hardware is the authority on
+// what exists; the store on what it means. Only the keyring imports it.
+package store
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/keybroker/keybroker/internal/broker"
+)
+
+// schemaVersion is written into every record; a record from a newer schema
+// is refused rather than misread.
+const schemaVersion = 1
+
+var bucketKeys = []byte("keys")
+
+// Key is the stored form of a key.
+type Key struct {
+	Schema   int              `json:"schema"`
+	Tenant   string           `json:"tenant"`
+	Name     string           `json:"name"`
+	Alg      broker.Algorithm `json:"alg"`
+	Bits     int              `json:"bits,omitempty"`
+	Backend  string           `json:"backend"`
+	Created  time.Time        `json:"created"`
+	Versions []Version        `json:"versions"`
+}
+
+// Version is the stored form of a key version.
+type Version struct {
+	Version   uint32        `json:"version"`
+	Kid       string        `json:"kid"`
+	State     broker.State  `json:"state"`
+	Handle    broker.Handle `json:"handle"`
+	PublicKey []byte        `json:"public_key"` // PKIX DER
+	Created   time.Time     `json:"created"`
+}
+
+// Store is the bbolt-backed metadata store.
+type Store struct {
+	db *bolt.DB
+}
+
+// Open opens (creating if needed) the database file at path, mode 0600. It
+// fails at once, not after a wait, when another process holds the file.
+func Open(path string) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("store: %s is in use by another process", path)
+		}
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists(bucketKeys)
+		return err
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	return &Store{db: db}, nil
+}
+
+// Close closes the database.
+func (s *Store) Close() error { return s.db.Close() }
+
+func dbKey(tenant, name string) []byte {
+	return append(append([]byte(tenant), 0), name...)
+}
+
+// CreateKey stores a new key; ErrAlreadyExists if (tenant, name) is taken.
+func (s *Store) CreateKey(k Key) error {
+	k.Schema = schemaVersion
+	v, err := json.Marshal(k)
+	if err != nil {
+		return fmt.Errorf("store: encode %s/%s: %w", k.Tenant, k.Name, err)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketKeys)
+		id := dbKey(k.Tenant, k.Name)
+		if b.Get(id) != nil {
+			return broker.ErrAlreadyExists
+		}
+		return b.Put(id, v)
+	})
+}
+
+// UpdateKey replaces an existing key; ErrNotFound if it is absent.
+func (s *Store) UpdateKey(k Key) error {
+	k.Schema = schemaVersion
+	v, err := json.Marshal(k)
+	if err != nil {
+		return fmt.Errorf("store: encode %s/%s: %w", k.Tenant, k.Name, err)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketKeys)
+		id := dbKey(k.Tenant, k.Name)
+		if b.Get(id) == nil {
+			return broker.ErrNotFound
+		}
+		return b.Put(id, v)
+	})
+}
+
+// Keys returns every stored key, ordered by tenant and name.
+func (s *Store) Keys() ([]Key, error) {
+	var keys []Key
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketKeys).ForEach(func(id, v []byte) error {
+			k, err := decode(v)
+			if err != nil {
+				return fmt.Errorf("store: record %q: %w", bytes.ReplaceAll(id, []byte{0}, []byte("/")), err)
+			}
+			keys = append(keys, k)
+			return nil
+		})
+	})
+	return keys, err
+}
+
+func decode(v []byte) (Key, error) {
+	var k Key
+	if err := json.Unmarshal(v, &k); err != nil {
+		return Key{}, err
+	}
+	if k.Schema != schemaVersion {
+		return Key{}, fmt.Errorf("schema version: got %d, want %d", k.Schema, schemaVersion)
+	}
+	if k.Name == "" || len(k.Versions) == 0 {
+		return Key{}, errors.New("incomplete record")
+	}
+	return k, nil
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# install-deps.sh — install the Debian/Ubuntu packages keybroker needs for
+# dev mode and tests (SoftHSM2, swtpm, TPM and PKCS#11 tools, protoc).
+#
+# Usage: scripts/install-deps.sh [PACKAGE...]
+#
+# With no arguments it installs every package below that is missing; with
+# arguments only those (each must be one of the packages below). Packages
+# already installed are left alone, so it is safe to run on every build.
+# Runs apt-get directly as root, through `sudo -n` when sudo needs no
+# password, and otherwise prints the command to run and exits 1.
+set -euo pipefail
+
+readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler)
+
+die() {
+	echo "install-deps: $*" >&2
+	exit 1
+}
+
+usage() {
+	echo "usage: $0 [PACKAGE...]"
+	echo "packages: ${ALL_PACKAGES[*]}"
+}
+
+packages=()
+for arg in "$@"; do
+	case "$arg" in
+	-h | --help)
+		usage
+		exit 0
+		;;
+	esac
+	known=false
+	for p in "${ALL_PACKAGES[@]}"; do
+		if [[ $arg == "$p" ]]; then
+			known=true
+		fi
+	done
+	if ! $known; then
+		usage >&2
+		die "unknown package \"$arg\""
+	fi
+	packages+=("$arg")
+done
+if ((${#packages[@]} == 0)); then
+	packages=("${ALL_PACKAGES[@]}")
+fi
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+	die "dpkg-query not found: this script supports Debian and Ubuntu only; install these packages with your package manager: ${packages[*]}"
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+	# dpkg-query fails for packages dpkg has never heard of; a removed
+	# package can linger as "deinstall ok config-files".
+	status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+	if [[ $status != "install ok installed" ]]; then
+		missing+=("$p")
+	fi
+done
+
+if ((${#missing[@]} == 0)); then
+	echo "deps: all present"
+	exit 0
+fi
+
+if [[ $(id -u) -eq 0 ]]; then
+	as_root=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+	as_root=(sudo -n)
+else
+	{
+		echo "install-deps: missing packages: ${missing[*]}"
+		echo "install-deps: installing them needs root; run:"
+		echo "  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
+	} >&2
+	exit 1
+fi
+
+echo "deps: installing ${missing[*]}"
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+for p in "${missing[@]}"; do
+	status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+	if [[ $status != "install ok installed" ]]; then
+		die "$p is still not installed after apt-get install (status \"$status\")"
+	fi
+done
+echo "deps: installed ${missing[*]}"
