@@ -118,13 +118,17 @@ func (d *Daemon) Keyring() *keyring.Keyring { return d.ring }
 // then stops gracefully: health turns NOT_SERVING, in-flight calls finish
 // within the shutdown timeout, the rest are cut off.
 func (d *Daemon) Serve(ctx context.Context) error {
-	lis, err := listenUnix(d.cfg.Socket)
+	lis, err := d.Listen()
 	if err != nil {
 		return err
 	}
 	defer os.Remove(d.cfg.Socket)
 	return d.ServeListener(ctx, lis)
 }
+
+// Listen creates the configured unix socket (mode 0660), replacing a stale
+// socket file but refusing to take over the socket of a running daemon.
+func (d *Daemon) Listen() (net.Listener, error) { return listenUnix(d.cfg.Socket) }
 
 // ServeListener serves on lis until ctx is done (see Serve).
 func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {

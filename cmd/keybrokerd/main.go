@@ -1,0 +1,162 @@
+// Command keybrokerd is the keybroker daemon: it keeps signing keys in
+// hardware and serves the keybroker.v1 gRPC API on a unix socket. main only
+// parses flags and wires the daemon package together.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/internal/daemon"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// options are the command-line flags. Flags that are set override the
+// configuration file.
+type options struct {
+	configPath string
+	dev        bool
+	devDir     string
+	fs         *flag.FlagSet
+	cfgFlags   config.Config
+}
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	o := &options{fs: flag.NewFlagSet("keybrokerd", flag.ContinueOnError)}
+	fs := o.fs
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: keybrokerd [--config FILE] [flags]\n       keybrokerd --dev [--dev-dir DIR]\n\nFlags override the configuration file.\n\n")
+		fs.PrintDefaults()
+	}
+	c := &o.cfgFlags
+	fs.StringVar(&o.configPath, "config", "", "YAML configuration `file` (default: built-in defaults)")
+	fs.BoolVar(&o.dev, "dev", false, "dev mode: provision a SoftHSM2 token under --dev-dir, serve there, create key \"demo\"")
+	fs.StringVar(&o.devDir, "dev-dir", ".keybroker/dev", "dev mode `directory`")
+	fs.StringVar(&c.Socket, "socket", "", "unix socket `path` to serve on")
+	fs.StringVar(&c.StateDir, "state-dir", "", "state `directory` (metadata store)")
+	fs.StringVar(&c.PKCS11.Module, "pkcs11-module", "", "PKCS#11 library `path`")
+	fs.StringVar(&c.PKCS11.TokenLabel, "token-label", "", "PKCS#11 token `label`")
+	fs.StringVar(&c.PKCS11.PINFile, "pin-file", "", "`file` holding the token's user PIN")
+	fs.IntVar(&c.PKCS11.MaxSessions, "max-sessions", 0, "PKCS#11 session pool `size`")
+	fs.StringVar(&c.Log.Level, "log-level", "", "log `level`: debug, info, warn, error")
+	fs.StringVar(&c.Log.Format, "log-format", "", "log `format`: json, text")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if o.dev && o.configPath != "" {
+		return nil, errors.New("--dev and --config cannot be combined")
+	}
+	return o, nil
+}
+
+// apply copies the flags that were set onto cfg.
+func (o *options) apply(cfg *config.Config) {
+	f := o.cfgFlags
+	o.fs.Visit(func(fl *flag.Flag) {
+		switch fl.Name {
+		case "socket":
+			cfg.Socket = f.Socket
+		case "state-dir":
+			cfg.StateDir = f.StateDir
+		case "pkcs11-module":
+			cfg.PKCS11.Module = f.PKCS11.Module
+		case "token-label":
+			cfg.PKCS11.TokenLabel = f.PKCS11.TokenLabel
+		case "pin-file":
+			cfg.PKCS11.PINFile = f.PKCS11.PINFile
+		case "max-sessions":
+			cfg.PKCS11.MaxSessions = f.PKCS11.MaxSessions
+		case "log-level":
+			cfg.Log.Level = f.Log.Level
+		case "log-format":
+			cfg.Log.Format = f.Log.Format
+		}
+	})
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	var cfg config.Config
+	var dev *devEnv
+	switch {
+	case o.dev:
+		if dev, err = provisionDev(o.devDir); err != nil {
+			fmt.Fprintf(stderr, "keybrokerd: dev mode: %v\n", err)
+			return 1
+		}
+		cfg = dev.config()
+	case o.configPath != "":
+		if cfg, err = config.Load(o.configPath); err != nil {
+			fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
+			return 2
+		}
+	default:
+		cfg = config.Default()
+	}
+	o.apply(&cfg)
+	if err := cfg.Validate(); err != nil {
+		fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
+		return 2
+	}
+	log := newLogger(cfg.Log, stderr)
+
+	d, err := daemon.New(cfg, log)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	defer d.Close()
+	lis, err := d.Listen()
+	if err != nil {
+		log.Error("listen", "err", err)
+		return 1
+	}
+	defer os.Remove(cfg.Socket)
+	if dev != nil {
+		if err := dev.welcome(ctx, d, cfg, stdout); err != nil {
+			log.Error("dev mode", "err", err)
+			return 1
+		}
+	}
+	if err := d.ServeListener(ctx, lis); err != nil {
+		log.Error("serve", "err", err)
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level)) // validated already
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}

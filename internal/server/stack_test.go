@@ -1,0 +1,109 @@
+package server
+
+import (
+	"context"
+	"crypto"
+	"net"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/hsm"
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/softhsm/softhsmtest"
+)
+
+func TestMain(m *testing.M) { softhsmtest.Main(m) }
+
+// counting wraps a backend and counts the calls that reach it; fail, when
+// set, replaces every hardware call's result with an error.
+type counting struct {
+	broker.Backend
+	calls atomic.Int64
+	fail  atomic.Pointer[error]
+}
+
+func (c *counting) Generate(ctx context.Context, p broker.Partition, s broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+	c.calls.Add(1)
+	if err := c.fail.Load(); err != nil {
+		return nil, nil, *err
+	}
+	return c.Backend.Generate(ctx, p, s)
+}
+
+func (c *counting) Sign(ctx context.Context, p broker.Partition, h broker.Handle, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	c.calls.Add(1)
+	if err := c.fail.Load(); err != nil {
+		return nil, *err
+	}
+	return c.Backend.Sign(ctx, p, h, d, o)
+}
+
+func (c *counting) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+	c.calls.Add(1)
+	return c.Backend.Destroy(ctx, p, h)
+}
+
+// stack is a server on real SoftHSM2, reached over a unix socket.
+type stack struct {
+	backend *counting
+	client  kbv1.KeyBrokerClient
+	conn    *grpc.ClientConn
+}
+
+func newStack(t testing.TB) *stack {
+	t.Helper()
+	tok := softhsmtest.NewToken(t)
+	hb, err := hsm.Open(hsm.Config{ModulePath: tok.ModulePath, TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 8, PoolWaitTimeout: 10 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hb.Close() })
+	b := &counting{Backend: hb}
+	st, err := store.Open(filepath.Join(t.TempDir(), "keybroker.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	ring, err := keyring.New(keyring.Options{Backend: b, BackendName: "pkcs11", Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := New(ring, SingleTenant("t1"), nil)
+	g := grpc.NewServer(grpc.UnaryInterceptor(svc.UnaryInterceptor))
+	kbv1.RegisterKeyBrokerServer(g, svc)
+
+	// Unix socket paths are limited to 107 bytes; t.TempDir can be longer.
+	dir, err := os.MkdirTemp("", "kb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "s")
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &stack{backend: b, client: kbv1.NewKeyBrokerClient(conn), conn: conn}
+}
+
+func ctxT(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
