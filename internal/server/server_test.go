@@ -297,11 +297,20 @@ func TestNotFoundAndExists(t *testing.T) {
 	}
 	d := make([]byte, 32)
 	for name, call := range map[string]func() error{
-		"Sign":         func() error { _, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "nope", Digest: d}); return err },
-		"GetKey":       func() error { _, err := s.client.GetKey(ctx, &kbv1.GetKeyRequest{Name: "nope"}); return err },
-		"GetPublicKey": func() error { _, err := s.client.GetPublicKey(ctx, &kbv1.GetPublicKeyRequest{Name: "nope"}); return err },
-		"Sign version": func() error { _, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Version: 2, Digest: d}); return err },
-		"Sign kid":     func() error { _, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Kid: "abc", Digest: d}); return err },
+		"Sign":   func() error { _, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "nope", Digest: d}); return err },
+		"GetKey": func() error { _, err := s.client.GetKey(ctx, &kbv1.GetKeyRequest{Name: "nope"}); return err },
+		"GetPublicKey": func() error {
+			_, err := s.client.GetPublicKey(ctx, &kbv1.GetPublicKeyRequest{Name: "nope"})
+			return err
+		},
+		"Sign version": func() error {
+			_, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Version: 2, Digest: d})
+			return err
+		},
+		"Sign kid": func() error {
+			_, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Kid: "abc", Digest: d})
+			return err
+		},
 	} {
 		if status.Code(call()) != codes.NotFound {
 			t.Errorf("%s: got %v, want NotFound", name, call())
