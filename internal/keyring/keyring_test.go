@@ -1,0 +1,239 @@
+package keyring
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"errors"
+	"math/big"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keybroker/keybroker/hsm"
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/softhsm"
+	"github.com/keybroker/keybroker/softhsm/softhsmtest"
+)
+
+func TestMain(m *testing.M) { softhsmtest.Main(m) }
+
+// recorder counts Generate and Destroy calls on a real backend.
+type recorder struct {
+	broker.Backend
+	generated, destroyed atomic.Int64
+}
+
+func (r *recorder) Generate(ctx context.Context, p broker.Partition, s broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+	r.generated.Add(1)
+	return r.Backend.Generate(ctx, p, s)
+}
+
+func (r *recorder) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+	r.destroyed.Add(1)
+	return r.Backend.Destroy(ctx, p, h)
+}
+
+func openHSM(t testing.TB, tok *softhsm.Token) *hsm.Backend {
+	t.Helper()
+	b, err := hsm.Open(hsm.Config{ModulePath: tok.ModulePath, TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 4, PoolWaitTimeout: 10 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func openStore(t testing.TB, path string) *store.Store {
+	t.Helper()
+	st, err := store.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func TestRestartKeepsKids(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	dbPath := filepath.Join(t.TempDir(), "kb.db")
+	ctx := context.Background()
+
+	b := openHSM(t, tok)
+	st := openStore(t, dbPath)
+	ring, err := New(Options{Backend: b, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	specs := map[string]broker.KeySpec{"ec": {Alg: broker.ES384}, "rsa": {Alg: broker.PS256, Bits: 2048}}
+	kids := map[string]string{}
+	for name, spec := range specs {
+		k, err := ring.CreateKey(ctx, "t", name, spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kids[name] = k.ActiveKid
+	}
+	jwks1, _ := ring.JWKS(ctx, "t")
+	st.Close()
+	b.Close()
+
+	b = openHSM(t, tok)
+	defer b.Close()
+	st = openStore(t, dbPath)
+	defer st.Close()
+	ring, err = New(Options{Backend: b, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, spec := range specs {
+		k, err := ring.GetKey(ctx, "t", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k.ActiveKid != kids[name] || k.Alg != spec.Alg {
+			t.Errorf("%s after restart: kid %s alg %v, want %s %v", name, k.ActiveKid, k.Alg, kids[name], spec.Alg)
+		}
+		digest := make([]byte, spec.Alg.Hash().Size())
+		sig, err := ring.Sign(ctx, "t", SignRequest{Name: name, Digest: digest})
+		if err != nil {
+			t.Fatalf("Sign %s after restart: %v", name, err)
+		}
+		if sig.Kid != kids[name] {
+			t.Errorf("Sign %s used kid %s, want %s", name, sig.Kid, kids[name])
+		}
+	}
+	if jwks2, _ := ring.JWKS(ctx, "t"); string(jwks2) != string(jwks1) {
+		t.Errorf("JWKS changed across restart:\n%s\n%s", jwks1, jwks2)
+	}
+}
+
+func TestConcurrentCreateSameName(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	b := &recorder{Backend: openHSM(t, tok)}
+	defer b.Close()
+	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	defer st.Close()
+	ring, err := New(Options{Backend: b, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 20
+	var wg sync.WaitGroup
+	var ok, exists atomic.Int64
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := ring.CreateKey(context.Background(), "t", "same", broker.KeySpec{Alg: broker.ES256})
+			switch {
+			case err == nil:
+				ok.Add(1)
+			case errors.Is(err, broker.ErrAlreadyExists):
+				exists.Add(1)
+			default:
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != 1 || exists.Load() != n-1 {
+		t.Errorf("got %d created and %d already-exists, want 1 and %d", ok.Load(), exists.Load(), n-1)
+	}
+	if g := b.generated.Load(); g != 1 {
+		t.Errorf("%d hardware keys generated, want 1", g)
+	}
+}
+
+// TestCreateRollsBackHardwareKey: when the record cannot be written, the
+// new hardware key is destroyed and the name stays free.
+func TestCreateRollsBackHardwareKey(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	b := &recorder{Backend: openHSM(t, tok)}
+	defer b.Close()
+	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	ring, err := New(Options{Backend: b, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Close() // every write now fails
+	_, err = ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256})
+	if err == nil {
+		t.Fatal("CreateKey succeeded with a closed store")
+	}
+	if b.generated.Load() != 1 || b.destroyed.Load() != 1 {
+		t.Errorf("generated %d, destroyed %d; want 1 and 1", b.generated.Load(), b.destroyed.Load())
+	}
+	if _, err := ring.GetKey(context.Background(), "t", "k"); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("GetKey after failed create: got %v, want ErrNotFound", err)
+	}
+}
+
+// TestTenantsAreSeparate: a key of one tenant is answered exactly like a
+// key that does not exist for another.
+func TestTenantsAreSeparate(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	b := openHSM(t, tok)
+	defer b.Close()
+	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	defer st.Close()
+	ring, err := New(Options{Backend: b, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := ring.CreateKey(ctx, "a", "k", broker.KeySpec{Alg: broker.ES256}); err != nil {
+		t.Fatal(err)
+	}
+	_, errForeign := ring.Sign(ctx, "b", SignRequest{Name: "k", Digest: make([]byte, 32)})
+	_, errAbsent := ring.Sign(ctx, "b", SignRequest{Name: "zz", Digest: make([]byte, 32)})
+	if !errors.Is(errForeign, broker.ErrNotFound) {
+		t.Fatalf("foreign key: got %v, want ErrNotFound", errForeign)
+	}
+	if errForeign.Error() != `key "k" not found` || errAbsent.Error() != `key "zz" not found` {
+		t.Errorf("messages differ in form: %q vs %q", errForeign, errAbsent)
+	}
+	if keys, _, _ := ring.ListKeys(ctx, "b", "", 0); len(keys) != 0 {
+		t.Errorf("tenant b lists %d keys, want 0", len(keys))
+	}
+	if j, _ := ring.JWKS(ctx, "b"); string(j) != `{"keys":[]}` {
+		t.Errorf("tenant b JWKS %s, want empty", j)
+	}
+	// The same name is free in another tenant.
+	if _, err := ring.CreateKey(ctx, "b", "k", broker.KeySpec{Alg: broker.ES256}); err != nil {
+		t.Errorf("same name in tenant b: %v", err)
+	}
+}
+
+func TestSignJOSE(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	b := openHSM(t, tok)
+	defer b.Close()
+	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	defer st.Close()
+	ring, _ := New(Options{Backend: b, Store: st})
+	ctx := context.Background()
+	for alg, size := range map[broker.Algorithm]int{broker.ES256: 64, broker.ES384: 96} {
+		name := map[broker.Algorithm]string{broker.ES256: "p256", broker.ES384: "p384"}[alg]
+		if _, err := ring.CreateKey(ctx, "t", name, broker.KeySpec{Alg: alg}); err != nil {
+			t.Fatal(err)
+		}
+		pk, _ := ring.PublicKey(ctx, "t", name, VersionRef{})
+		for i := 0; i < 20; i++ { // enough to hit short r or s now and then
+			digest := make([]byte, alg.Hash().Size())
+			digest[0] = byte(i)
+			sig, err := ring.Sign(ctx, "t", SignRequest{Name: name, Digest: digest, JOSE: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(sig.Signature) != size {
+				t.Fatalf("%v JOSE signature: got %d bytes, want %d", alg, len(sig.Signature), size)
+			}
+			var r, s = new(big.Int).SetBytes(sig.Signature[:size/2]), new(big.Int).SetBytes(sig.Signature[size/2:])
+			if !ecdsa.Verify(pk.Key.(*ecdsa.PublicKey), digest, r, s) {
+				t.Fatalf("%v JOSE signature does not verify", alg)
+			}
+		}
+	}
+}
