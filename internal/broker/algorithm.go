@@ -36,8 +36,10 @@ func (a Algorithm) String() string {
 
 // ParseAlgorithm parses a JOSE name such as "ES256" (case-insensitive).
 func ParseAlgorithm(s string) (Algorithm, error) {
+	// ASCII only: strings.EqualFold would accept look-alikes such as "eſ256".
+	upper := strings.ToUpper(s)
 	for _, a := range Algorithms() {
-		if strings.EqualFold(s, a.String()) {
+		if upper == a.String() && len(upper) == len(s) {
 			return a, nil
 		}
 	}

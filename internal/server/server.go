@@ -67,7 +67,7 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	}()
 	resp, err = handler(ctx, req)
 	if err != nil {
-		if _, ok := status.FromError(err); !ok {
+		if _, isStatus := err.(interface{ GRPCStatus() *status.Status }); !isStatus {
 			s.log.Warn("rpc failed", "method", info.FullMethod, "err", err)
 		}
 		err = toStatus(err)

@@ -58,8 +58,14 @@ func toStatus(err error) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := status.FromError(err); ok {
+	// A status error passes through as it is; one wrapped in other text
+	// passes through without that text.
+	if se, ok := err.(interface{ GRPCStatus() *status.Status }); ok && se.GRPCStatus() != nil {
 		return err
+	}
+	var se interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &se) && se.GRPCStatus() != nil {
+		return se.GRPCStatus().Err()
 	}
 	code, reason, msg := codes.Internal, ReasonInternal, "internal error"
 	for _, m := range mapping {

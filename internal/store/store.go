@@ -50,7 +50,7 @@ type Store struct {
 }
 
 // Open opens (creating if needed) the database file at path, mode 0600. It
-// fails at once, not after a wait, when another process holds the file.
+// fails after a second when another process holds the file.
 func Open(path string) (*Store, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
@@ -77,12 +77,34 @@ func dbKey(tenant, name string) []byte {
 	return append(append([]byte(tenant), 0), name...)
 }
 
-// CreateKey stores a new key; ErrAlreadyExists if (tenant, name) is taken.
-func (s *Store) CreateKey(k Key) error {
+// encode checks a record as decode will and marshals it.
+func encode(k Key) ([]byte, error) {
 	k.Schema = schemaVersion
+	if err := k.check(); err != nil {
+		return nil, fmt.Errorf("store: %s/%s: %w", k.Tenant, k.Name, err)
+	}
 	v, err := json.Marshal(k)
 	if err != nil {
-		return fmt.Errorf("store: encode %s/%s: %w", k.Tenant, k.Name, err)
+		return nil, fmt.Errorf("store: encode %s/%s: %w", k.Tenant, k.Name, err)
+	}
+	return v, nil
+}
+
+func (k Key) check() error {
+	if k.Schema != schemaVersion {
+		return fmt.Errorf("schema version: got %d, want %d", k.Schema, schemaVersion)
+	}
+	if k.Name == "" || len(k.Versions) == 0 {
+		return errors.New("incomplete record")
+	}
+	return nil
+}
+
+// CreateKey stores a new key; ErrAlreadyExists if (tenant, name) is taken.
+func (s *Store) CreateKey(k Key) error {
+	v, err := encode(k)
+	if err != nil {
+		return err
 	}
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketKeys)
@@ -96,10 +118,9 @@ func (s *Store) CreateKey(k Key) error {
 
 // UpdateKey replaces an existing key; ErrNotFound if it is absent.
 func (s *Store) UpdateKey(k Key) error {
-	k.Schema = schemaVersion
-	v, err := json.Marshal(k)
+	v, err := encode(k)
 	if err != nil {
-		return fmt.Errorf("store: encode %s/%s: %w", k.Tenant, k.Name, err)
+		return err
 	}
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketKeys)
@@ -132,11 +153,8 @@ func decode(v []byte) (Key, error) {
 	if err := json.Unmarshal(v, &k); err != nil {
 		return Key{}, err
 	}
-	if k.Schema != schemaVersion {
-		return Key{}, fmt.Errorf("schema version: got %d, want %d", k.Schema, schemaVersion)
-	}
-	if k.Name == "" || len(k.Versions) == 0 {
-		return Key{}, errors.New("incomplete record")
+	if err := k.check(); err != nil {
+		return Key{}, err
 	}
 	return k, nil
 }

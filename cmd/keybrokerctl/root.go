@@ -1,0 +1,156 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// defaultSocket is where keybrokerd listens unless configured otherwise.
+const defaultSocket = "/run/keybroker/keybroker.sock"
+
+const rootLong = `keybrokerctl operates keybrokerd over its gRPC unix socket: it creates and
+inspects keys, signs digests and prints public keys and the JWK Set.
+
+The socket is --socket, else $KEYBROKER_SOCKET, else ` + defaultSocket + `.
+--timeout bounds the whole command, including every page of "keys list".
+
+With --output json every command prints one JSON object on one line:
+responses in the proto3 JSON mapping, except "sign" (see its help) and
+"jwks" (the JWK Set itself). Errors go to stderr as "keybrokerctl: <message>".
+
+Exit codes:
+  0  success
+  1  any other error
+  2  usage error: bad flags or arguments, or the daemon's INVALID_ARGUMENT
+  3  not found: NOT_FOUND
+  4  unavailable: socket missing, cannot connect, UNAVAILABLE,
+     DEADLINE_EXCEEDED, or "health" reports anything but SERVING
+  5  conflict: ALREADY_EXISTS or FAILED_PRECONDITION`
+
+// app holds the global flags and the output streams that every command
+// shares.
+type app struct {
+	stdout, stderr io.Writer
+	socket         string
+	output         string
+	timeout        time.Duration
+}
+
+// run runs keybrokerctl with args (without the program name), prints any
+// error to stderr and returns the process exit code.
+func run(args []string, stdout, stderr io.Writer) int {
+	root := newRootCmd(stdout, stderr)
+	// Never nil: given nil, cobra falls back to os.Args.
+	root.SetArgs(append([]string{}, args...))
+	cmd, err := root.ExecuteContextC(context.Background())
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "keybrokerctl: %s\n", errorMessage(err))
+	if errors.As(err, new(usageError)) && cmd != nil {
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
+	}
+	return exitCode(err)
+}
+
+// newRootCmd returns the keybrokerctl command tree writing to stdout and
+// stderr. Its errors are returned, not printed: run prints them.
+func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
+	a := &app{stdout: stdout, stderr: stderr}
+	root := &cobra.Command{
+		Use:               "keybrokerctl",
+		Short:             "Operate keybrokerd: keys, signatures, public keys",
+		Long:              rootLong,
+		Args:              cobra.NoArgs,
+		RunE:              showHelp,
+		PersistentPreRunE: func(*cobra.Command, []string) error { return a.checkGlobalFlags() },
+		SilenceUsage:      true,
+		SilenceErrors:     true,
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+
+	socket := os.Getenv("KEYBROKER_SOCKET")
+	if socket == "" {
+		socket = defaultSocket
+	}
+	f := root.PersistentFlags()
+	f.StringVar(&a.socket, "socket", socket, "`path` of keybrokerd's unix socket; $KEYBROKER_SOCKET sets the default")
+	f.StringVarP(&a.output, "output", "o", "text", "output `format`: text|json")
+	f.DurationVar(&a.timeout, "timeout", 10*time.Second, "deadline for the whole command")
+
+	root.AddCommand(newHealthCmd(a), newKeysCmd(a), newSignCmd(a), newPubkeyCmd(a), newJWKSCmd(a))
+	// Add cobra's own commands now, so that argsAreUsageErrors sees them.
+	root.InitDefaultHelpCmd()
+	root.InitDefaultCompletionCmd()
+	argsAreUsageErrors(root)
+	return root
+}
+
+// showHelp is the RunE of commands that only group subcommands.
+func showHelp(cmd *cobra.Command, _ []string) error {
+	return cmd.Help()
+}
+
+// argsAreUsageErrors makes the positional-argument errors of cmd and its
+// subcommands (wrong count, unknown subcommand) usage errors.
+func argsAreUsageErrors(cmd *cobra.Command) {
+	if check := cmd.Args; check != nil {
+		cmd.Args = func(cmd *cobra.Command, args []string) error {
+			if err := check(cmd, args); err != nil {
+				return usageError{err}
+			}
+			return nil
+		}
+	}
+	for _, sub := range cmd.Commands() {
+		argsAreUsageErrors(sub)
+	}
+}
+
+func (a *app) checkGlobalFlags() error {
+	if a.output != "text" && a.output != "json" {
+		return usageErrorf("--output: got %q, want text or json", a.output)
+	}
+	if a.timeout <= 0 {
+		return usageErrorf("--timeout: got %s, want more than 0", a.timeout)
+	}
+	return nil
+}
+
+// call runs fn with a connection to keybrokerd and a context that ends
+// after --timeout. Failing to reach the daemon is an UNAVAILABLE error.
+func (a *app) call(ctx context.Context, fn func(context.Context, *grpc.ClientConn) error) error {
+	// grpc.NewClient connects lazily; checking the socket first turns a
+	// stopped daemon into a plain message rather than a transport error.
+	if _, err := os.Stat(a.socket); errors.Is(err, fs.ErrNotExist) {
+		return status.Errorf(codes.Unavailable, "socket %s does not exist (is keybrokerd running?)", a.socket)
+	} else if err != nil {
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	conn, err := grpc.NewClient("unix:"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return status.Errorf(codes.Unavailable, "socket %s: %v", a.socket, err)
+	}
+	defer conn.Close()
+
+	ctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+	err = fn(ctx, conn)
+	if status.Code(err) == codes.DeadlineExceeded && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return status.Errorf(codes.DeadlineExceeded, "no answer from keybrokerd within --timeout %s", a.timeout)
+	}
+	return err
+}

@@ -1,0 +1,371 @@
+package config
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultValidates(t *testing.T) {
+	if err := Default().Validate(); err != nil {
+		t.Fatalf("Default().Validate() = %v", err)
+	}
+}
+
+func TestParseEmptyIsDefault(t *testing.T) {
+	for _, in := range []string{"", "# nothing\n", "---\n"} {
+		got, err := Parse(strings.NewReader(in))
+		if err != nil {
+			t.Fatalf("Parse(%q): %v", in, err)
+		}
+		if !reflect.DeepEqual(got, Default()) {
+			t.Errorf("Parse(%q) = %+v, want Default()", in, got)
+		}
+	}
+}
+
+const fullYAML = `
+socket: /run/kb/test.sock
+state_dir: /srv/kb
+backend: pkcs11
+pkcs11:
+  module: /opt/hsm/lib/libvendor.so
+  token_label: prod-signing
+  pin_file: /etc/kb/pin
+  softhsm2_conf: /etc/softhsm2.conf
+  max_sessions: 32
+  pool_wait_timeout: 750ms
+limits:
+  max_recv_msg_size: 131072
+  max_concurrent_streams: 64
+  call_timeout: 1m30s
+  shutdown_timeout: 2s
+log:
+  level: debug
+  format: text
+`
+
+func TestParseFull(t *testing.T) {
+	got, err := Parse(strings.NewReader(fullYAML))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	want := Config{
+		Socket:   "/run/kb/test.sock",
+		StateDir: "/srv/kb",
+		Backend:  "pkcs11",
+		PKCS11: PKCS11{
+			Module:          "/opt/hsm/lib/libvendor.so",
+			TokenLabel:      "prod-signing",
+			PINFile:         "/etc/kb/pin",
+			SoftHSM2Conf:    "/etc/softhsm2.conf",
+			MaxSessions:     32,
+			PoolWaitTimeout: 750 * time.Millisecond,
+		},
+		Limits: Limits{
+			MaxRecvMsgSize:       131072,
+			MaxConcurrentStreams: 64,
+			CallTimeout:          90 * time.Second,
+			ShutdownTimeout:      2 * time.Second,
+		},
+		Log: Log{Level: "debug", Format: "text"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
+	}
+	if err := got.Validate(); err != nil {
+		t.Errorf("Validate: %v", err)
+	}
+	// Every field but Backend (pkcs11 is the only one) differs from the
+	// default, so none was left unset.
+	got.Backend = "other"
+	checkAllDiffer(t, reflect.ValueOf(got), reflect.ValueOf(Default()), "Config")
+}
+
+// checkAllDiffer fails for every leaf field of a that equals the one in b.
+func checkAllDiffer(t *testing.T, a, b reflect.Value, path string) {
+	t.Helper()
+	if a.Kind() == reflect.Struct {
+		for i := 0; i < a.NumField(); i++ {
+			checkAllDiffer(t, a.Field(i), b.Field(i), path+"."+a.Type().Field(i).Name)
+		}
+		return
+	}
+	if a.Interface() == b.Interface() {
+		t.Errorf("%s = %v, the default; the full YAML should set it", path, a.Interface())
+	}
+}
+
+func TestParsePartialKeepsDefaults(t *testing.T) {
+	got, err := Parse(strings.NewReader("pkcs11:\n  max_sessions: 4\nlog:\n  level: warn\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Default()
+	want.PKCS11.MaxSessions = 4
+	want.Log.Level = "warn"
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %+v, want %+v", got, want)
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, in string
+		want     []string
+	}{
+		{"unknown top-level", "socket: /s\nsokcet: /t\n", []string{"sokcet"}},
+		{"unknown nested", "pkcs11:\n  pin: 1234\n", []string{"pin"}},
+		{"unknown in limits", "limits:\n  max_streams: 3\n", []string{"max_streams"}},
+		{"bad duration", "limits:\n  call_timeout: soon\n", []string{"soon"}},
+		{"bad int", "pkcs11:\n  max_sessions: many\n", []string{"many"}},
+		{"negative uint", "limits:\n  max_concurrent_streams: -1\n", []string{"-1"}},
+		{"not a mapping", "- a\n- b\n", nil},
+		{"syntax", "socket: [\n", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := Parse(strings.NewReader(tc.in))
+			if err == nil {
+				t.Fatalf("Parse(%q) = %+v, nil; want an error", tc.in, got)
+			}
+			if !strings.HasPrefix(err.Error(), "config: ") {
+				t.Errorf("error %q does not start with %q", err, "config: ")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not name %q", err, w)
+				}
+			}
+			if !reflect.DeepEqual(got, Config{}) {
+				t.Errorf("Parse returned %+v with the error, want the zero Config", got)
+			}
+		})
+	}
+}
+
+func TestLoad(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keybroker.yaml")
+	if err := os.WriteFile(path, []byte("log:\n  format: text\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Log.Format != "text" || got.Socket != Default().Socket {
+		t.Errorf("Load = %+v", got)
+	}
+	_, err = Load(filepath.Join(t.TempDir(), "missing.yaml"))
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Load of a missing file: got %v, want fs.ErrNotExist", err)
+	}
+}
+
+func problems(t *testing.T, c Config) Problems {
+	t.Helper()
+	err := c.Validate()
+	if err == nil {
+		return nil
+	}
+	var p Problems
+	if !errors.As(err, &p) {
+		t.Fatalf("Validate returned %T, want Problems", err)
+	}
+	return p
+}
+
+func TestValidateListsEveryProblem(t *testing.T) {
+	c := Default()
+	c.Socket = ""
+	c.StateDir = ""
+	c.PKCS11.Module = "lib/softhsm2.so"
+	c.PKCS11.TokenLabel = strings.Repeat("t", 33)
+	c.PKCS11.PINFile = ""
+	c.PKCS11.MaxSessions = 1
+	c.PKCS11.PoolWaitTimeout = 0
+	c.Limits.MaxRecvMsgSize = 100
+	c.Limits.MaxConcurrentStreams = 0
+	c.Limits.CallTimeout = -time.Second
+	c.Limits.ShutdownTimeout = 0
+	c.Log.Level = "loud"
+	c.Log.Format = "xml"
+
+	p := problems(t, c)
+	want := []string{
+		"socket: must be set",
+		"state_dir: must be set",
+		`pkcs11.module: "lib/softhsm2.so" must be an absolute path`,
+		"pkcs11.token_label:",
+		"pkcs11.pin_file: must be set",
+		"pkcs11.max_sessions: got 1",
+		"pkcs11.pool_wait_timeout: got 0s",
+		"limits.max_recv_msg_size: got 100",
+		"limits.max_concurrent_streams: must be > 0",
+		"limits.call_timeout: got -1s",
+		"limits.shutdown_timeout: got 0s",
+		`log.level: got "loud"`,
+		`log.format: got "xml"`,
+	}
+	if len(p) != len(want) {
+		t.Errorf("got %d problems, want %d:\n%v", len(p), len(want), p)
+	}
+	msg := p.Error()
+	for _, w := range want {
+		n := 0
+		for _, q := range p {
+			if strings.HasPrefix(q, w) {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("%d problems start with %q, want 1", n, w)
+		}
+		if !strings.Contains(msg, "\n  - "+w) {
+			t.Errorf("Error() does not list %q:\n%s", w, msg)
+		}
+	}
+	if !strings.HasPrefix(msg, "invalid configuration:\n  - ") {
+		t.Errorf("Error() = %q", msg)
+	}
+}
+
+func TestValidateSingleProblems(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		edit func(*Config)
+		want string // "" means valid
+	}{
+		{"relative module", func(c *Config) { c.PKCS11.Module = "libsofthsm2.so" }, `pkcs11.module: "libsofthsm2.so" must be an absolute path`},
+		{"dot-relative module", func(c *Config) { c.PKCS11.Module = "./x.so" }, "pkcs11.module:"},
+		{"empty module", func(c *Config) { c.PKCS11.Module = "" }, "pkcs11.module: must be set"},
+		{"socket 107 bytes", func(c *Config) { c.Socket = "/" + strings.Repeat("s", 106) }, ""},
+		{"socket 108 bytes", func(c *Config) { c.Socket = "/" + strings.Repeat("s", 107) }, "socket: "},
+		{"socket 300 bytes", func(c *Config) { c.Socket = "/" + strings.Repeat("s", 299) }, `socket: "/sss`},
+		{"token label 32", func(c *Config) { c.PKCS11.TokenLabel = strings.Repeat("l", 32) }, ""},
+		{"token label 33", func(c *Config) { c.PKCS11.TokenLabel = strings.Repeat("l", 33) }, "pkcs11.token_label:"},
+		{"token label empty", func(c *Config) { c.PKCS11.TokenLabel = "" }, "pkcs11.token_label: must be set"},
+		{"max sessions 2", func(c *Config) { c.PKCS11.MaxSessions = 2 }, ""},
+		{"max sessions 1024", func(c *Config) { c.PKCS11.MaxSessions = 1024 }, ""},
+		{"max sessions 1025", func(c *Config) { c.PKCS11.MaxSessions = 1025 }, "pkcs11.max_sessions: got 1025, want 2..1024"},
+		{"recv 1024", func(c *Config) { c.Limits.MaxRecvMsgSize = 1024 }, ""},
+		{"recv 16MiB", func(c *Config) { c.Limits.MaxRecvMsgSize = 16 << 20 }, ""},
+		{"recv 16MiB+1", func(c *Config) { c.Limits.MaxRecvMsgSize = 16<<20 + 1 }, "limits.max_recv_msg_size:"},
+		{"other backend", func(c *Config) { c.Backend = "tpm" }, `backend: got "tpm", want pkcs11`},
+		{"level warn", func(c *Config) { c.Log.Level = "warn" }, ""},
+		{"level upper", func(c *Config) { c.Log.Level = "INFO" }, "log.level:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			tc.edit(&c)
+			p := problems(t, c)
+			if tc.want == "" {
+				if p != nil {
+					t.Fatalf("Validate = %v, want nil", p)
+				}
+				return
+			}
+			if len(p) != 1 || !strings.HasPrefix(p[0], tc.want) {
+				t.Fatalf("Validate = %q, want one problem starting %q", []string(p), tc.want)
+			}
+		})
+	}
+}
+
+// TestValidateOtherBackendSkipsPKCS11: pkcs11 settings are not checked when
+// another backend is chosen, so the only problem is the backend.
+func TestValidateOtherBackendSkipsPKCS11(t *testing.T) {
+	c := Default()
+	c.Backend = ""
+	c.PKCS11 = PKCS11{}
+	p := problems(t, c)
+	if len(p) != 1 || !strings.HasPrefix(p[0], "backend:") {
+		t.Errorf("Validate = %q, want only the backend problem", []string(p))
+	}
+}
+
+const testPIN = "s3cr3t-Pin-9876"
+
+func writePIN(t *testing.T, content string, mode os.FileMode) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "pin")
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Chmod explicitly: WriteFile's mode is subject to the umask.
+	if err := os.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestReadPIN(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		content string
+		mode    os.FileMode
+	}{
+		{"newline", testPIN + "\n", 0o600},
+		{"crlf", testPIN + "\r\n", 0o600},
+		{"several newlines", testPIN + "\n\n", 0o400},
+		{"no newline", testPIN, 0o600},
+		{"group readable", testPIN + "\n", 0o640},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ReadPIN(writePIN(t, tc.content, tc.mode))
+			if err != nil {
+				t.Fatalf("ReadPIN: %v", err)
+			}
+			if got != testPIN {
+				t.Errorf("ReadPIN = %q, want %q", got, testPIN)
+			}
+		})
+	}
+	// Only trailing line ends are dropped; the rest of the PIN is kept as is.
+	got, err := ReadPIN(writePIN(t, " a b\n", 0o600))
+	if err != nil || got != " a b" {
+		t.Errorf("ReadPIN = %q, %v; want %q", got, err, " a b")
+	}
+}
+
+func TestReadPINRefusesOthersAccess(t *testing.T) {
+	for _, mode := range []os.FileMode{0o644, 0o604, 0o602, 0o601, 0o666} {
+		path := writePIN(t, testPIN+"\n", mode)
+		got, err := ReadPIN(path)
+		if err == nil {
+			t.Errorf("mode %v: ReadPIN = %q, nil; want an error", mode, got)
+			continue
+		}
+		if got != "" {
+			t.Errorf("mode %v: ReadPIN returned %q with the error", mode, got)
+		}
+		if strings.Contains(err.Error(), testPIN) || strings.Contains(err.Error(), "9876") {
+			t.Errorf("mode %v: error contains the PIN: %q", mode, err)
+		}
+		if !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "other users") {
+			t.Errorf("mode %v: error %q should name the file and the problem", mode, err)
+		}
+	}
+}
+
+func TestReadPINErrors(t *testing.T) {
+	for _, content := range []string{"", "\n", "\r\n\n"} {
+		path := writePIN(t, content, 0o600)
+		_, err := ReadPIN(path)
+		if err == nil || !strings.Contains(err.Error(), "empty") || !strings.Contains(err.Error(), path) {
+			t.Errorf("ReadPIN(%q content) = %v, want an error saying %s is empty", content, err, path)
+		}
+	}
+	missing := filepath.Join(t.TempDir(), "nope")
+	_, err := ReadPIN(missing)
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("ReadPIN(missing) = %v, want fs.ErrNotExist", err)
+	}
+	if err != nil && !strings.HasPrefix(err.Error(), "pin file: ") {
+		t.Errorf("ReadPIN(missing) = %q, want a %q prefix", err, "pin file: ")
+	}
+}
