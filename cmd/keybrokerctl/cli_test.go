@@ -49,6 +49,7 @@ type fakeBroker struct {
 	created    *kbv1.CreateKeyRequest
 	signed     *kbv1.SignRequest
 	pubReq     *kbv1.GetPublicKeyRequest
+	deadline   time.Time // of the last GetJWKS call
 }
 
 func newFakeBroker(t testing.TB) *fakeBroker {
@@ -188,7 +189,9 @@ func (f *fakeBroker) GetPublicKey(_ context.Context, req *kbv1.GetPublicKeyReque
 	return f.pub, nil
 }
 
-func (f *fakeBroker) GetJWKS(context.Context, *kbv1.GetJWKSRequest) (*kbv1.GetJWKSResponse, error) {
+func (f *fakeBroker) GetJWKS(ctx context.Context, _ *kbv1.GetJWKSRequest) (*kbv1.GetJWKSResponse, error) {
+	deadline, _ := ctx.Deadline()
+	setLocked(f, &f.deadline, deadline)
 	return &kbv1.GetJWKSResponse{Jwks: `{"keys":[{"kid":"kid-a2"}]}`}, nil
 }
 
@@ -327,6 +330,10 @@ gamma  PS256      2048  1       kid-g1  pkcs11
 		if want := []string{"alpha", "beta", "gamma"}; !slices.Equal(names, want) {
 			t.Errorf("names = %q, want %q", names, want)
 		}
+		// Empty fields are printed, so that scripts need no null checks.
+		if !strings.Contains(r.stdout, `"name":"beta","algorithm":"ALGORITHM_RS256","bits":3072,"backend":"tpm","createTime":null,"activeVersion":1,"activeKid":"kid-b1","versions":[]`) {
+			t.Errorf("stdout = %s, want beta with every field", r.stdout)
+		}
 	})
 	t.Run("list stuck page token", func(t *testing.T) {
 		setLocked(fake, &fake.stuckToken, "alpha")
@@ -425,9 +432,18 @@ func TestPubkeyCommand(t *testing.T) {
 }
 
 func TestJWKSCommand(t *testing.T) {
-	socket, _ := startFake(t, newFakeBroker(t))
+	fake := newFakeBroker(t)
+	socket, _ := startFake(t, fake)
 	runAt(socket, "jwks").check(t, exitOK, "{\n  \"keys\": [\n    {\n      \"kid\": \"kid-a2\"\n    }\n  ]\n}\n", "")
 	runAt(socket, "jwks", "-o", "json").check(t, exitOK, `{"keys":[{"kid":"kid-a2"}]}`+"\n", "")
+
+	// --timeout becomes the deadline the daemon sees.
+	before := time.Now()
+	runAt(socket, "jwks", "--timeout", "1h").check(t, exitOK, "{\n  \"keys\": [\n    {\n      \"kid\": \"kid-a2\"\n    }\n  ]\n}\n", "")
+	after := time.Now()
+	if got := locked(fake, &fake.deadline); got.Before(before.Add(59*time.Minute)) || got.After(after.Add(61*time.Minute)) {
+		t.Errorf("deadline = %v, want about an hour after %v", got, before)
+	}
 }
 
 func TestUnavailable(t *testing.T) {

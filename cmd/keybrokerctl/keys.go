@@ -151,7 +151,7 @@ func listKeys(ctx context.Context, kb kbv1.KeyBrokerClient) ([]*kbv1.Key, error)
 			return nil, fmt.Errorf("keybrokerd returned page token %q twice", next)
 		}
 		seen[next] = true
-		return keys, nil
+		req = &kbv1.ListKeysRequest{PageToken: next}
 	}
 }
 

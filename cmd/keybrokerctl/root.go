@@ -38,13 +38,12 @@ Exit codes:
      DEADLINE_EXCEEDED, or "health" reports anything but SERVING
   5  conflict: ALREADY_EXISTS or FAILED_PRECONDITION`
 
-// app holds the global flags and the output streams that every command
-// shares.
+// app holds the global flags and the output that every command shares.
 type app struct {
-	stdout, stderr io.Writer
-	socket         string
-	output         string
-	timeout        time.Duration
+	stdout  io.Writer
+	socket  string
+	output  string
+	timeout time.Duration
 }
 
 // run runs keybrokerctl with args (without the program name), prints any
@@ -67,7 +66,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // newRootCmd returns the keybrokerctl command tree writing to stdout and
 // stderr. Its errors are returned, not printed: run prints them.
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
-	a := &app{stdout: stdout, stderr: stderr}
+	a := &app{stdout: stdout}
 	root := &cobra.Command{
 		Use:               "keybrokerctl",
 		Short:             "Operate keybrokerd: keys, signatures, public keys",
@@ -149,7 +148,9 @@ func (a *app) call(ctx context.Context, fn func(context.Context, *grpc.ClientCon
 	ctx, cancel := context.WithTimeout(ctx, a.timeout)
 	defer cancel()
 	err = fn(ctx, conn)
-	if status.Code(err) == codes.DeadlineExceeded && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	if status.Code(err) == codes.DeadlineExceeded {
+		// The deadline is --timeout's, whether the client or the daemon
+		// noticed first; gRPC's message differs between the two.
 		return status.Errorf(codes.DeadlineExceeded, "no answer from keybrokerd within --timeout %s", a.timeout)
 	}
 	return err
