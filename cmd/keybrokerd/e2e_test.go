@@ -1,0 +1,288 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/softhsm"
+)
+
+// binaries builds keybrokerd and keybrokerctl once per test process.
+func binaries(t *testing.T) (daemon, ctl string) {
+	t.Helper()
+	dir := t.TempDir()
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/keybroker/keybroker/cmd/keybrokerd", "github.com/keybroker/keybroker/cmd/keybrokerctl")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return filepath.Join(dir, "keybrokerd"), filepath.Join(dir, "keybrokerctl")
+}
+
+// shortDir returns a directory whose paths fit a unix socket.
+func shortDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kbe2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+type proc struct {
+	cmd    *exec.Cmd
+	stdout *syncBuffer
+	stderr *syncBuffer
+	done   chan struct{} // closed when the process has exited
+	err    error         // its exit status, once done is closed
+}
+
+// syncBuffer is a bytes.Buffer safe for the writer goroutine of exec.Cmd
+// and the test reading it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// start runs the daemon and waits until keybrokerctl health answers.
+func start(t *testing.T, daemon, ctl, sock string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(daemon, args...), stdout: new(syncBuffer), stderr: new(syncBuffer), done: make(chan struct{})}
+	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := exec.Command(ctl, "--socket", sock, "health").CombinedOutput()
+		if err == nil && strings.TrimSpace(string(out)) == "SERVING" {
+			return p
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("keybrokerd exited early: %v\nstderr:\n%s", p.err, p.stderr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("keybrokerd not healthy after 30s: %s\nstderr:\n%s", out, p.stderr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop sends SIGTERM and checks the daemon exits 0 within 10 s.
+func (p *proc) stop(t *testing.T) {
+	t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.done:
+		if p.err != nil {
+			t.Fatalf("keybrokerd exit after SIGTERM: %v\nstderr:\n%s", p.err, p.stderr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("keybrokerd did not stop within 10s of SIGTERM")
+	}
+}
+
+func ctlRun(t *testing.T, ctl, sock string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, ctl, append([]string{"--socket", sock}, args...)...).Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("keybrokerctl %v: %v\n%s%s", args, err, out, stderr)
+	}
+	return string(out)
+}
+
+type signOut struct {
+	Signature string `json:"signature"`
+	Kid       string `json:"kid"`
+	Version   uint32 `json:"version"`
+}
+
+// TestEndToEnd: build both binaries, start the daemon on a fresh token,
+// create a key with the CLI, sign, restart, sign again with the same kid,
+// and verify both signatures.
+func TestEndToEnd(t *testing.T) {
+	daemon, ctl := binaries(t)
+	dir := shortDir(t)
+	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "kb.sock")
+	cfgPath := filepath.Join(dir, "keybroker.yaml")
+	cfg := fmt.Sprintf("socket: %s\nstate_dir: %s\npkcs11:\n  module: %s\n  token_label: %s\n  pin_file: %s\n  softhsm2_conf: %s\n  max_sessions: 4\nlog:\n  level: debug\n",
+		sock, filepath.Join(dir, "state"), tok.ModulePath, tok.Label, tok.PINFile, tok.ConfigPath)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	p := start(t, daemon, ctl, sock, "--config", cfgPath)
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket mode: %v (%v), want 0660", fi.Mode().Perm(), err)
+	}
+	ctlRun(t, ctl, sock, "keys", "create", "e2e-key", "--alg", "ES256")
+	pemOut := ctlRun(t, ctl, sock, "pubkey", "e2e-key", "--format", "pem")
+	block, _ := pem.Decode([]byte(pemOut))
+	if block == nil {
+		t.Fatalf("pubkey output is not PEM: %q", pemOut)
+	}
+	pubAny, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := pubAny.(*ecdsa.PublicKey)
+
+	sign := func(msg string) signOut {
+		d := sha256.Sum256([]byte(msg))
+		out := ctlRun(t, ctl, sock, "--output", "json", "sign", "e2e-key", "--digest", fmt.Sprintf("%x", d))
+		var s signOut
+		if err := json.Unmarshal([]byte(out), &s); err != nil {
+			t.Fatalf("sign output %q: %v", out, err)
+		}
+		sig, err := base64.RawURLEncoding.DecodeString(s.Signature)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ecdsa.VerifyASN1(pub, d[:], sig) {
+			t.Fatalf("signature over %q does not verify", msg)
+		}
+		return s
+	}
+	first := sign("before restart")
+	p.stop(t)
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left behind after stop: %v", err)
+	}
+	if strings.Contains(p.stderr.String(), tok.PIN) {
+		t.Error("daemon log contains the PIN")
+	}
+
+	p = start(t, daemon, ctl, sock, "--config", cfgPath)
+	second := sign("after restart")
+	if first.Kid == "" || second.Kid != first.Kid || second.Version != 1 {
+		t.Errorf("kid before restart %q, after %q (v%d); want the same", first.Kid, second.Kid, second.Version)
+	}
+	p.stop(t)
+	if strings.Contains(p.stderr.String(), tok.PIN) {
+		t.Error("daemon log contains the PIN")
+	}
+}
+
+var thumbprintLine = regexp.MustCompile(`(?m)^\s*thumbprint\s+(\S+)$`)
+
+// TestDevModeReusesToken is what a second `make run` does: the same token,
+// the same demo key and kid.
+func TestDevModeReusesToken(t *testing.T) {
+	daemon, ctl := binaries(t)
+	dir := shortDir(t)
+	sock := filepath.Join(dir, "dev", "keybroker.sock")
+	var kids []string
+	for i := 0; i < 2; i++ {
+		p := start(t, daemon, ctl, sock, "--dev", "--dev-dir", filepath.Join(dir, "dev"))
+		m := thumbprintLine.FindStringSubmatch(p.stdout.String())
+		if m == nil {
+			t.Fatalf("run %d: no thumbprint in dev banner:\n%s", i, p.stdout)
+		}
+		kids = append(kids, m[1])
+		keys := ctlRun(t, ctl, sock, "--output", "json", "keys", "get", "demo")
+		if !strings.Contains(keys, m[1]) {
+			t.Errorf("run %d: keys get demo does not show kid %s: %s", i, m[1], keys)
+		}
+		p.stop(t)
+	}
+	if kids[0] != kids[1] {
+		t.Errorf("demo kid changed across dev runs: %s then %s", kids[0], kids[1])
+	}
+	if !strings.Contains(strings.Join(kids, ""), kids[0]) || len(kids[0]) != 43 {
+		t.Errorf("thumbprint %q is not a base64url SHA-256", kids[0])
+	}
+}
+
+// TestConfigProblemsListedAtOnce: an invalid file is refused with every
+// problem, exit code 2, before touching any hardware.
+func TestConfigProblemsListedAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(cfgPath, []byte("backend: nope\nlog:\n  level: loud\nlimits:\n  call_timeout: -1s\n"), 0o600)
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"--config", cfgPath}, &stdout, &stderr)
+	if code != 2 {
+		t.Errorf("exit code %d, want 2", code)
+	}
+	for _, want := range []string{"backend:", "log.level:", "limits.call_timeout:"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("stderr does not list %q:\n%s", want, stderr.String())
+		}
+	}
+}
+
+func TestFlagsOverrideConfig(t *testing.T) {
+	var stderr bytes.Buffer
+	o, err := parseFlags([]string{"--socket", "/tmp/x.sock", "--max-sessions", "3", "--log-level", "debug"}, &stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := configDefaultForTest()
+	o.apply(&cfg)
+	if cfg.Socket != "/tmp/x.sock" || cfg.PKCS11.MaxSessions != 3 || cfg.Log.Level != "debug" {
+		t.Errorf("flags not applied: %+v", cfg)
+	}
+	if cfg.PKCS11.TokenLabel != "from-file" || cfg.StateDir != "/from/file" {
+		t.Errorf("unset flags overrode the file: %+v", cfg)
+	}
+	for _, bad := range [][]string{{"--dev", "--config", "x"}, {"extra"}, {"--max-sessions", "x"}} {
+		if _, err := parseFlags(bad, &stderr); err == nil {
+			t.Errorf("parseFlags(%v) succeeded", bad)
+		}
+	}
+}
+
+func configDefaultForTest() config.Config {
+	cfg := config.Default()
+	cfg.PKCS11.TokenLabel = "from-file"
+	cfg.StateDir = "/from/file"
+	return cfg
+}
