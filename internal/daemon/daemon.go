@@ -47,6 +47,9 @@ func New(cfg config.Config, log *slog.Logger) (d *Daemon, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	d = &Daemon{cfg: cfg, log: log}
 	defer func() {
 		if err != nil {
