@@ -77,6 +77,7 @@ func TestServeHealthReflectionStop(t *testing.T) {
 		t.Errorf("reflection does not list keybroker.v1.KeyBroker: %v", resp)
 	}
 
+	ccancel() // ends the reflection stream, so the graceful stop need not wait for it
 	cancel()
 	select {
 	case err := <-served:
