@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,6 +27,11 @@ import (
 
 // IDLen is the length of the random CKA_ID of each key.
 const IDLen = 16
+
+// labelPrefix starts the CKA_LABEL of every key the daemon creates:
+// "keybroker/<tenant>/<spec label>". List only reports such objects, so keys
+// of other applications on a shared token are never touched.
+const labelPrefix = "keybroker/"
 
 // Config selects the token and sizes the session pool.
 type Config struct {
@@ -109,10 +115,7 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 	if _, err := rand.Read(id); err != nil {
 		return nil, nil, err
 	}
-	label := []byte(spec.Label)
-	if len(label) == 0 {
-		label = []byte("keybroker")
-	}
+	label := []byte(labelPrefix + p.Tenant + "/" + spec.Label)
 
 	signer, err := b.generate(id, label, spec, true)
 	if isTemplateError(err) {
@@ -309,3 +312,35 @@ func (b *Backend) find(h broker.Handle) (crypto11.Signer, error) {
 	b.mu.Unlock()
 	return signer, nil
 }
+
+// List returns every key pair on the token that the daemon created, with
+// the partition its label names.
+func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	pairs, err := b.p11.FindAllKeyPairs()
+	if err != nil {
+		return nil, classify("list keys", err)
+	}
+	var objs []broker.Object
+	for _, signer := range pairs {
+		attrs, err := b.p11.GetAttributes(signer, []crypto11.AttributeType{pkcs11.CKA_ID, pkcs11.CKA_LABEL})
+		if err != nil {
+			return nil, classify("read key attributes", err)
+		}
+		id, label := attrs[pkcs11.CKA_ID], attrs[pkcs11.CKA_LABEL]
+		if id == nil || label == nil || len(id.Value) != IDLen {
+			continue
+		}
+		rest, ok := strings.CutPrefix(string(label.Value), labelPrefix)
+		tenant, _, found := strings.Cut(rest, "/")
+		if !ok || !found {
+			continue
+		}
+		objs = append(objs, broker.Object{Partition: broker.Partition{Tenant: tenant}, Handle: broker.Handle(id.Value)})
+	}
+	return objs, nil
+}
+
+var _ broker.Lister = (*Backend)(nil)

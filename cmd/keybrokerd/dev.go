@@ -58,7 +58,7 @@ func (e *devEnv) welcome(ctx context.Context, d *daemon.Daemon, cfg config.Confi
 	k, err := ring.GetKey(ctx, tenant, devKey)
 	created := false
 	if errors.Is(err, broker.ErrNotFound) {
-		k, err = ring.CreateKey(ctx, tenant, devKey, broker.KeySpec{Alg: broker.ES256})
+		k, err = ring.CreateKey(ctx, tenant, devKey, broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
 		created = true
 	}
 	if err != nil {

@@ -72,3 +72,16 @@ func (s KeySpec) Validate() (KeySpec, error) {
 	}
 	return s, nil
 }
+
+// Object is a key the backend holds, as Lister reports it.
+type Object struct {
+	Partition Partition
+	Handle    Handle
+}
+
+// Lister is an optional Backend capability: every key object the daemon
+// created in the hardware, so that objects with no record (left by a crash
+// between generation and commit) can be found and removed at start.
+type Lister interface {
+	List(ctx context.Context) ([]Object, error)
+}

@@ -40,6 +40,10 @@ func (e *FieldError) Is(target error) bool { return target == ErrInvalidArgument
 type ClientError struct {
 	Kind error
 	Msg  string
+	// Reason, when set, is the google.rpc.ErrorInfo reason; Meta its
+	// metadata. Both are client-safe.
+	Reason string
+	Meta   map[string]string
 }
 
 func (e *ClientError) Error() string { return e.Msg }

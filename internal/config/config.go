@@ -23,10 +23,11 @@ type Config struct {
 	// StateDir holds the metadata store (keybroker.db).
 	StateDir string `yaml:"state_dir"`
 	// Backend is "pkcs11" (the only one so far).
-	Backend string `yaml:"backend"`
-	PKCS11  PKCS11 `yaml:"pkcs11"`
-	Limits  Limits `yaml:"limits"`
-	Log     Log    `yaml:"log"`
+	Backend  string   `yaml:"backend"`
+	PKCS11   PKCS11   `yaml:"pkcs11"`
+	Rotation Rotation `yaml:"rotation"`
+	Limits   Limits   `yaml:"limits"`
+	Log      Log      `yaml:"log"`
 }
 
 // PKCS11 configures the PKCS#11 backend.
@@ -45,6 +46,14 @@ type PKCS11 struct {
 	MaxSessions int `yaml:"max_sessions"`
 	// PoolWaitTimeout bounds the wait for a free session.
 	PoolWaitTimeout time.Duration `yaml:"pool_wait_timeout"`
+}
+
+// Rotation configures the rotation scheduler.
+type Rotation struct {
+	// CheckInterval is how often due transitions are applied. Keys are
+	// pre-generated a lead time ahead, so this only bounds how late a
+	// transition can be.
+	CheckInterval time.Duration `yaml:"check_interval"`
 }
 
 // Limits bounds what a client can ask of the daemon.
@@ -79,6 +88,7 @@ func Default() Config {
 			MaxSessions:     16,
 			PoolWaitTimeout: 2 * time.Second,
 		},
+		Rotation: Rotation{CheckInterval: time.Minute},
 		Limits: Limits{
 			MaxRecvMsgSize:       64 << 10,
 			MaxConcurrentStreams: 256,
@@ -152,6 +162,9 @@ func (c Config) Validate() error {
 		}
 	default:
 		add("backend: got %q, want pkcs11", c.Backend)
+	}
+	if c.Rotation.CheckInterval < time.Second || c.Rotation.CheckInterval > time.Hour {
+		add("rotation.check_interval: got %v, want 1s..1h", c.Rotation.CheckInterval)
 	}
 	if c.Limits.MaxRecvMsgSize < 1024 || c.Limits.MaxRecvMsgSize > 16<<20 {
 		add("limits.max_recv_msg_size: got %d, want 1024..16777216", c.Limits.MaxRecvMsgSize)

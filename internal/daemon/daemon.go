@@ -24,6 +24,7 @@ import (
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/server"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/rotation"
 )
 
 // DefaultTenant is the tenant every local caller belongs to until tenants
@@ -73,6 +74,14 @@ func New(cfg config.Config, log *slog.Logger) (d *Daemon, err error) {
 	defer cancel()
 	if err := d.backend.Probe(ctx); err != nil {
 		return nil, fmt.Errorf("backend probe: %w", err)
+	}
+	// Remove hardware objects left by an interrupted operation, then apply,
+	// in order, every transition that fell due while the daemon was down.
+	if _, err := d.ring.Reconcile(ctx); err != nil {
+		return nil, fmt.Errorf("reconcile hardware and records: %w", err)
+	}
+	if err := d.ring.Advance(ctx, time.Now()); err != nil {
+		log.Error("applying due rotations at start; retrying on schedule", "err", err)
 	}
 
 	svc := server.New(d.ring, server.SingleTenant(DefaultTenant), log)
@@ -135,6 +144,12 @@ func (d *Daemon) Listen() (net.Listener, error) { return listenUnix(d.cfg.Socket
 
 // ServeListener serves on lis until ctx is done (see Serve).
 func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
+	sched := rotation.Scheduler{Clock: rotation.SystemClock{}, Advancer: d.ring, Interval: d.cfg.Rotation.CheckInterval, Log: d.log}
+	schedCtx, stopSched := context.WithCancel(ctx)
+	schedDone := make(chan struct{})
+	go func() { sched.Run(schedCtx); close(schedDone) }()
+	defer func() { stopSched(); <-schedDone }()
+
 	errc := make(chan error, 1)
 	go func() { errc <- d.grpc.Serve(lis) }()
 	d.log.Info("serving", "socket", lis.Addr().String(), "backend", d.cfg.Backend)

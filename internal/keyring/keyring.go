@@ -15,12 +15,15 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/store"
 	"github.com/keybroker/keybroker/pop"
+	"github.com/keybroker/keybroker/rotation"
 )
 
 // Keyring serves keys from memory and signs through the backend.
@@ -35,6 +38,10 @@ type Keyring struct {
 	keys     map[keyID]*key    // immutable snapshots, replaced on change
 	creating map[keyID]bool    // names being generated right now
 	jwks     map[string][]byte // per tenant, built on demand
+	rotating map[keyID]*flight // RotateKey calls in progress
+	ops      sync.Map          // keyID → *sync.Mutex: one writer per key
+
+	stats stats
 }
 
 type keyID struct{ tenant, name string }
@@ -72,6 +79,7 @@ func New(o Options) (*Keyring, error) {
 		keys:        make(map[keyID]*key),
 		creating:    make(map[keyID]bool),
 		jwks:        make(map[string][]byte),
+		rotating:    make(map[keyID]*flight),
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -84,6 +92,9 @@ func New(o Options) (*Keyring, error) {
 		return nil, err
 	}
 	for _, rec := range recs {
+		if err := rotation.Check(rec); err != nil {
+			return nil, fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
+		}
 		k, err := newKey(rec)
 		if err != nil {
 			return nil, fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
@@ -115,7 +126,6 @@ func newKey(rec store.Key) (*key, error) {
 			k.active = v
 		}
 	}
-	sort.Slice(k.versions, func(i, j int) bool { return k.versions[i].Version.Version < k.versions[j].Version.Version })
 	return k, nil
 }
 
@@ -126,38 +136,56 @@ type KeyInfo struct {
 	Bits          int
 	Backend       string
 	Created       time.Time
+	Policy        broker.Policy
 	ActiveVersion uint32
 	ActiveKid     string
+	NextRotation  time.Time // when the next version becomes ACTIVE
 	Versions      []VersionInfo
 }
 
 // VersionInfo describes a key version for the API.
 type VersionInfo struct {
-	Version uint32
-	Kid     string
-	State   broker.State
-	Created time.Time
+	Version                                                  uint32
+	Kid                                                      string
+	State                                                    broker.State
+	Created, Activated, Retired, Expired, Revoked, Destroyed time.Time
+	// NextState and NextTransition: what the policy does to it next.
+	NextState      broker.State
+	NextTransition time.Time
 }
 
 func (k *key) info() KeyInfo {
-	ki := KeyInfo{Name: k.rec.Name, Alg: k.rec.Alg, Bits: k.rec.Bits, Backend: k.rec.Backend, Created: k.rec.Created}
+	ki := KeyInfo{Name: k.rec.Name, Alg: k.rec.Alg, Bits: k.rec.Bits, Backend: k.rec.Backend, Created: k.rec.Created,
+		Policy: k.rec.Policy, NextRotation: rotation.NextRotation(k.rec)}
 	if k.active != nil {
 		ki.ActiveVersion, ki.ActiveKid = k.active.Version.Version, k.active.Kid
 	}
 	for _, v := range k.versions {
-		ki.Versions = append(ki.Versions, VersionInfo{Version: v.Version.Version, Kid: v.Kid, State: v.State, Created: v.Created})
+		vi := VersionInfo{Version: v.Version.Version, Kid: v.Kid, State: v.State, Created: v.Created,
+			Activated: v.Activated, Retired: v.Retired, Expired: v.Expired, Revoked: v.Revoked, Destroyed: v.Destroyed}
+		if next, at, ok := rotation.VersionNext(k.rec, v.Version); ok {
+			vi.NextState, vi.NextTransition = next, at
+		}
+		ki.Versions = append(ki.Versions, vi)
 	}
 	return ki
 }
 
 // CreateKey generates version 1 of a new key in hardware and records it.
-// The name and spec are validated before the hardware is touched.
-func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broker.KeySpec) (KeyInfo, error) {
+// The name, spec and policy (zero: the default) are validated before the
+// hardware is touched.
+func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broker.KeySpec, policy broker.Policy) (KeyInfo, error) {
 	if err := broker.ValidateName(name); err != nil {
 		return KeyInfo{}, err
 	}
 	spec, err := spec.Validate()
 	if err != nil {
+		return KeyInfo{}, err
+	}
+	if policy == (broker.Policy{}) {
+		policy = broker.DefaultPolicy()
+	}
+	if err := policy.Validate(); err != nil {
 		return KeyInfo{}, err
 	}
 	id := keyID{tenant, name}
@@ -174,52 +202,84 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 		r.mu.Unlock()
 	}()
 
-	p := broker.Partition{Tenant: tenant}
-	spec.Label = "keybroker/" + name + "/v1"
+	now := r.now().UTC()
+	rec := store.Key{Tenant: tenant, Name: name, Alg: spec.Alg, Bits: spec.Bits, Backend: r.backendName, Created: now, Policy: policy}
+	v, err := r.generate(ctx, rec)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	v.Version, v.State, v.Created, v.Activated = 1, broker.StateActive, now, now
+	rec.Versions = []store.Version{v}
+	k, err := r.record(ctx, rec, &v, r.store.CreateKey)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	r.log.Info("key created", "tenant", tenant, "key", name, "alg", spec.Alg.String(), "bits", spec.Bits, "kid", k.active.Kid)
+	return k.info(), nil
+}
+
+// generate makes the next version of rec in hardware and returns its
+// identity (handle, kid, public key); the caller fills in number, state and
+// times, and must record it or destroy it.
+func (r *Keyring) generate(ctx context.Context, rec store.Key) (store.Version, error) {
+	spec := broker.KeySpec{Alg: rec.Alg, Bits: rec.Bits, Label: fmt.Sprintf("%s/v%d", rec.Name, rec.NextVersion())}
+	p := broker.Partition{Tenant: rec.Tenant}
 	h, pub, err := r.backend.Generate(ctx, p, spec)
 	if err != nil {
-		return KeyInfo{}, fmt.Errorf("generate %s: %w", name, err)
+		return store.Version{}, fmt.Errorf("generate %s: %w", rec.Name, err)
 	}
-	rec, err := r.newRecord(tenant, name, spec, h, pub)
+	v, err := describe(spec, h, pub)
+	if err != nil {
+		r.destroyOrphan(ctx, p, h)
+		return store.Version{}, fmt.Errorf("generate %s: %w", rec.Name, err)
+	}
+	return v, nil
+}
+
+func describe(spec broker.KeySpec, h broker.Handle, pub crypto.PublicKey) (store.Version, error) {
+	if !spec.Alg.MatchesPublicKey(pub, spec.Bits) {
+		return store.Version{}, fmt.Errorf("backend returned a %T that does not match %v", pub, spec.Alg)
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return store.Version{}, err
+	}
+	kid, err := pop.Thumbprint(pub)
+	if err != nil {
+		return store.Version{}, err
+	}
+	return store.Version{Kid: kid, Handle: h, PublicKey: der}, nil
+}
+
+// record commits rec with write (one store transaction) and publishes it in
+// memory. If the commit fails, the hardware object of the new version nv
+// (if any) is destroyed: nothing refers to it.
+func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, write func(store.Key) error) (*key, error) {
+	err := rotation.Check(rec)
 	if err == nil {
-		err = r.store.CreateKey(rec)
+		err = write(rec)
 	}
 	var k *key
 	if err == nil {
 		k, err = newKey(rec)
 	}
 	if err != nil {
-		// Nothing refers to the new hardware object: remove it.
-		if derr := r.backend.Destroy(context.WithoutCancel(ctx), p, h); derr != nil {
-			r.log.Error("removing a key that could not be recorded", "tenant", tenant, "key", name, "err", derr)
+		if nv != nil {
+			r.destroyOrphan(ctx, broker.Partition{Tenant: rec.Tenant}, nv.Handle)
 		}
-		return KeyInfo{}, fmt.Errorf("record %s: %w", name, err)
+		return nil, fmt.Errorf("record %s: %w", rec.Name, err)
 	}
 	r.mu.Lock()
-	r.keys[id] = k
-	delete(r.jwks, tenant)
+	r.keys[keyID{rec.Tenant, rec.Name}] = k
+	delete(r.jwks, rec.Tenant)
 	r.mu.Unlock()
-	r.log.Info("key created", "tenant", tenant, "key", name, "alg", spec.Alg.String(), "bits", spec.Bits, "kid", k.active.Kid)
-	return k.info(), nil
+	return k, nil
 }
 
-func (r *Keyring) newRecord(tenant, name string, spec broker.KeySpec, h broker.Handle, pub crypto.PublicKey) (store.Key, error) {
-	if !spec.Alg.MatchesPublicKey(pub, spec.Bits) {
-		return store.Key{}, fmt.Errorf("backend returned a %T that does not match %v", pub, spec.Alg)
+func (r *Keyring) destroyOrphan(ctx context.Context, p broker.Partition, h broker.Handle) {
+	if err := r.backend.Destroy(context.WithoutCancel(ctx), p, h); err != nil {
+		r.log.Error("removing a hardware key that could not be recorded", "tenant", p.Tenant, "err", err)
 	}
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return store.Key{}, err
-	}
-	kid, err := pop.Thumbprint(pub)
-	if err != nil {
-		return store.Key{}, err
-	}
-	now := r.now().UTC()
-	return store.Key{
-		Tenant: tenant, Name: name, Alg: spec.Alg, Bits: spec.Bits, Backend: r.backendName, Created: now,
-		Versions: []store.Version{{Version: 1, Kid: kid, State: broker.StateActive, Handle: h, PublicKey: der, Created: now}},
-	}, nil
 }
 
 // lookup returns the key (tenant, name). A key of another tenant is
@@ -316,6 +376,18 @@ func (k *key) version(ref VersionRef) (*version, error) {
 	return k.active, nil
 }
 
+// ReasonNotUsable is the ErrorInfo reason for a version that cannot sign.
+const ReasonNotUsable = "KEY_VERSION_NOT_USABLE"
+
+func notUsable(name string, v *version) error {
+	return &broker.ClientError{
+		Kind:   broker.ErrFailedPrecondition,
+		Msg:    fmt.Sprintf("key %q version %d is %v and cannot sign", name, v.Version.Version, v.State),
+		Reason: ReasonNotUsable,
+		Meta:   map[string]string{"state": strings.ToUpper(v.State.String()), "version": strconv.FormatUint(uint64(v.Version.Version), 10)},
+	}
+}
+
 // SignRequest is a request to sign a digest.
 type SignRequest struct {
 	Name    string
@@ -345,8 +417,7 @@ func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Sig
 		return Signature{}, err
 	}
 	if !v.State.CanSign() {
-		return Signature{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition,
-			Msg: fmt.Sprintf("key %q version %d is %v and cannot sign", req.Name, v.Version.Version, v.State)}
+		return Signature{}, notUsable(req.Name, v)
 	}
 	opts, err := broker.SignerOpts(k.rec.Alg, req.Hash, req.Padding, req.Digest)
 	if err != nil {

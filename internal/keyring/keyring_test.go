@@ -69,7 +69,7 @@ func TestRestartKeepsKids(t *testing.T) {
 	specs := map[string]broker.KeySpec{"ec": {Alg: broker.ES384}, "rsa": {Alg: broker.PS256, Bits: 2048}}
 	kids := map[string]string{}
 	for name, spec := range specs {
-		k, err := ring.CreateKey(ctx, "t", name, spec)
+		k, err := ring.CreateKey(ctx, "t", name, spec, broker.Policy{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -126,7 +126,7 @@ func TestConcurrentCreateSameName(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := ring.CreateKey(context.Background(), "t", "same", broker.KeySpec{Alg: broker.ES256})
+			_, err := ring.CreateKey(context.Background(), "t", "same", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
 			switch {
 			case err == nil:
 				ok.Add(1)
@@ -158,7 +158,7 @@ func TestCreateRollsBackHardwareKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close() // every write now fails
-	_, err = ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256})
+	_, err = ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
 	if err == nil {
 		t.Fatal("CreateKey succeeded with a closed store")
 	}
@@ -183,7 +183,7 @@ func TestTenantsAreSeparate(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if _, err := ring.CreateKey(ctx, "a", "k", broker.KeySpec{Alg: broker.ES256}); err != nil {
+	if _, err := ring.CreateKey(ctx, "a", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
 		t.Fatal(err)
 	}
 	_, errForeign := ring.Sign(ctx, "b", SignRequest{Name: "k", Digest: make([]byte, 32)})
@@ -201,7 +201,7 @@ func TestTenantsAreSeparate(t *testing.T) {
 		t.Errorf("tenant b JWKS %s, want empty", j)
 	}
 	// The same name is free in another tenant.
-	if _, err := ring.CreateKey(ctx, "b", "k", broker.KeySpec{Alg: broker.ES256}); err != nil {
+	if _, err := ring.CreateKey(ctx, "b", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
 		t.Errorf("same name in tenant b: %v", err)
 	}
 }
@@ -216,7 +216,7 @@ func TestSignJOSE(t *testing.T) {
 	ctx := context.Background()
 	for alg, size := range map[broker.Algorithm]int{broker.ES256: 64, broker.ES384: 96} {
 		name := map[broker.Algorithm]string{broker.ES256: "p256", broker.ES384: "p384"}[alg]
-		if _, err := ring.CreateKey(ctx, "t", name, broker.KeySpec{Alg: alg}); err != nil {
+		if _, err := ring.CreateKey(ctx, "t", name, broker.KeySpec{Alg: alg}, broker.Policy{}); err != nil {
 			t.Fatal(err)
 		}
 		pk, _ := ring.PublicKey(ctx, "t", name, VersionRef{})

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
@@ -84,7 +85,11 @@ func (s *Server) CreateKey(ctx context.Context, req *kbv1.CreateKeyRequest) (*kb
 	if err != nil {
 		return nil, err
 	}
-	k, err := s.ring.CreateKey(ctx, tenant, req.GetName(), broker.KeySpec{Alg: alg, Bits: int(req.GetBits())})
+	policy, err := policyFromProto(req.GetPolicy(), broker.DefaultPolicy())
+	if err != nil {
+		return nil, err
+	}
+	k, err := s.ring.CreateKey(ctx, tenant, req.GetName(), broker.KeySpec{Alg: alg, Bits: int(req.GetBits())}, policy)
 	if err != nil {
 		return nil, err
 	}
@@ -186,19 +191,118 @@ func (s *Server) GetJWKS(ctx context.Context, req *kbv1.GetJWKSRequest) (*kbv1.G
 	return &kbv1.GetJWKSResponse{Jwks: string(b)}, nil
 }
 
+func (s *Server) RotateKey(ctx context.Context, req *kbv1.RotateKeyRequest) (*kbv1.RotateKeyResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	k, rotated, err := s.ring.RotateKey(ctx, tenant, req.GetName(), req.GetIfActiveVersion())
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.RotateKeyResponse{Key: keyToProto(k), Rotated: rotated}, nil
+}
+
+func (s *Server) RevokeKeyVersion(ctx context.Context, req *kbv1.RevokeKeyVersionRequest) (*kbv1.RevokeKeyVersionResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	k, err := s.ring.RevokeKeyVersion(ctx, tenant, req.GetName(), keyring.VersionRef{Version: req.GetVersion(), Kid: req.GetKid()})
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.RevokeKeyVersionResponse{Key: keyToProto(k)}, nil
+}
+
+func (s *Server) UpdatePolicy(ctx context.Context, req *kbv1.UpdatePolicyRequest) (*kbv1.UpdatePolicyResponse, error) {
+	tenant, err := s.tenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if req.GetPolicy() == nil {
+		return nil, &broker.FieldError{Field: "policy", Reason: "must be set"}
+	}
+	// Check the durations themselves before looking the key up.
+	if _, err := policyFromProto(req.GetPolicy(), broker.DefaultPolicy()); err != nil {
+		return nil, err
+	}
+	k, err := s.ring.UpdatePolicy(ctx, tenant, req.GetName(), func(cur broker.Policy) broker.Policy {
+		p, _ := policyFromProto(req.GetPolicy(), cur)
+		return p
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.UpdatePolicyResponse{Key: keyToProto(k)}, nil
+}
+
+// policyFromProto overlays the fields set in pp on base.
+func policyFromProto(pp *kbv1.RotationPolicy, base broker.Policy) (broker.Policy, error) {
+	fields := []struct {
+		name string
+		d    *durationpb.Duration
+		dst  *time.Duration
+	}{
+		{"policy.rotation_period", pp.GetRotationPeriod(), &base.RotationPeriod},
+		{"policy.overlap", pp.GetOverlap(), &base.Overlap},
+		{"policy.pre_publication_lead", pp.GetPrePublicationLead(), &base.Lead},
+		{"policy.destroy_delay", pp.GetDestroyDelay(), &base.DestroyDelay},
+	}
+	for _, f := range fields {
+		if f.d == nil {
+			continue
+		}
+		if err := f.d.CheckValid(); err != nil {
+			return base, &broker.FieldError{Field: f.name, Reason: "not a valid duration"}
+		}
+		*f.dst = f.d.AsDuration()
+	}
+	return base, nil
+}
+
+func policyToProto(p broker.Policy) *kbv1.RotationPolicy {
+	return &kbv1.RotationPolicy{
+		RotationPeriod:     durationpb.New(p.RotationPeriod),
+		Overlap:            durationpb.New(p.Overlap),
+		PrePublicationLead: durationpb.New(p.Lead),
+		DestroyDelay:       durationpb.New(p.DestroyDelay),
+	}
+}
+
+// ts converts a time, leaving the zero time unset.
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
 func keyToProto(k keyring.KeyInfo) *kbv1.Key {
 	pk := &kbv1.Key{
-		Name:          k.Name,
-		Algorithm:     algToProto(k.Alg),
-		Bits:          int32(k.Bits),
-		Backend:       k.Backend,
-		CreateTime:    timestamppb.New(k.Created),
-		ActiveVersion: k.ActiveVersion,
-		ActiveKid:     k.ActiveKid,
+		Name:             k.Name,
+		Algorithm:        algToProto(k.Alg),
+		Bits:             int32(k.Bits),
+		Backend:          k.Backend,
+		CreateTime:       ts(k.Created),
+		ActiveVersion:    k.ActiveVersion,
+		ActiveKid:        k.ActiveKid,
+		Policy:           policyToProto(k.Policy),
+		NextRotationTime: ts(k.NextRotation),
 	}
 	for _, v := range k.Versions {
 		pk.Versions = append(pk.Versions, &kbv1.KeyVersion{
-			Version: v.Version, Kid: v.Kid, State: stateToProto(v.State), CreateTime: timestamppb.New(v.Created),
+			Version:            v.Version,
+			Kid:                v.Kid,
+			State:              stateToProto(v.State),
+			CreateTime:         ts(v.Created),
+			ActivateTime:       ts(v.Activated),
+			RetireTime:         ts(v.Retired),
+			ExpireTime:         ts(v.Expired),
+			RevokeTime:         ts(v.Revoked),
+			DestroyTime:        ts(v.Destroyed),
+			NextState:          stateToProto(v.NextState),
+			NextTransitionTime: ts(v.NextTransition),
 		})
 	}
 	return pk

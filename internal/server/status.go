@@ -78,8 +78,13 @@ func toStatus(err error) error {
 	if code != codes.Internal && errors.As(err, &cm) {
 		msg = cm.ClientMessage()
 	}
+	info := &errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain}
+	var ce *broker.ClientError
+	if code != codes.Internal && errors.As(err, &ce) && ce.Reason != "" {
+		info.Reason, info.Metadata = ce.Reason, ce.Meta
+	}
 	st := status.New(code, msg)
-	details := []protoadapt.MessageV1{&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain}}
+	details := []protoadapt.MessageV1{info}
 	var fe *broker.FieldError
 	if code == codes.InvalidArgument && errors.As(err, &fe) {
 		details = append(details, &errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{

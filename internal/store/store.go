@@ -20,7 +20,15 @@ import (
 // is refused rather than misread.
 const schemaVersion = 1
 
-var bucketKeys = []byte("keys")
+var (
+	bucketKeys = []byte("keys")
+	// bucketKids maps every kid ever recorded to its key version, so that
+	// no kid is ever given to a second version, even after destruction.
+	bucketKids = []byte("kids")
+)
+
+// ErrKidReused: a record names a kid that belongs to another key version.
+var ErrKidReused = errors.New("store: kid already belongs to another key version")
 
 // Key is the stored form of a key.
 type Key struct {
@@ -31,6 +39,7 @@ type Key struct {
 	Bits     int              `json:"bits,omitempty"`
 	Backend  string           `json:"backend"`
 	Created  time.Time        `json:"created"`
+	Policy   broker.Policy    `json:"policy"`
 	Versions []Version        `json:"versions"`
 }
 
@@ -41,7 +50,13 @@ type Version struct {
 	State     broker.State  `json:"state"`
 	Handle    broker.Handle `json:"handle"`
 	PublicKey []byte        `json:"public_key"` // PKIX DER
-	Created   time.Time     `json:"created"`
+	// When the version entered each state (zero: not yet).
+	Created   time.Time `json:"created"`
+	Activated time.Time `json:"activated,omitzero"`
+	Retired   time.Time `json:"retired,omitzero"`
+	Expired   time.Time `json:"expired,omitzero"`
+	Revoked   time.Time `json:"revoked,omitzero"`
+	Destroyed time.Time `json:"destroyed,omitzero"`
 }
 
 // Store is the bbolt-backed metadata store.
@@ -60,7 +75,10 @@ func Open(path string) (*Store, error) {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketKeys)
+		if _, err := tx.CreateBucketIfNotExists(bucketKeys); err != nil {
+			return err
+		}
+		_, err := tx.CreateBucketIfNotExists(bucketKids)
 		return err
 	})
 	if err != nil {
@@ -112,6 +130,9 @@ func (s *Store) CreateKey(k Key) error {
 		if b.Get(id) != nil {
 			return broker.ErrAlreadyExists
 		}
+		if err := registerKids(tx, k); err != nil {
+			return err
+		}
 		return b.Put(id, v)
 	})
 }
@@ -128,8 +149,28 @@ func (s *Store) UpdateKey(k Key) error {
 		if b.Get(id) == nil {
 			return broker.ErrNotFound
 		}
+		if err := registerKids(tx, k); err != nil {
+			return err
+		}
 		return b.Put(id, v)
 	})
+}
+
+// registerKids records k's kids, refusing one that another version owns.
+func registerKids(tx *bolt.Tx, k Key) error {
+	b := tx.Bucket(bucketKids)
+	for _, v := range k.Versions {
+		owner := fmt.Appendf(dbKey(k.Tenant, k.Name), "\x00%d", v.Version)
+		switch got := b.Get([]byte(v.Kid)); {
+		case got == nil:
+			if err := b.Put([]byte(v.Kid), owner); err != nil {
+				return err
+			}
+		case !bytes.Equal(got, owner):
+			return fmt.Errorf("%w: %s", ErrKidReused, v.Kid)
+		}
+	}
+	return nil
 }
 
 // Keys returns every stored key, ordered by tenant and name.
@@ -157,4 +198,40 @@ func decode(v []byte) (Key, error) {
 		return Key{}, err
 	}
 	return k, nil
+}
+
+// Index returns the index of version n in k.Versions, or -1.
+func (k Key) Index(n uint32) int {
+	for i, v := range k.Versions {
+		if v.Version == n {
+			return i
+		}
+	}
+	return -1
+}
+
+// InState returns the index of the first version in state s, or -1.
+func (k Key) InState(s broker.State) int {
+	for i, v := range k.Versions {
+		if v.State == s {
+			return i
+		}
+	}
+	return -1
+}
+
+// NextVersion is the number the next version gets: one more than any
+// version ever recorded, so numbers (like kids) are never reused.
+func (k Key) NextVersion() uint32 {
+	var n uint32
+	for _, v := range k.Versions {
+		n = max(n, v.Version)
+	}
+	return n + 1
+}
+
+// Clone returns a copy whose Versions can be changed without touching k.
+func (k Key) Clone() Key {
+	k.Versions = append([]Version(nil), k.Versions...)
+	return k
 }

@@ -14,6 +14,7 @@ package keybrokerv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -303,11 +304,21 @@ type KeyVersion struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Version uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
 	// RFC 7638 JWK thumbprint of the public key; also its JWK "kid".
-	Kid           string                 `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
-	State         KeyState               `protobuf:"varint,3,opt,name=state,proto3,enum=keybroker.v1.KeyState" json:"state,omitempty"`
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Kid        string                 `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
+	State      KeyState               `protobuf:"varint,3,opt,name=state,proto3,enum=keybroker.v1.KeyState" json:"state,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When the version entered each later state (unset: not yet).
+	ActivateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=activate_time,json=activateTime,proto3" json:"activate_time,omitempty"`
+	RetireTime   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=retire_time,json=retireTime,proto3" json:"retire_time,omitempty"`
+	ExpireTime   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	RevokeTime   *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoke_time,json=revokeTime,proto3" json:"revoke_time,omitempty"`
+	DestroyTime  *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=destroy_time,json=destroyTime,proto3" json:"destroy_time,omitempty"`
+	// The state the version enters next under the key's policy, and when
+	// (unset for DESTROYED versions).
+	NextState          KeyState               `protobuf:"varint,10,opt,name=next_state,json=nextState,proto3,enum=keybroker.v1.KeyState" json:"next_state,omitempty"`
+	NextTransitionTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=next_transition_time,json=nextTransitionTime,proto3" json:"next_transition_time,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *KeyVersion) Reset() {
@@ -368,6 +379,131 @@ func (x *KeyVersion) GetCreateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *KeyVersion) GetActivateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ActivateTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetRetireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RetireTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetRevokeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetDestroyTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DestroyTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetNextState() KeyState {
+	if x != nil {
+		return x.NextState
+	}
+	return KeyState_KEY_STATE_UNSPECIFIED
+}
+
+func (x *KeyVersion) GetNextTransitionTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextTransitionTime
+	}
+	return nil
+}
+
+// RotationPolicy is a key's rotation schedule. In requests, unset fields
+// take the default (CreateKey) or keep their value (UpdatePolicy).
+type RotationPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How long a version is ACTIVE. Default 90 days; at least 1 hour.
+	RotationPeriod *durationpb.Duration `protobuf:"bytes,1,opt,name=rotation_period,json=rotationPeriod,proto3" json:"rotation_period,omitempty"`
+	// How long a RETIRED version stays in the JWKS. Default 90 days.
+	Overlap *durationpb.Duration `protobuf:"bytes,2,opt,name=overlap,proto3" json:"overlap,omitempty"`
+	// How long before activation the next version is published as PENDING.
+	// Default 7 days; shorter than rotation_period.
+	PrePublicationLead *durationpb.Duration `protobuf:"bytes,3,opt,name=pre_publication_lead,json=prePublicationLead,proto3" json:"pre_publication_lead,omitempty"`
+	// How long an EXPIRED or REVOKED version's hardware object is kept
+	// before it is destroyed. Default 30 days.
+	DestroyDelay  *durationpb.Duration `protobuf:"bytes,4,opt,name=destroy_delay,json=destroyDelay,proto3" json:"destroy_delay,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotationPolicy) Reset() {
+	*x = RotationPolicy{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotationPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotationPolicy) ProtoMessage() {}
+
+func (x *RotationPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotationPolicy.ProtoReflect.Descriptor instead.
+func (*RotationPolicy) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RotationPolicy) GetRotationPeriod() *durationpb.Duration {
+	if x != nil {
+		return x.RotationPeriod
+	}
+	return nil
+}
+
+func (x *RotationPolicy) GetOverlap() *durationpb.Duration {
+	if x != nil {
+		return x.Overlap
+	}
+	return nil
+}
+
+func (x *RotationPolicy) GetPrePublicationLead() *durationpb.Duration {
+	if x != nil {
+		return x.PrePublicationLead
+	}
+	return nil
+}
+
+func (x *RotationPolicy) GetDestroyDelay() *durationpb.Duration {
+	if x != nil {
+		return x.DestroyDelay
+	}
+	return nil
+}
+
 type Key struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -378,16 +514,19 @@ type Key struct {
 	Backend    string                 `protobuf:"bytes,4,opt,name=backend,proto3" json:"backend,omitempty"`
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// The version Sign uses by default.
-	ActiveVersion uint32        `protobuf:"varint,6,opt,name=active_version,json=activeVersion,proto3" json:"active_version,omitempty"`
-	ActiveKid     string        `protobuf:"bytes,7,opt,name=active_kid,json=activeKid,proto3" json:"active_kid,omitempty"`
-	Versions      []*KeyVersion `protobuf:"bytes,8,rep,name=versions,proto3" json:"versions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ActiveVersion uint32          `protobuf:"varint,6,opt,name=active_version,json=activeVersion,proto3" json:"active_version,omitempty"`
+	ActiveKid     string          `protobuf:"bytes,7,opt,name=active_kid,json=activeKid,proto3" json:"active_kid,omitempty"`
+	Versions      []*KeyVersion   `protobuf:"bytes,8,rep,name=versions,proto3" json:"versions,omitempty"`
+	Policy        *RotationPolicy `protobuf:"bytes,9,opt,name=policy,proto3" json:"policy,omitempty"`
+	// When the next version becomes ACTIVE.
+	NextRotationTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=next_rotation_time,json=nextRotationTime,proto3" json:"next_rotation_time,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[1]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -399,7 +538,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[1]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -412,7 +551,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{1}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Key) GetName() string {
@@ -471,20 +610,36 @@ func (x *Key) GetVersions() []*KeyVersion {
 	return nil
 }
 
+func (x *Key) GetPolicy() *RotationPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *Key) GetNextRotationTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextRotationTime
+	}
+	return nil
+}
+
 type CreateKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// ^[a-z0-9][a-z0-9._-]{0,62}$
 	Name      string    `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	Algorithm Algorithm `protobuf:"varint,2,opt,name=algorithm,proto3,enum=keybroker.v1.Algorithm" json:"algorithm,omitempty"`
 	// RSA only: 2048, 3072 or 4096; 0 means 2048. Must be 0 for EC.
-	Bits          int32 `protobuf:"varint,3,opt,name=bits,proto3" json:"bits,omitempty"`
+	Bits int32 `protobuf:"varint,3,opt,name=bits,proto3" json:"bits,omitempty"`
+	// Optional; defaults to 90/90/7/30 days.
+	Policy        *RotationPolicy `protobuf:"bytes,4,opt,name=policy,proto3" json:"policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[2]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +651,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[2]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +664,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{2}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -533,6 +688,13 @@ func (x *CreateKeyRequest) GetBits() int32 {
 	return 0
 }
 
+func (x *CreateKeyRequest) GetPolicy() *RotationPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
 type CreateKeyResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Key           *Key                   `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
@@ -542,7 +704,7 @@ type CreateKeyResponse struct {
 
 func (x *CreateKeyResponse) Reset() {
 	*x = CreateKeyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[3]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +716,7 @@ func (x *CreateKeyResponse) String() string {
 func (*CreateKeyResponse) ProtoMessage() {}
 
 func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[3]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +729,7 @@ func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{3}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateKeyResponse) GetKey() *Key {
@@ -586,7 +748,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[4]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -598,7 +760,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[4]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -611,7 +773,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{4}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetKeyRequest) GetName() string {
@@ -630,7 +792,7 @@ type GetKeyResponse struct {
 
 func (x *GetKeyResponse) Reset() {
 	*x = GetKeyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[5]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -642,7 +804,7 @@ func (x *GetKeyResponse) String() string {
 func (*GetKeyResponse) ProtoMessage() {}
 
 func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[5]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -655,7 +817,7 @@ func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{5}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetKeyResponse) GetKey() *Key {
@@ -677,7 +839,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[6]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +851,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[6]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,7 +864,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{6}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListKeysRequest) GetPageSize() int32 {
@@ -729,7 +891,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[7]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +903,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[7]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +916,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{7}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -791,7 +953,7 @@ type SignRequest struct {
 
 func (x *SignRequest) Reset() {
 	*x = SignRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[8]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +965,7 @@ func (x *SignRequest) String() string {
 func (*SignRequest) ProtoMessage() {}
 
 func (x *SignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[8]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +978,7 @@ func (x *SignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignRequest.ProtoReflect.Descriptor instead.
 func (*SignRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{8}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SignRequest) GetName() string {
@@ -881,7 +1043,7 @@ type SignResponse struct {
 
 func (x *SignResponse) Reset() {
 	*x = SignResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[9]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +1055,7 @@ func (x *SignResponse) String() string {
 func (*SignResponse) ProtoMessage() {}
 
 func (x *SignResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[9]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +1068,7 @@ func (x *SignResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignResponse.ProtoReflect.Descriptor instead.
 func (*SignResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{9}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SignResponse) GetSignature() []byte {
@@ -949,7 +1111,7 @@ type GetPublicKeyRequest struct {
 
 func (x *GetPublicKeyRequest) Reset() {
 	*x = GetPublicKeyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[10]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -961,7 +1123,7 @@ func (x *GetPublicKeyRequest) String() string {
 func (*GetPublicKeyRequest) ProtoMessage() {}
 
 func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[10]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -974,7 +1136,7 @@ func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{10}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetPublicKeyRequest) GetName() string {
@@ -1017,7 +1179,7 @@ type GetPublicKeyResponse struct {
 
 func (x *GetPublicKeyResponse) Reset() {
 	*x = GetPublicKeyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1029,7 +1191,7 @@ func (x *GetPublicKeyResponse) String() string {
 func (*GetPublicKeyResponse) ProtoMessage() {}
 
 func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1042,7 +1204,7 @@ func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{11}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetPublicKeyResponse) GetKid() string {
@@ -1102,7 +1264,7 @@ type GetJWKSRequest struct {
 
 func (x *GetJWKSRequest) Reset() {
 	*x = GetJWKSRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1276,7 @@ func (x *GetJWKSRequest) String() string {
 func (*GetJWKSRequest) ProtoMessage() {}
 
 func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1289,7 @@ func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSRequest.ProtoReflect.Descriptor instead.
 func (*GetJWKSRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{12}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{13}
 }
 
 type GetJWKSResponse struct {
@@ -1140,7 +1302,7 @@ type GetJWKSResponse struct {
 
 func (x *GetJWKSResponse) Reset() {
 	*x = GetJWKSResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1314,7 @@ func (x *GetJWKSResponse) String() string {
 func (*GetJWKSResponse) ProtoMessage() {}
 
 func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1327,7 @@ func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSResponse.ProtoReflect.Descriptor instead.
 func (*GetJWKSResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{13}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetJWKSResponse) GetJwks() string {
@@ -1175,18 +1337,343 @@ func (x *GetJWKSResponse) GetJwks() string {
 	return ""
 }
 
+type RotateKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Optional idempotency guard: rotate only if this is still the ACTIVE
+	// version; otherwise return the key unchanged (rotated = false).
+	IfActiveVersion uint32 `protobuf:"varint,2,opt,name=if_active_version,json=ifActiveVersion,proto3" json:"if_active_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *RotateKeyRequest) Reset() {
+	*x = RotateKeyRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyRequest) ProtoMessage() {}
+
+func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RotateKeyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RotateKeyRequest) GetIfActiveVersion() uint32 {
+	if x != nil {
+		return x.IfActiveVersion
+	}
+	return 0
+}
+
+type RotateKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   *Key                   `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// Whether this call rotated the key.
+	Rotated       bool `protobuf:"varint,2,opt,name=rotated,proto3" json:"rotated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateKeyResponse) Reset() {
+	*x = RotateKeyResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyResponse) ProtoMessage() {}
+
+func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
+func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RotateKeyResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *RotateKeyResponse) GetRotated() bool {
+	if x != nil {
+		return x.Rotated
+	}
+	return false
+}
+
+type RevokeKeyVersionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Exactly one of version and kid.
+	Version       uint32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid           string `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeKeyVersionRequest) Reset() {
+	*x = RevokeKeyVersionRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeKeyVersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeKeyVersionRequest) ProtoMessage() {}
+
+func (x *RevokeKeyVersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeKeyVersionRequest.ProtoReflect.Descriptor instead.
+func (*RevokeKeyVersionRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RevokeKeyVersionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RevokeKeyVersionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *RevokeKeyVersionRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+type RevokeKeyVersionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *Key                   `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeKeyVersionResponse) Reset() {
+	*x = RevokeKeyVersionResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeKeyVersionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeKeyVersionResponse) ProtoMessage() {}
+
+func (x *RevokeKeyVersionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeKeyVersionResponse.ProtoReflect.Descriptor instead.
+func (*RevokeKeyVersionResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RevokeKeyVersionResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+type UpdatePolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Policy        *RotationPolicy        `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdatePolicyRequest) Reset() {
+	*x = UpdatePolicyRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdatePolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdatePolicyRequest) ProtoMessage() {}
+
+func (x *UpdatePolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdatePolicyRequest.ProtoReflect.Descriptor instead.
+func (*UpdatePolicyRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *UpdatePolicyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdatePolicyRequest) GetPolicy() *RotationPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+type UpdatePolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *Key                   `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdatePolicyResponse) Reset() {
+	*x = UpdatePolicyResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdatePolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdatePolicyResponse) ProtoMessage() {}
+
+func (x *UpdatePolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdatePolicyResponse.ProtoReflect.Descriptor instead.
+func (*UpdatePolicyResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *UpdatePolicyResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
 var File_keybroker_v1_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckeybroker/v1/keybroker.proto\x12\fkeybroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n" +
+	"\x1ckeybroker/v1/keybroker.proto\x12\fkeybroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x04\n" +
 	"\n" +
 	"KeyVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12,\n" +
 	"\x05state\x18\x03 \x01(\x0e2\x16.keybroker.v1.KeyStateR\x05state\x12;\n" +
 	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xb7\x02\n" +
+	"createTime\x12?\n" +
+	"\ractivate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\factivateTime\x12;\n" +
+	"\vretire_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"retireTime\x12;\n" +
+	"\vexpire_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12;\n" +
+	"\vrevoke_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"revokeTime\x12=\n" +
+	"\fdestroy_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vdestroyTime\x125\n" +
+	"\n" +
+	"next_state\x18\n" +
+	" \x01(\x0e2\x16.keybroker.v1.KeyStateR\tnextState\x12L\n" +
+	"\x14next_transition_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x12nextTransitionTime\"\x96\x02\n" +
+	"\x0eRotationPolicy\x12B\n" +
+	"\x0frotation_period\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0erotationPeriod\x123\n" +
+	"\aoverlap\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\aoverlap\x12K\n" +
+	"\x14pre_publication_lead\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x12prePublicationLead\x12>\n" +
+	"\rdestroy_delay\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdestroyDelay\"\xb7\x03\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
 	"\talgorithm\x18\x02 \x01(\x0e2\x17.keybroker.v1.AlgorithmR\talgorithm\x12\x12\n" +
@@ -1197,11 +1684,15 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0eactive_version\x18\x06 \x01(\rR\ractiveVersion\x12\x1d\n" +
 	"\n" +
 	"active_kid\x18\a \x01(\tR\tactiveKid\x124\n" +
-	"\bversions\x18\b \x03(\v2\x18.keybroker.v1.KeyVersionR\bversions\"q\n" +
+	"\bversions\x18\b \x03(\v2\x18.keybroker.v1.KeyVersionR\bversions\x124\n" +
+	"\x06policy\x18\t \x01(\v2\x1c.keybroker.v1.RotationPolicyR\x06policy\x12H\n" +
+	"\x12next_rotation_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\x10nextRotationTime\"\xa7\x01\n" +
 	"\x10CreateKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
 	"\talgorithm\x18\x02 \x01(\x0e2\x17.keybroker.v1.AlgorithmR\talgorithm\x12\x12\n" +
-	"\x04bits\x18\x03 \x01(\x05R\x04bits\"8\n" +
+	"\x04bits\x18\x03 \x01(\x05R\x04bits\x124\n" +
+	"\x06policy\x18\x04 \x01(\v2\x1c.keybroker.v1.RotationPolicyR\x06policy\"8\n" +
 	"\x11CreateKeyResponse\x12#\n" +
 	"\x03key\x18\x01 \x01(\v2\x11.keybroker.v1.KeyR\x03key\"#\n" +
 	"\rGetKeyRequest\x12\x12\n" +
@@ -1244,7 +1735,24 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"thumbprint\"\x10\n" +
 	"\x0eGetJWKSRequest\"%\n" +
 	"\x0fGetJWKSResponse\x12\x12\n" +
-	"\x04jwks\x18\x01 \x01(\tR\x04jwks*z\n" +
+	"\x04jwks\x18\x01 \x01(\tR\x04jwks\"R\n" +
+	"\x10RotateKeyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12*\n" +
+	"\x11if_active_version\x18\x02 \x01(\rR\x0fifActiveVersion\"R\n" +
+	"\x11RotateKeyResponse\x12#\n" +
+	"\x03key\x18\x01 \x01(\v2\x11.keybroker.v1.KeyR\x03key\x12\x18\n" +
+	"\arotated\x18\x02 \x01(\bR\arotated\"Y\n" +
+	"\x17RevokeKeyVersionRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\"?\n" +
+	"\x18RevokeKeyVersionResponse\x12#\n" +
+	"\x03key\x18\x01 \x01(\v2\x11.keybroker.v1.KeyR\x03key\"_\n" +
+	"\x13UpdatePolicyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x124\n" +
+	"\x06policy\x18\x02 \x01(\v2\x1c.keybroker.v1.RotationPolicyR\x06policy\";\n" +
+	"\x14UpdatePolicyResponse\x12#\n" +
+	"\x03key\x18\x01 \x01(\v2\x11.keybroker.v1.KeyR\x03key*z\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fALGORITHM_ES256\x10\x01\x12\x13\n" +
@@ -1272,14 +1780,17 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xc7\x03\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xcf\x05\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
 	"\bListKeys\x12\x1d.keybroker.v1.ListKeysRequest\x1a\x1e.keybroker.v1.ListKeysResponse\x12=\n" +
 	"\x04Sign\x12\x19.keybroker.v1.SignRequest\x1a\x1a.keybroker.v1.SignResponse\x12U\n" +
 	"\fGetPublicKey\x12!.keybroker.v1.GetPublicKeyRequest\x1a\".keybroker.v1.GetPublicKeyResponse\x12F\n" +
-	"\aGetJWKS\x12\x1c.keybroker.v1.GetJWKSRequest\x1a\x1d.keybroker.v1.GetJWKSResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
+	"\aGetJWKS\x12\x1c.keybroker.v1.GetJWKSRequest\x1a\x1d.keybroker.v1.GetJWKSResponse\x12L\n" +
+	"\tRotateKey\x12\x1e.keybroker.v1.RotateKeyRequest\x1a\x1f.keybroker.v1.RotateKeyResponse\x12a\n" +
+	"\x10RevokeKeyVersion\x12%.keybroker.v1.RevokeKeyVersionRequest\x1a&.keybroker.v1.RevokeKeyVersionResponse\x12U\n" +
+	"\fUpdatePolicy\x12!.keybroker.v1.UpdatePolicyRequest\x1a\".keybroker.v1.UpdatePolicyResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
 
 var (
 	file_keybroker_v1_keybroker_proto_rawDescOnce sync.Once
@@ -1294,61 +1805,93 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 }
 
 var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
-	(Algorithm)(0),                // 0: keybroker.v1.Algorithm
-	(KeyState)(0),                 // 1: keybroker.v1.KeyState
-	(HashAlgorithm)(0),            // 2: keybroker.v1.HashAlgorithm
-	(RSAPadding)(0),               // 3: keybroker.v1.RSAPadding
-	(SignatureFormat)(0),          // 4: keybroker.v1.SignatureFormat
-	(*KeyVersion)(nil),            // 5: keybroker.v1.KeyVersion
-	(*Key)(nil),                   // 6: keybroker.v1.Key
-	(*CreateKeyRequest)(nil),      // 7: keybroker.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),     // 8: keybroker.v1.CreateKeyResponse
-	(*GetKeyRequest)(nil),         // 9: keybroker.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),        // 10: keybroker.v1.GetKeyResponse
-	(*ListKeysRequest)(nil),       // 11: keybroker.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),      // 12: keybroker.v1.ListKeysResponse
-	(*SignRequest)(nil),           // 13: keybroker.v1.SignRequest
-	(*SignResponse)(nil),          // 14: keybroker.v1.SignResponse
-	(*GetPublicKeyRequest)(nil),   // 15: keybroker.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),  // 16: keybroker.v1.GetPublicKeyResponse
-	(*GetJWKSRequest)(nil),        // 17: keybroker.v1.GetJWKSRequest
-	(*GetJWKSResponse)(nil),       // 18: keybroker.v1.GetJWKSResponse
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
+	(Algorithm)(0),                   // 0: keybroker.v1.Algorithm
+	(KeyState)(0),                    // 1: keybroker.v1.KeyState
+	(HashAlgorithm)(0),               // 2: keybroker.v1.HashAlgorithm
+	(RSAPadding)(0),                  // 3: keybroker.v1.RSAPadding
+	(SignatureFormat)(0),             // 4: keybroker.v1.SignatureFormat
+	(*KeyVersion)(nil),               // 5: keybroker.v1.KeyVersion
+	(*RotationPolicy)(nil),           // 6: keybroker.v1.RotationPolicy
+	(*Key)(nil),                      // 7: keybroker.v1.Key
+	(*CreateKeyRequest)(nil),         // 8: keybroker.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),        // 9: keybroker.v1.CreateKeyResponse
+	(*GetKeyRequest)(nil),            // 10: keybroker.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),           // 11: keybroker.v1.GetKeyResponse
+	(*ListKeysRequest)(nil),          // 12: keybroker.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),         // 13: keybroker.v1.ListKeysResponse
+	(*SignRequest)(nil),              // 14: keybroker.v1.SignRequest
+	(*SignResponse)(nil),             // 15: keybroker.v1.SignResponse
+	(*GetPublicKeyRequest)(nil),      // 16: keybroker.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),     // 17: keybroker.v1.GetPublicKeyResponse
+	(*GetJWKSRequest)(nil),           // 18: keybroker.v1.GetJWKSRequest
+	(*GetJWKSResponse)(nil),          // 19: keybroker.v1.GetJWKSResponse
+	(*RotateKeyRequest)(nil),         // 20: keybroker.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),        // 21: keybroker.v1.RotateKeyResponse
+	(*RevokeKeyVersionRequest)(nil),  // 22: keybroker.v1.RevokeKeyVersionRequest
+	(*RevokeKeyVersionResponse)(nil), // 23: keybroker.v1.RevokeKeyVersionResponse
+	(*UpdatePolicyRequest)(nil),      // 24: keybroker.v1.UpdatePolicyRequest
+	(*UpdatePolicyResponse)(nil),     // 25: keybroker.v1.UpdatePolicyResponse
+	(*timestamppb.Timestamp)(nil),    // 26: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	19, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	0,  // 2: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	19, // 3: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
-	5,  // 4: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
-	0,  // 5: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
-	6,  // 6: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
-	6,  // 7: keybroker.v1.GetKeyResponse.key:type_name -> keybroker.v1.Key
-	6,  // 8: keybroker.v1.ListKeysResponse.keys:type_name -> keybroker.v1.Key
-	2,  // 9: keybroker.v1.SignRequest.hash:type_name -> keybroker.v1.HashAlgorithm
-	3,  // 10: keybroker.v1.SignRequest.padding:type_name -> keybroker.v1.RSAPadding
-	4,  // 11: keybroker.v1.SignRequest.format:type_name -> keybroker.v1.SignatureFormat
-	0,  // 12: keybroker.v1.SignResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	0,  // 13: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	7,  // 14: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	9,  // 15: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	11, // 16: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	13, // 17: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	15, // 18: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	17, // 19: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	8,  // 20: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	10, // 21: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	12, // 22: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	14, // 23: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	16, // 24: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	18, // 25: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	20, // [20:26] is the sub-list for method output_type
-	14, // [14:20] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	26, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	26, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	26, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	26, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	26, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	26, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
+	26, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	27, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	27, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	27, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	27, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	0,  // 13: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
+	26, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	5,  // 15: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
+	6,  // 16: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
+	26, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	0,  // 18: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
+	6,  // 19: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	7,  // 20: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 21: keybroker.v1.GetKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 22: keybroker.v1.ListKeysResponse.keys:type_name -> keybroker.v1.Key
+	2,  // 23: keybroker.v1.SignRequest.hash:type_name -> keybroker.v1.HashAlgorithm
+	3,  // 24: keybroker.v1.SignRequest.padding:type_name -> keybroker.v1.RSAPadding
+	4,  // 25: keybroker.v1.SignRequest.format:type_name -> keybroker.v1.SignatureFormat
+	0,  // 26: keybroker.v1.SignResponse.algorithm:type_name -> keybroker.v1.Algorithm
+	0,  // 27: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
+	7,  // 28: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 29: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
+	6,  // 30: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	7,  // 31: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
+	8,  // 32: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	10, // 33: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	12, // 34: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	14, // 35: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	16, // 36: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	18, // 37: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	20, // 38: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	22, // 39: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	24, // 40: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	9,  // 41: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	11, // 42: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	13, // 43: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	15, // 44: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	17, // 45: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	19, // 46: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	21, // 47: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	23, // 48: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	25, // 49: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	41, // [41:50] is the sub-list for method output_type
+	32, // [32:41] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -1362,7 +1905,7 @@ func file_keybroker_v1_keybroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   14,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,12 +24,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	KeyBroker_CreateKey_FullMethodName    = "/keybroker.v1.KeyBroker/CreateKey"
-	KeyBroker_GetKey_FullMethodName       = "/keybroker.v1.KeyBroker/GetKey"
-	KeyBroker_ListKeys_FullMethodName     = "/keybroker.v1.KeyBroker/ListKeys"
-	KeyBroker_Sign_FullMethodName         = "/keybroker.v1.KeyBroker/Sign"
-	KeyBroker_GetPublicKey_FullMethodName = "/keybroker.v1.KeyBroker/GetPublicKey"
-	KeyBroker_GetJWKS_FullMethodName      = "/keybroker.v1.KeyBroker/GetJWKS"
+	KeyBroker_CreateKey_FullMethodName        = "/keybroker.v1.KeyBroker/CreateKey"
+	KeyBroker_GetKey_FullMethodName           = "/keybroker.v1.KeyBroker/GetKey"
+	KeyBroker_ListKeys_FullMethodName         = "/keybroker.v1.KeyBroker/ListKeys"
+	KeyBroker_Sign_FullMethodName             = "/keybroker.v1.KeyBroker/Sign"
+	KeyBroker_GetPublicKey_FullMethodName     = "/keybroker.v1.KeyBroker/GetPublicKey"
+	KeyBroker_GetJWKS_FullMethodName          = "/keybroker.v1.KeyBroker/GetJWKS"
+	KeyBroker_RotateKey_FullMethodName        = "/keybroker.v1.KeyBroker/RotateKey"
+	KeyBroker_RevokeKeyVersion_FullMethodName = "/keybroker.v1.KeyBroker/RevokeKeyVersion"
+	KeyBroker_UpdatePolicy_FullMethodName     = "/keybroker.v1.KeyBroker/UpdatePolicy"
 )
 
 // KeyBrokerClient is the client API for KeyBroker service.
@@ -50,6 +53,16 @@ type KeyBrokerClient interface {
 	GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*GetPublicKeyResponse, error)
 	// GetJWKS returns the caller's published public keys as a JWK Set.
 	GetJWKS(ctx context.Context, in *GetJWKSRequest, opts ...grpc.CallOption) (*GetJWKSResponse, error)
+	// RotateKey rotates at once: the PENDING version, if any, becomes ACTIVE,
+	// otherwise a new version is generated and made ACTIVE; the previous
+	// ACTIVE version is RETIRED. Concurrent calls on one key produce one
+	// rotation.
+	RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error)
+	// RevokeKeyVersion withdraws a version at once (key compromise): out of
+	// the JWKS, unusable. If it was ACTIVE another version becomes ACTIVE.
+	RevokeKeyVersion(ctx context.Context, in *RevokeKeyVersionRequest, opts ...grpc.CallOption) (*RevokeKeyVersionResponse, error)
+	// UpdatePolicy changes a key's rotation policy; unset fields keep their value.
+	UpdatePolicy(ctx context.Context, in *UpdatePolicyRequest, opts ...grpc.CallOption) (*UpdatePolicyResponse, error)
 }
 
 type keyBrokerClient struct {
@@ -120,6 +133,36 @@ func (c *keyBrokerClient) GetJWKS(ctx context.Context, in *GetJWKSRequest, opts 
 	return out, nil
 }
 
+func (c *keyBrokerClient) RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateKeyResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_RotateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) RevokeKeyVersion(ctx context.Context, in *RevokeKeyVersionRequest, opts ...grpc.CallOption) (*RevokeKeyVersionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeKeyVersionResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_RevokeKeyVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) UpdatePolicy(ctx context.Context, in *UpdatePolicyRequest, opts ...grpc.CallOption) (*UpdatePolicyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdatePolicyResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_UpdatePolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyBrokerServer is the server API for KeyBroker service.
 // All implementations must embed UnimplementedKeyBrokerServer
 // for forward compatibility.
@@ -138,6 +181,16 @@ type KeyBrokerServer interface {
 	GetPublicKey(context.Context, *GetPublicKeyRequest) (*GetPublicKeyResponse, error)
 	// GetJWKS returns the caller's published public keys as a JWK Set.
 	GetJWKS(context.Context, *GetJWKSRequest) (*GetJWKSResponse, error)
+	// RotateKey rotates at once: the PENDING version, if any, becomes ACTIVE,
+	// otherwise a new version is generated and made ACTIVE; the previous
+	// ACTIVE version is RETIRED. Concurrent calls on one key produce one
+	// rotation.
+	RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error)
+	// RevokeKeyVersion withdraws a version at once (key compromise): out of
+	// the JWKS, unusable. If it was ACTIVE another version becomes ACTIVE.
+	RevokeKeyVersion(context.Context, *RevokeKeyVersionRequest) (*RevokeKeyVersionResponse, error)
+	// UpdatePolicy changes a key's rotation policy; unset fields keep their value.
+	UpdatePolicy(context.Context, *UpdatePolicyRequest) (*UpdatePolicyResponse, error)
 	mustEmbedUnimplementedKeyBrokerServer()
 }
 
@@ -165,6 +218,15 @@ func (UnimplementedKeyBrokerServer) GetPublicKey(context.Context, *GetPublicKeyR
 }
 func (UnimplementedKeyBrokerServer) GetJWKS(context.Context, *GetJWKSRequest) (*GetJWKSResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetJWKS not implemented")
+}
+func (UnimplementedKeyBrokerServer) RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RotateKey not implemented")
+}
+func (UnimplementedKeyBrokerServer) RevokeKeyVersion(context.Context, *RevokeKeyVersionRequest) (*RevokeKeyVersionResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RevokeKeyVersion not implemented")
+}
+func (UnimplementedKeyBrokerServer) UpdatePolicy(context.Context, *UpdatePolicyRequest) (*UpdatePolicyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UpdatePolicy not implemented")
 }
 func (UnimplementedKeyBrokerServer) mustEmbedUnimplementedKeyBrokerServer() {}
 func (UnimplementedKeyBrokerServer) testEmbeddedByValue()                   {}
@@ -295,6 +357,60 @@ func _KeyBroker_GetJWKS_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).RotateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_RotateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).RotateKey(ctx, req.(*RotateKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_RevokeKeyVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeKeyVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).RevokeKeyVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_RevokeKeyVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).RevokeKeyVersion(ctx, req.(*RevokeKeyVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_UpdatePolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdatePolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).UpdatePolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_UpdatePolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).UpdatePolicy(ctx, req.(*UpdatePolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyBroker_ServiceDesc is the grpc.ServiceDesc for KeyBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -325,6 +441,18 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetJWKS",
 			Handler:    _KeyBroker_GetJWKS_Handler,
+		},
+		{
+			MethodName: "RotateKey",
+			Handler:    _KeyBroker_RotateKey_Handler,
+		},
+		{
+			MethodName: "RevokeKeyVersion",
+			Handler:    _KeyBroker_RevokeKeyVersion_Handler,
+		},
+		{
+			MethodName: "UpdatePolicy",
+			Handler:    _KeyBroker_UpdatePolicy_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

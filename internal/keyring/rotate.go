@@ -1,0 +1,334 @@
+package keyring
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/rotation"
+)
+
+// stats are the rotation counters, ready for the metrics endpoint.
+type stats struct {
+	rotations atomic.Int64 // versions that became ACTIVE
+	failures  atomic.Int64 // transitions that failed (retried at the next tick)
+}
+
+// Stats is a snapshot of the rotation counters.
+type Stats struct {
+	Rotations        int64
+	RotationFailures int64
+	// NextRotation of every key, by "tenant/name".
+	NextRotation map[string]time.Time
+}
+
+// Stats returns the rotation counters and each key's next rotation time.
+func (r *Keyring) Stats() Stats {
+	s := Stats{Rotations: r.stats.rotations.Load(), RotationFailures: r.stats.failures.Load(), NextRotation: map[string]time.Time{}}
+	r.mu.RLock()
+	for id, k := range r.keys {
+		s.NextRotation[id.tenant+"/"+id.name] = rotation.NextRotation(k.rec)
+	}
+	r.mu.RUnlock()
+	return s
+}
+
+// lockKey serializes the writers of one key (scheduler, RotateKey, Revoke,
+// UpdatePolicy). Readers and Sign never take it.
+func (r *Keyring) lockKey(id keyID) func() {
+	m, _ := r.ops.LoadOrStore(id, new(sync.Mutex))
+	mu := m.(*sync.Mutex)
+	mu.Lock()
+	return mu.Unlock
+}
+
+func (r *Keyring) current(id keyID) *key {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.keys[id]
+}
+
+// Advance applies every transition due at now, key by key, earliest first
+// (so deadlines missed while the daemon was down are applied in order).
+// Each transition is one store transaction; a failed one is counted, logged
+// and retried at the next call.
+func (r *Keyring) Advance(ctx context.Context, now time.Time) error {
+	r.mu.RLock()
+	ids := make([]keyID, 0, len(r.keys))
+	for id := range r.keys {
+		ids = append(ids, id)
+	}
+	r.mu.RUnlock()
+	sort.Slice(ids, func(i, j int) bool {
+		return ids[i].tenant < ids[j].tenant || ids[i].tenant == ids[j].tenant && ids[i].name < ids[j].name
+	})
+	var errs []error
+	for _, id := range ids {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := r.advanceKey(ctx, id, now); err != nil {
+			r.stats.failures.Add(1)
+			r.log.Error("rotation failed; retrying at the next tick", "tenant", id.tenant, "key", id.name, "err", err)
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// maxStepsPerAdvance bounds the transitions applied to one key in one
+// Advance; a key down for years needs a handful, never hundreds.
+const maxStepsPerAdvance = 64
+
+func (r *Keyring) advanceKey(ctx context.Context, id keyID, now time.Time) error {
+	defer r.lockKey(id)()
+	for range maxStepsPerAdvance {
+		k := r.current(id)
+		if k == nil {
+			return nil
+		}
+		step, ok := rotation.Due(k.rec, now)
+		if !ok {
+			return nil
+		}
+		if err := r.apply(ctx, k, step, now); err != nil {
+			return fmt.Errorf("%v version %d: %w", step.Action, step.Version, err)
+		}
+	}
+	return fmt.Errorf("more than %d transitions due at once", maxStepsPerAdvance)
+}
+
+// apply does the hardware work of one step, then commits its record.
+func (r *Keyring) apply(ctx context.Context, k *key, step rotation.Step, now time.Time) error {
+	rec := k.rec
+	p := broker.Partition{Tenant: rec.Tenant}
+	var nv *store.Version
+	switch step.Action {
+	case rotation.Prepare:
+		v, err := r.generate(ctx, rec)
+		if err != nil {
+			return err
+		}
+		nv = &v
+	case rotation.Destroy:
+		v := rec.Versions[rec.Index(step.Version)]
+		// Hardware first: a crash after this and before the commit leaves
+		// a record whose next Destroy finds the object already gone.
+		if err := r.backend.Destroy(ctx, p, v.Handle); err != nil && !errors.Is(err, broker.ErrNotFound) {
+			return err
+		}
+	}
+	next, err := rotation.Apply(rec, step, now, nv)
+	if err != nil {
+		if nv != nil {
+			r.destroyOrphan(ctx, p, nv.Handle)
+		}
+		return err
+	}
+	if _, err := r.record(ctx, next, nv, r.store.UpdateKey); err != nil {
+		return err
+	}
+	if step.Action == rotation.Activate {
+		r.stats.rotations.Add(1)
+	}
+	r.log.Info("key version "+step.Action.String()+"d", "tenant", rec.Tenant, "key", rec.Name, "version", versionOf(step, next), "due", step.Due)
+	return nil
+}
+
+func versionOf(step rotation.Step, k store.Key) uint32 {
+	if step.Action == rotation.Prepare {
+		return k.Versions[len(k.Versions)-1].Version
+	}
+	return step.Version
+}
+
+// flight is a RotateKey in progress; concurrent calls on the key wait for
+// it and share its result instead of rotating again.
+type flight struct {
+	done chan struct{}
+	info KeyInfo
+	err  error
+}
+
+// RotateKey rotates now: the PENDING version (or a new one) becomes ACTIVE
+// and the ACTIVE one RETIRED. ifActive, when not 0, makes the call
+// idempotent: the key is rotated only if ifActive is still the ACTIVE
+// version. Calls arriving while another rotation of the same key runs join
+// it. rotated reports whether this call rotated the key.
+func (r *Keyring) RotateKey(ctx context.Context, tenant, name string, ifActive uint32) (info KeyInfo, rotated bool, err error) {
+	if _, err := r.lookup(tenant, name); err != nil {
+		return KeyInfo{}, false, err
+	}
+	id := keyID{tenant, name}
+	r.mu.Lock()
+	if f := r.rotating[id]; f != nil {
+		r.mu.Unlock()
+		select {
+		case <-f.done:
+			return f.info, false, f.err
+		case <-ctx.Done():
+			return KeyInfo{}, false, ctx.Err()
+		}
+	}
+	f := &flight{done: make(chan struct{})}
+	r.rotating[id] = f
+	r.mu.Unlock()
+	defer func() {
+		f.info, f.err = info, err
+		r.mu.Lock()
+		delete(r.rotating, id)
+		r.mu.Unlock()
+		close(f.done)
+	}()
+
+	defer r.lockKey(id)()
+	k := r.current(id)
+	if ifActive != 0 && (k.active == nil || k.active.Version.Version != ifActive) {
+		return k.info(), false, nil
+	}
+	now := r.now().UTC()
+	var nv *store.Version
+	if rotation.NeedsNewVersion(k.rec, 0) {
+		v, err := r.generate(ctx, k.rec)
+		if err != nil {
+			return KeyInfo{}, false, err
+		}
+		nv = &v
+	}
+	next, err := rotation.Rotate(k.rec, now, nv)
+	if err != nil {
+		if nv != nil {
+			r.destroyOrphan(ctx, broker.Partition{Tenant: tenant}, nv.Handle)
+		}
+		return KeyInfo{}, false, err
+	}
+	nk, err := r.record(ctx, next, nv, r.store.UpdateKey)
+	if err != nil {
+		return KeyInfo{}, false, err
+	}
+	r.stats.rotations.Add(1)
+	r.log.Info("key rotated", "tenant", tenant, "key", name, "version", nk.active.Version.Version, "kid", nk.active.Kid)
+	return nk.info(), true, nil
+}
+
+// RevokeKeyVersion withdraws a version at once: out of the JWKS, unusable.
+// If it was the ACTIVE one, the PENDING version (or a new one) becomes
+// ACTIVE in the same transaction.
+func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref VersionRef) (KeyInfo, error) {
+	k, err := r.lookup(tenant, name)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	if ref.Version == 0 && ref.Kid == "" {
+		return KeyInfo{}, &broker.FieldError{Field: "version", Reason: "give the version or the kid to revoke"}
+	}
+	id := keyID{tenant, name}
+	defer r.lockKey(id)()
+	k = r.current(id)
+	v, err := k.version(ref)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	n := v.Version.Version
+	if v.State == broker.StateDestroyed {
+		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Reason: ReasonNotUsable,
+			Msg: fmt.Sprintf("key %q version %d is destroyed", name, n), Meta: map[string]string{"state": "DESTROYED"}}
+	}
+	if v.State == broker.StateRevoked {
+		return k.info(), nil
+	}
+	var nv *store.Version
+	if rotation.NeedsNewVersion(k.rec, n) {
+		g, err := r.generate(ctx, k.rec)
+		if err != nil {
+			return KeyInfo{}, err
+		}
+		nv = &g
+	}
+	next, err := rotation.Revoke(k.rec, n, r.now().UTC(), nv)
+	if err != nil {
+		if nv != nil {
+			r.destroyOrphan(ctx, broker.Partition{Tenant: tenant}, nv.Handle)
+		}
+		return KeyInfo{}, err
+	}
+	nk, err := r.record(ctx, next, nv, r.store.UpdateKey)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	r.log.Warn("key version revoked", "tenant", tenant, "key", name, "version", n, "kid", v.Kid, "active", nk.active.Version.Version)
+	return nk.info(), nil
+}
+
+// UpdatePolicy changes a key's rotation policy; update gets the current
+// policy and returns the new one, which is validated before it is stored.
+func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update func(broker.Policy) broker.Policy) (KeyInfo, error) {
+	if _, err := r.lookup(tenant, name); err != nil {
+		return KeyInfo{}, err
+	}
+	id := keyID{tenant, name}
+	defer r.lockKey(id)()
+	rec := r.current(id).rec.Clone()
+	rec.Policy = update(rec.Policy)
+	if err := rec.Policy.Validate(); err != nil {
+		return KeyInfo{}, err
+	}
+	k, err := r.record(ctx, rec, nil, r.store.UpdateKey)
+	if err != nil {
+		return KeyInfo{}, err
+	}
+	r.log.Info("key policy updated", "tenant", tenant, "key", name,
+		"rotation_period", broker.FormatDuration(rec.Policy.RotationPeriod), "overlap", broker.FormatDuration(rec.Policy.Overlap),
+		"lead", broker.FormatDuration(rec.Policy.Lead), "destroy_delay", broker.FormatDuration(rec.Policy.DestroyDelay))
+	return k.info(), nil
+}
+
+// Reconcile compares the hardware with the records, when the backend can
+// list its objects: objects with no record, or whose version is DESTROYED,
+// are left-overs of a crash and are destroyed, with a log line; versions
+// whose object is missing are reported. It returns the number of objects
+// removed.
+func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
+	lister, ok := r.backend.(broker.Lister)
+	if !ok {
+		return 0, nil
+	}
+	objs, err := lister.List(ctx)
+	if err != nil {
+		return 0, err
+	}
+	live := map[string]string{} // handle → "tenant/name vN" of versions that should exist
+	r.mu.RLock()
+	for _, k := range r.keys {
+		for _, v := range k.rec.Versions {
+			if v.State != broker.StateDestroyed {
+				live[string(v.Handle)] = fmt.Sprintf("%s/%s v%d %v", k.rec.Tenant, k.rec.Name, v.Version, v.State)
+			}
+		}
+	}
+	r.mu.RUnlock()
+	removed := 0
+	for _, o := range objs {
+		if _, ok := live[string(o.Handle)]; ok {
+			delete(live, string(o.Handle))
+			continue
+		}
+		if err := r.backend.Destroy(ctx, o.Partition, o.Handle); err != nil && !errors.Is(err, broker.ErrNotFound) {
+			return removed, fmt.Errorf("removing an unrecorded hardware key: %w", err)
+		}
+		removed++
+		r.log.Warn("removed a hardware key with no live record (left by an interrupted operation)", "tenant", o.Partition.Tenant)
+	}
+	for _, which := range live {
+		// EXPIRED and REVOKED objects may be gone already: a destroy
+		// interrupted before its commit. The next Advance records it.
+		r.log.Warn("hardware key missing for a recorded version", "version", which)
+	}
+	return removed, nil
+}
