@@ -40,6 +40,8 @@ pkcs11:
   softhsm2_conf: /etc/softhsm2.conf
   max_sessions: 32
   pool_wait_timeout: 750ms
+rotation:
+  check_interval: 30s
 limits:
   max_recv_msg_size: 131072
   max_concurrent_streams: 64
@@ -67,6 +69,7 @@ func TestParseFull(t *testing.T) {
 			MaxSessions:     32,
 			PoolWaitTimeout: 750 * time.Millisecond,
 		},
+		Rotation: Rotation{CheckInterval: 30 * time.Second},
 		Limits: Limits{
 			MaxRecvMsgSize:       131072,
 			MaxConcurrentStreams: 64,
