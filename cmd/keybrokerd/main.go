@@ -125,7 +125,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	log := newLogger(cfg.Log, stderr)
 
-	d, err := daemon.New(cfg, log)
+	d, err := daemon.New(cfg, log, daemon.Options{Failpoint: failpoint(log)})
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1
@@ -159,4 +159,20 @@ func newLogger(c config.Log, w io.Writer) *slog.Logger {
 		return slog.New(slog.NewTextHandler(w, opts))
 	}
 	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// failpoint returns, when KEYBROKER_FAILPOINT names a step of a key change
+// (for crash tests only), a hook that kills the process with SIGKILL there.
+func failpoint(log *slog.Logger) func(string) {
+	at := os.Getenv("KEYBROKER_FAILPOINT")
+	if at == "" {
+		return nil
+	}
+	log.Warn("crash test: the daemon kills itself at a failpoint", "failpoint", at)
+	return func(step string) {
+		if step == at {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}
 }

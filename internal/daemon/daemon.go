@@ -42,9 +42,19 @@ type Daemon struct {
 	grpc    *grpc.Server
 }
 
+// Options are the daemon's test seams.
+type Options struct {
+	// Failpoint is passed to the keyring (crash tests).
+	Failpoint func(step string)
+}
+
 // New validates cfg, opens the backend and the store, loads the keys and
 // probes the hardware. It does not listen yet.
-func New(cfg config.Config, log *slog.Logger) (d *Daemon, err error) {
+func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err error) {
+	var o Options
+	if len(opts) > 0 {
+		o = opts[0]
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -66,7 +76,7 @@ func New(cfg config.Config, log *slog.Logger) (d *Daemon, err error) {
 	if d.store, err = store.Open(filepath.Join(cfg.StateDir, "keybroker.db")); err != nil {
 		return nil, err
 	}
-	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log})
+	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log, Failpoint: o.Failpoint})
 	if err != nil {
 		return nil, err
 	}

@@ -33,6 +33,7 @@ type Keyring struct {
 	store       *store.Store
 	log         *slog.Logger
 	now         func() time.Time
+	failpoint   func(step string)
 
 	mu       sync.RWMutex
 	keys     map[keyID]*key    // immutable snapshots, replaced on change
@@ -66,6 +67,10 @@ type Options struct {
 	Store       *store.Store
 	Log         *slog.Logger
 	Now         func() time.Time // defaults to time.Now
+	// Failpoint, when set, is called at each step of a key change:
+	// "before-generate", "after-generate", "before-commit",
+	// "after-commit". Crash tests kill the process there.
+	Failpoint func(step string)
 }
 
 // New loads every key from the store into memory.
@@ -76,6 +81,7 @@ func New(o Options) (*Keyring, error) {
 		store:       o.Store,
 		log:         o.Log,
 		now:         o.Now,
+		failpoint:   o.Failpoint,
 		keys:        make(map[keyID]*key),
 		creating:    make(map[keyID]bool),
 		jwks:        make(map[string][]byte),
@@ -86,6 +92,9 @@ func New(o Options) (*Keyring, error) {
 	}
 	if r.now == nil {
 		r.now = time.Now
+	}
+	if r.failpoint == nil {
+		r.failpoint = func(string) {}
 	}
 	recs, err := r.store.Keys()
 	if err != nil {
@@ -224,10 +233,12 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 func (r *Keyring) generate(ctx context.Context, rec store.Key) (store.Version, error) {
 	spec := broker.KeySpec{Alg: rec.Alg, Bits: rec.Bits, Label: fmt.Sprintf("%s/v%d", rec.Name, rec.NextVersion())}
 	p := broker.Partition{Tenant: rec.Tenant}
+	r.failpoint("before-generate")
 	h, pub, err := r.backend.Generate(ctx, p, spec)
 	if err != nil {
 		return store.Version{}, fmt.Errorf("generate %s: %w", rec.Name, err)
 	}
+	r.failpoint("after-generate")
 	v, err := describe(spec, h, pub)
 	if err != nil {
 		r.destroyOrphan(ctx, p, h)
@@ -257,7 +268,11 @@ func describe(spec broker.KeySpec, h broker.Handle, pub crypto.PublicKey) (store
 func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, write func(store.Key) error) (*key, error) {
 	err := rotation.Check(rec)
 	if err == nil {
+		r.failpoint("before-commit")
 		err = write(rec)
+	}
+	if err == nil {
+		r.failpoint("after-commit")
 	}
 	var k *key
 	if err == nil {
