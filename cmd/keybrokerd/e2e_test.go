@@ -76,7 +76,14 @@ func (s *syncBuffer) String() string {
 // start runs the daemon and waits until keybrokerctl health answers.
 func start(t *testing.T, daemon, ctl, sock string, args ...string) *proc {
 	t.Helper()
+	return startEnv(t, daemon, ctl, sock, nil, args...)
+}
+
+// startEnv is start with extra environment variables for the daemon.
+func startEnv(t *testing.T, daemon, ctl, sock string, env []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{cmd: exec.Command(daemon, args...), stdout: new(syncBuffer), stderr: new(syncBuffer), done: make(chan struct{})}
+	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

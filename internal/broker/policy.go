@@ -44,9 +44,9 @@ func (p Policy) Validate() error {
 	case p.Overlap <= 0:
 		return &FieldError{"policy.overlap", fmt.Sprintf("got %s, want > 0", FormatDuration(p.Overlap))}
 	case p.Lead <= 0:
-		return &FieldError{"policy.lead", fmt.Sprintf("got %s, want > 0", FormatDuration(p.Lead))}
+		return &FieldError{"policy.pre_publication_lead", fmt.Sprintf("got %s, want > 0", FormatDuration(p.Lead))}
 	case p.Lead >= p.RotationPeriod:
-		return &FieldError{"policy.lead", fmt.Sprintf("got %s, want less than the rotation period %s", FormatDuration(p.Lead), FormatDuration(p.RotationPeriod))}
+		return &FieldError{"policy.pre_publication_lead", fmt.Sprintf("got %s, want less than the rotation period %s", FormatDuration(p.Lead), FormatDuration(p.RotationPeriod))}
 	case p.DestroyDelay <= 0:
 		return &FieldError{"policy.destroy_delay", fmt.Sprintf("got %s, want > 0", FormatDuration(p.DestroyDelay))}
 	}
