@@ -8,7 +8,9 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -25,6 +27,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
@@ -33,7 +36,45 @@ import (
 var (
 	created1 = timestamppb.New(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
 	created2 = timestamppb.New(time.Date(2026, 2, 3, 4, 5, 6, 0, time.UTC))
+	// alpha's v2 retires and v1 expires 90 days after created2.
+	rotation2 = timestamppb.New(time.Date(2026, 5, 4, 4, 5, 6, 0, time.UTC))
 )
+
+// day returns midnight UTC of day d of month m of 2026.
+func day(m time.Month, d int) *timestamppb.Timestamp {
+	return timestamppb.New(time.Date(2026, m, d, 0, 0, 0, 0, time.UTC))
+}
+
+// days returns n days as a proto Duration.
+func days(n int) *durationpb.Duration { return durationpb.New(time.Duration(n) * 24 * time.Hour) }
+
+// Kids of the key "rot": RFC 7638 thumbprints are 43 characters.
+const (
+	rotKid1 = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+	rotKid2 = "0fSWeGgFMVWNqAhd2HqpL3BBx7NDNH4x1B8V4cJ1CaE"
+	rotKid3 = "k2Qy-6xXdTG4B6RbKFaqPnkJWX8M0xS0gNsh3VFUzC4"
+)
+
+// rotKey is a key with a 30d/10d/5d/7d policy: v1 was destroyed, v2 was
+// revoked on March 25 while ACTIVE and replaced by v3, which rotates on
+// March 27.
+func rotKey() *kbv1.Key {
+	return &kbv1.Key{
+		Name: "rot", Algorithm: kbv1.Algorithm_ALGORITHM_ES256, Backend: "pkcs11", CreateTime: day(1, 1),
+		ActiveVersion: 3, ActiveKid: rotKid3,
+		Policy:           &kbv1.RotationPolicy{RotationPeriod: days(30), Overlap: days(10), PrePublicationLead: days(5), DestroyDelay: days(7)},
+		NextRotationTime: day(3, 27),
+		Versions: []*kbv1.KeyVersion{
+			{Version: 1, Kid: rotKid1, State: kbv1.KeyState_KEY_STATE_DESTROYED, CreateTime: day(1, 1),
+				ActivateTime: day(1, 1), RetireTime: day(1, 31), ExpireTime: day(2, 10), DestroyTime: day(2, 17)},
+			{Version: 2, Kid: rotKid2, State: kbv1.KeyState_KEY_STATE_REVOKED, CreateTime: day(1, 26),
+				ActivateTime: day(1, 31), RevokeTime: day(2, 25),
+				NextState: kbv1.KeyState_KEY_STATE_DESTROYED, NextTransitionTime: day(3, 4)},
+			{Version: 3, Kid: rotKid3, State: kbv1.KeyState_KEY_STATE_ACTIVE, CreateTime: day(2, 25), ActivateTime: day(2, 25),
+				NextState: kbv1.KeyState_KEY_STATE_RETIRED, NextTransitionTime: day(3, 27)},
+		},
+	}
+}
 
 // fakeBroker is an in-memory KeyBrokerServer holding a few keys. It
 // signs with a fixed signature, knows one public key, and records the
@@ -49,6 +90,9 @@ type fakeBroker struct {
 	created    *kbv1.CreateKeyRequest
 	signed     *kbv1.SignRequest
 	pubReq     *kbv1.GetPublicKeyRequest
+	rotated    *kbv1.RotateKeyRequest
+	revoked    *kbv1.RevokeKeyVersionRequest
+	updated    *kbv1.UpdatePolicyRequest
 	deadline   time.Time // of the last GetJWKS call
 }
 
@@ -76,15 +120,26 @@ func newFakeBroker(t testing.TB) *fakeBroker {
 			"alpha": {
 				Name: "alpha", Algorithm: kbv1.Algorithm_ALGORITHM_ES256, Backend: "pkcs11", CreateTime: created1,
 				ActiveVersion: 2, ActiveKid: "kid-a2",
+				Policy:           &kbv1.RotationPolicy{RotationPeriod: days(90), Overlap: days(90), PrePublicationLead: days(7), DestroyDelay: durationpb.New(36 * time.Hour)},
+				NextRotationTime: rotation2,
 				Versions: []*kbv1.KeyVersion{
-					{Version: 1, Kid: "kid-a1", State: kbv1.KeyState_KEY_STATE_RETIRED, CreateTime: created1},
-					{Version: 2, Kid: "kid-a2", State: kbv1.KeyState_KEY_STATE_ACTIVE, CreateTime: created2},
+					{Version: 1, Kid: "kid-a1", State: kbv1.KeyState_KEY_STATE_RETIRED, CreateTime: created1, ActivateTime: created1, RetireTime: created2,
+						NextState: kbv1.KeyState_KEY_STATE_EXPIRED, NextTransitionTime: rotation2},
+					{Version: 2, Kid: "kid-a2", State: kbv1.KeyState_KEY_STATE_ACTIVE, CreateTime: created2, ActivateTime: created2,
+						NextState: kbv1.KeyState_KEY_STATE_RETIRED, NextTransitionTime: rotation2},
 				},
 			},
 			"beta":  {Name: "beta", Algorithm: kbv1.Algorithm_ALGORITHM_RS256, Bits: 3072, Backend: "tpm", ActiveVersion: 1, ActiveKid: "kid-b1"},
 			"gamma": {Name: "gamma", Algorithm: kbv1.Algorithm_ALGORITHM_PS256, Bits: 2048, Backend: "pkcs11", ActiveVersion: 1, ActiveKid: "kid-g1"},
 		},
 	}
+}
+
+// key returns a copy of the key name.
+func (f *fakeBroker) key(name string) *kbv1.Key {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return proto.CloneOf(f.keys[name])
 }
 
 // locked returns *field, read under f's lock: handlers run on server
@@ -111,11 +166,94 @@ func (f *fakeBroker) CreateKey(_ context.Context, req *kbv1.CreateKeyRequest) (*
 	}
 	k := &kbv1.Key{
 		Name: req.GetName(), Algorithm: req.GetAlgorithm(), Bits: req.GetBits(), Backend: "pkcs11", CreateTime: created1,
-		ActiveVersion: 1, ActiveKid: "kid-new",
+		ActiveVersion: 1, ActiveKid: "kid-new", Policy: req.GetPolicy(),
 		Versions: []*kbv1.KeyVersion{{Version: 1, Kid: "kid-new", State: kbv1.KeyState_KEY_STATE_ACTIVE, CreateTime: created1}},
 	}
 	f.keys[k.Name] = k
 	return &kbv1.CreateKeyResponse{Key: k}, nil
+}
+
+// RotateKey retires the ACTIVE version and adds version n+1 as ACTIVE, with
+// kid "kid-NAME-n+1".
+func (f *fakeBroker) RotateKey(_ context.Context, req *kbv1.RotateKeyRequest) (*kbv1.RotateKeyResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.rotated = req
+	k, ok := f.keys[req.GetName()]
+	if !ok {
+		return nil, status.Error(codes.NotFound, "key not found")
+	}
+	if v := req.GetIfActiveVersion(); v != 0 && v != k.GetActiveVersion() {
+		return &kbv1.RotateKeyResponse{Key: proto.CloneOf(k), Rotated: false}, nil
+	}
+	for _, v := range k.GetVersions() {
+		if v.GetState() == kbv1.KeyState_KEY_STATE_ACTIVE {
+			v.State = kbv1.KeyState_KEY_STATE_RETIRED
+		}
+	}
+	n := uint32(len(k.GetVersions())) + 1
+	k.ActiveVersion, k.ActiveKid = n, fmt.Sprintf("kid-%s-%d", k.GetName(), n)
+	k.Versions = append(k.Versions, &kbv1.KeyVersion{Version: n, Kid: k.ActiveKid, State: kbv1.KeyState_KEY_STATE_ACTIVE})
+	return &kbv1.RotateKeyResponse{Key: proto.CloneOf(k), Rotated: true}, nil
+}
+
+// RevokeKeyVersion revokes a version that is not ACTIVE.
+func (f *fakeBroker) RevokeKeyVersion(_ context.Context, req *kbv1.RevokeKeyVersionRequest) (*kbv1.RevokeKeyVersionResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.revoked = req
+	k, ok := f.keys[req.GetName()]
+	if !ok {
+		return nil, status.Error(codes.NotFound, "key not found")
+	}
+	for _, v := range k.GetVersions() {
+		if v.GetVersion() != req.GetVersion() && v.GetKid() != req.GetKid() {
+			continue
+		}
+		switch v.GetState() {
+		case kbv1.KeyState_KEY_STATE_DESTROYED:
+			return nil, status.Errorf(codes.FailedPrecondition, "version %d is destroyed", v.GetVersion())
+		case kbv1.KeyState_KEY_STATE_ACTIVE:
+			return nil, status.Error(codes.Unimplemented, "the fake cannot revoke the ACTIVE version")
+		}
+		v.State, v.RevokeTime = kbv1.KeyState_KEY_STATE_REVOKED, day(3, 1)
+		v.NextState, v.NextTransitionTime = kbv1.KeyState_KEY_STATE_DESTROYED, day(3, 8)
+		return &kbv1.RevokeKeyVersionResponse{Key: proto.CloneOf(k)}, nil
+	}
+	return nil, status.Error(codes.NotFound, "key version not found")
+}
+
+// UpdatePolicy overlays the durations set on the key's policy. Rotation
+// periods under an hour are invalid.
+func (f *fakeBroker) UpdatePolicy(_ context.Context, req *kbv1.UpdatePolicyRequest) (*kbv1.UpdatePolicyResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.updated = req
+	p := req.GetPolicy()
+	if p == nil {
+		return nil, status.Error(codes.InvalidArgument, "policy: must be set")
+	}
+	if d := p.GetRotationPeriod(); d != nil && d.AsDuration() < time.Hour {
+		return nil, status.Errorf(codes.InvalidArgument, "policy.rotation_period: got %s, want at least 1h", d.AsDuration())
+	}
+	k, ok := f.keys[req.GetName()]
+	if !ok {
+		return nil, status.Error(codes.NotFound, "key not found")
+	}
+	if k.Policy == nil {
+		k.Policy = &kbv1.RotationPolicy{}
+	}
+	for _, d := range []struct{ src, dst **durationpb.Duration }{
+		{&p.RotationPeriod, &k.Policy.RotationPeriod},
+		{&p.Overlap, &k.Policy.Overlap},
+		{&p.PrePublicationLead, &k.Policy.PrePublicationLead},
+		{&p.DestroyDelay, &k.Policy.DestroyDelay},
+	} {
+		if *d.src != nil {
+			*d.dst = *d.src
+		}
+	}
+	return &kbv1.UpdatePolicyResponse{Key: proto.CloneOf(k)}, nil
 }
 
 func (f *fakeBroker) GetKey(_ context.Context, req *kbv1.GetKeyRequest) (*kbv1.GetKeyResponse, error) {
@@ -125,7 +263,7 @@ func (f *fakeBroker) GetKey(_ context.Context, req *kbv1.GetKeyRequest) (*kbv1.G
 	if !ok {
 		return nil, status.Error(codes.NotFound, "key not found")
 	}
-	return &kbv1.GetKeyResponse{Key: k}, nil
+	return &kbv1.GetKeyResponse{Key: proto.CloneOf(k)}, nil
 }
 
 // ListKeys returns pages of two keys; a page token names the first key of
@@ -283,16 +421,38 @@ func TestKeysCommands(t *testing.T) {
 	socket, _ := startFake(t, fake)
 
 	t.Run("get", func(t *testing.T) {
-		runAt(socket, "keys", "get", "alpha").check(t, exitOK, `name:            alpha
-algorithm:       ES256
-backend:         pkcs11
-created:         2026-01-02T03:04:05Z
-active version:  2
-active kid:      kid-a2
+		runAt(socket, "keys", "get", "alpha").check(t, exitOK, `name:             alpha
+algorithm:        ES256
+backend:          pkcs11
+created:          2026-01-02T03:04:05Z
+active version:   2
+active kid:       kid-a2
+rotation period:  90d
+overlap:          90d
+lead:             7d
+destroy delay:    36h0m0s
+next rotation:    2026-05-04T04:05:06Z
 versions:
-  VERSION  STATE    KID     CREATED
-  1        RETIRED  kid-a1  2026-01-02T03:04:05Z
-  2        ACTIVE   kid-a2  2026-02-03T04:05:06Z
+  VERSION  STATE    KID     CREATED               NEXT     AT
+  1        RETIRED  kid-a1  2026-01-02T03:04:05Z  EXPIRED  2026-05-04T04:05:06Z
+  2        ACTIVE   kid-a2  2026-02-03T04:05:06Z  RETIRED  2026-05-04T04:05:06Z
+`, "")
+	})
+	t.Run("get without policy", func(t *testing.T) {
+		runAt(socket, "keys", "get", "beta").check(t, exitOK, `name:             beta
+algorithm:        RS256
+bits:             3072
+backend:          tpm
+created:          -
+active version:   1
+active kid:       kid-b1
+rotation period:  -
+overlap:          -
+lead:             -
+destroy delay:    -
+next rotation:    -
+versions:
+  VERSION  STATE  KID  CREATED  NEXT  AT
 `, "")
 	})
 	t.Run("get json", func(t *testing.T) {
@@ -347,7 +507,7 @@ gamma  PS256      2048  1       kid-g1  pkcs11
 		if got := locked(fake, &fake.created); !proto.Equal(got, want) {
 			t.Errorf("request = %v, want %v", got, want)
 		}
-		if !strings.HasPrefix(r.stdout, "name:            delta\nalgorithm:       RS256\nbits:            4096\n") {
+		if !strings.HasPrefix(r.stdout, "name:             delta\nalgorithm:        RS256\nbits:             4096\n") {
 			t.Errorf("stdout:\n%s", r.stdout)
 		}
 	})
@@ -358,6 +518,31 @@ gamma  PS256      2048  1       kid-g1  pkcs11
 		unmarshalLine(t, r.stdout, &got)
 		if got.GetKey().GetName() != "epsilon" || got.GetKey().GetAlgorithm() != kbv1.Algorithm_ALGORITHM_ES256 {
 			t.Errorf("key = %v, want epsilon ES256", got.GetKey())
+		}
+	})
+	t.Run("create with policy", func(t *testing.T) {
+		r := runAt(socket, "keys", "create", "zeta", "--rotation-period", "1d12h", "--destroy-delay=45d")
+		r.check(t, exitOK, r.stdout, "")
+		want := &kbv1.CreateKeyRequest{Name: "zeta", Algorithm: kbv1.Algorithm_ALGORITHM_ES256,
+			Policy: &kbv1.RotationPolicy{RotationPeriod: durationpb.New(36 * time.Hour), DestroyDelay: days(45)}}
+		if got := locked(fake, &fake.created); !proto.Equal(got, want) {
+			t.Errorf("request = %v, want %v", got, want)
+		}
+		if want := "rotation period:  36h0m0s\noverlap:          -\nlead:             -\ndestroy delay:    45d\n"; !strings.Contains(r.stdout, want) {
+			t.Errorf("stdout:\n%s\nwant it to contain:\n%s", r.stdout, want)
+		}
+	})
+	t.Run("create with policy json", func(t *testing.T) {
+		r := runAt(socket, "keys", "create", "eta", "--overlap", "30d", "--lead", "48h", "-o", "json")
+		r.check(t, exitOK, r.stdout, "")
+		var got kbv1.CreateKeyResponse
+		unmarshalLine(t, r.stdout, &got)
+		want := &kbv1.RotationPolicy{Overlap: days(30), PrePublicationLead: days(2)}
+		if !proto.Equal(got.GetKey().GetPolicy(), want) {
+			t.Errorf("policy = %v, want %v", got.GetKey().GetPolicy(), want)
+		}
+		if req := locked(fake, &fake.created); !proto.Equal(req.GetPolicy(), want) {
+			t.Errorf("request policy = %v, want %v", req.GetPolicy(), want)
 		}
 	})
 	t.Run("create existing", func(t *testing.T) {
@@ -464,4 +649,246 @@ func TestUnavailable(t *testing.T) {
 	if !strings.HasPrefix(r.stderr, "keybrokerctl: ") || strings.Contains(r.stderr, "rpc error") {
 		t.Errorf("stderr = %q, want keybrokerctl: and the status message only", r.stderr)
 	}
+}
+
+// startRotFake starts a fake broker that also holds the key "rot".
+func startRotFake(t *testing.T) (*fakeBroker, string) {
+	t.Helper()
+	fake := newFakeBroker(t)
+	fake.keys["rot"] = rotKey()
+	socket, _ := startFake(t, fake)
+	return fake, socket
+}
+
+// TestGetRotatedKey checks "keys get" on versions in every state.
+func TestGetRotatedKey(t *testing.T) {
+	_, socket := startRotFake(t)
+	runAt(socket, "keys", "get", "rot").check(t, exitOK, `name:             rot
+algorithm:        ES256
+backend:          pkcs11
+created:          2026-01-01T00:00:00Z
+active version:   3
+active kid:       k2Qy-6xXdTG4B6RbKFaqPnkJWX8M0xS0gNsh3VFUzC4
+rotation period:  30d
+overlap:          10d
+lead:             5d
+destroy delay:    7d
+next rotation:    2026-03-27T00:00:00Z
+versions:
+  VERSION  STATE      KID                                          CREATED               NEXT       AT
+  1        DESTROYED  NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs  2026-01-01T00:00:00Z  -          -
+  2        REVOKED    0fSWeGgFMVWNqAhd2HqpL3BBx7NDNH4x1B8V4cJ1CaE  2026-01-26T00:00:00Z  DESTROYED  2026-03-04T00:00:00Z
+  3        ACTIVE     k2Qy-6xXdTG4B6RbKFaqPnkJWX8M0xS0gNsh3VFUzC4  2026-02-25T00:00:00Z  RETIRED    2026-03-27T00:00:00Z
+`, "")
+}
+
+func TestRotateCommand(t *testing.T) {
+	fake, socket := startRotFake(t)
+
+	runAt(socket, "keys", "rotate", "rot").
+		check(t, exitOK, "rotated:         yes\nactive version:  4\nactive kid:      kid-rot-4\n", "")
+	if want := (&kbv1.RotateKeyRequest{Name: "rot"}); !proto.Equal(locked(fake, &fake.rotated), want) {
+		t.Errorf("request = %v, want %v", locked(fake, &fake.rotated), want)
+	}
+
+	// Version 3 is no longer ACTIVE: nothing happens, and that is no error.
+	runAt(socket, "keys", "rotate", "rot", "--if-active-version", "3").
+		check(t, exitOK, "rotated:         no\nactive version:  4\nactive kid:      kid-rot-4\n", "")
+	if want := (&kbv1.RotateKeyRequest{Name: "rot", IfActiveVersion: 3}); !proto.Equal(locked(fake, &fake.rotated), want) {
+		t.Errorf("request = %v, want %v", locked(fake, &fake.rotated), want)
+	}
+
+	r := runAt(socket, "keys", "rotate", "rot", "--if-active-version", "4", "-o", "json")
+	r.check(t, exitOK, r.stdout, "")
+	var got kbv1.RotateKeyResponse
+	unmarshalLine(t, r.stdout, &got)
+	if !got.GetRotated() || got.GetKey().GetActiveVersion() != 5 || got.GetKey().GetActiveKid() != "kid-rot-5" {
+		t.Errorf("response = %v, want rotated to version 5, kid-rot-5", &got)
+	}
+	if want := (&kbv1.RotateKeyRequest{Name: "rot", IfActiveVersion: 4}); !proto.Equal(locked(fake, &fake.rotated), want) {
+		t.Errorf("request = %v, want %v", locked(fake, &fake.rotated), want)
+	}
+	// "rotated" is printed even when false.
+	runAt(socket, "keys", "rotate", "rot", "--if-active-version", "1", "-o", "json").
+		check(t, exitOK, mustProtoJSON(t, &kbv1.RotateKeyResponse{Key: fake.key("rot")}), "")
+
+	runAt(socket, "keys", "rotate", "nope").check(t, exitNotFound, "", "keybrokerctl: key not found\n")
+}
+
+// mustProtoJSON is m as printProto prints it.
+func mustProtoJSON(t testing.TB, m proto.Message) string {
+	t.Helper()
+	var buf bytes.Buffer
+	if err := (&app{stdout: &buf}).printProto(m); err != nil {
+		t.Fatal(err)
+	}
+	return buf.String()
+}
+
+func TestRevokeCommand(t *testing.T) {
+	fake, socket := startRotFake(t)
+
+	runAt(socket, "keys", "revoke", "alpha", "--version", "1").check(t, exitOK, `active version:  2
+active kid:      kid-a2
+versions:
+  VERSION  STATE    KID     CREATED               NEXT       AT
+  1        REVOKED  kid-a1  2026-01-02T03:04:05Z  DESTROYED  2026-03-08T00:00:00Z
+  2        ACTIVE   kid-a2  2026-02-03T04:05:06Z  RETIRED    2026-05-04T04:05:06Z
+`, "")
+	if want := (&kbv1.RevokeKeyVersionRequest{Name: "alpha", Version: 1}); !proto.Equal(locked(fake, &fake.revoked), want) {
+		t.Errorf("request = %v, want %v", locked(fake, &fake.revoked), want)
+	}
+
+	r := runAt(socket, "keys", "revoke", "alpha", "--kid", "kid-a1", "-o", "json")
+	r.check(t, exitOK, r.stdout, "")
+	var got kbv1.RevokeKeyVersionResponse
+	unmarshalLine(t, r.stdout, &got)
+	if v := got.GetKey().GetVersions()[0]; v.GetKid() != "kid-a1" || v.GetState() != kbv1.KeyState_KEY_STATE_REVOKED {
+		t.Errorf("version 1 = %v, want kid-a1 REVOKED", v)
+	}
+	if want := (&kbv1.RevokeKeyVersionRequest{Name: "alpha", Kid: "kid-a1"}); !proto.Equal(locked(fake, &fake.revoked), want) {
+		t.Errorf("request = %v, want %v", locked(fake, &fake.revoked), want)
+	}
+
+	runAt(socket, "keys", "revoke", "rot", "--version", "1").check(t, exitConflict, "", "keybrokerctl: version 1 is destroyed\n")
+	runAt(socket, "keys", "revoke", "alpha", "--version", "9").check(t, exitNotFound, "", "keybrokerctl: key version not found\n")
+	runAt(socket, "keys", "revoke", "nope", "--kid", "x").check(t, exitNotFound, "", "keybrokerctl: key not found\n")
+}
+
+func TestPolicyCommand(t *testing.T) {
+	fake, socket := startRotFake(t)
+
+	t.Run("show", func(t *testing.T) {
+		runAt(socket, "keys", "policy", "alpha").check(t, exitOK, `rotation period:  90d
+overlap:          90d
+lead:             7d
+destroy delay:    36h0m0s
+next rotation:    2026-05-04T04:05:06Z
+`, "")
+		r := runAt(socket, "keys", "policy", "rot", "-o", "json")
+		r.check(t, exitOK, r.stdout, "")
+		var got kbv1.GetKeyResponse
+		unmarshalLine(t, r.stdout, &got)
+		if !proto.Equal(got.GetKey(), rotKey()) {
+			t.Errorf("key = %v, want %v", got.GetKey(), rotKey())
+		}
+		// Showing the policy does not update it.
+		if got := locked(fake, &fake.updated); got != nil {
+			t.Errorf("UpdatePolicy called with %v", got)
+		}
+	})
+	t.Run("update", func(t *testing.T) {
+		runAt(socket, "keys", "policy", "alpha", "--overlap", "30d", "--lead", "1d12h").check(t, exitOK, `rotation period:  90d
+overlap:          30d
+lead:             36h0m0s
+destroy delay:    36h0m0s
+next rotation:    2026-05-04T04:05:06Z
+`, "")
+		want := &kbv1.UpdatePolicyRequest{Name: "alpha", Policy: &kbv1.RotationPolicy{Overlap: days(30), PrePublicationLead: durationpb.New(36 * time.Hour)}}
+		if got := locked(fake, &fake.updated); !proto.Equal(got, want) {
+			t.Errorf("request = %v, want %v", got, want)
+		}
+	})
+	t.Run("update json", func(t *testing.T) {
+		r := runAt(socket, "keys", "policy", "rot", "--rotation-period", "180d", "--destroy-delay", "1d", "-o", "json")
+		r.check(t, exitOK, r.stdout, "")
+		var got kbv1.UpdatePolicyResponse
+		unmarshalLine(t, r.stdout, &got)
+		want := &kbv1.RotationPolicy{RotationPeriod: days(180), Overlap: days(10), PrePublicationLead: days(5), DestroyDelay: days(1)}
+		if !proto.Equal(got.GetKey().GetPolicy(), want) {
+			t.Errorf("policy = %v, want %v", got.GetKey().GetPolicy(), want)
+		}
+		wantReq := &kbv1.UpdatePolicyRequest{Name: "rot", Policy: &kbv1.RotationPolicy{RotationPeriod: days(180), DestroyDelay: days(1)}}
+		if got := locked(fake, &fake.updated); !proto.Equal(got, wantReq) {
+			t.Errorf("request = %v, want %v", got, wantReq)
+		}
+	})
+	t.Run("invalid", func(t *testing.T) {
+		runAt(socket, "keys", "policy", "alpha", "--rotation-period", "30m").
+			check(t, exitUsage, "", "keybrokerctl: policy.rotation_period: got 30m0s, want at least 1h\n")
+	})
+	t.Run("not found", func(t *testing.T) {
+		runAt(socket, "keys", "policy", "nope").check(t, exitNotFound, "", "keybrokerctl: key not found\n")
+		runAt(socket, "keys", "policy", "nope", "--lead", "1d").check(t, exitNotFound, "", "keybrokerctl: key not found\n")
+	})
+}
+
+
+func TestTimelineCommand(t *testing.T) {
+	fake, socket := startRotFake(t)
+	from := time.Date(2026, 3, 1, 0, 0, 0, 0, time.FixedZone("CET", 3600)).Add(time.Hour).Format(time.RFC3339)
+
+	const rotVersions = `versions:
+  VERSION  KID           STATE      CREATED               ACTIVATED             RETIRED               EXPIRED               REVOKED               DESTROYED             NEXT       AT
+  1        NzbLsXh8uDCc  DESTROYED  2026-01-01T00:00:00Z  2026-01-01T00:00:00Z  2026-01-31T00:00:00Z  2026-02-10T00:00:00Z  -                     2026-02-17T00:00:00Z  -          -
+  2        0fSWeGgFMVWN  REVOKED    2026-01-26T00:00:00Z  2026-01-31T00:00:00Z  -                     -                     2026-02-25T00:00:00Z  -                     DESTROYED  2026-03-04T00:00:00Z
+  3        k2Qy-6xXdTG4  ACTIVE     2026-02-25T00:00:00Z  2026-02-25T00:00:00Z  -                     -                     -                     -                     RETIRED    2026-03-27T00:00:00Z
+`
+	t.Run("text", func(t *testing.T) {
+		runAt(socket, "keys", "timeline", "--from", from, "rot", "--horizon", "40d").check(t, exitOK, rotVersions+`projected until 2026-04-10T00:00:00Z:
+  TIME                  VERSION  STATE
+  2026-03-04T00:00:00Z  2        DESTROYED
+  2026-03-22T00:00:00Z  4        PENDING
+  2026-03-27T00:00:00Z  3        RETIRED
+  2026-03-27T00:00:00Z  4        ACTIVE
+  2026-04-06T00:00:00Z  3        EXPIRED
+`, "")
+	})
+	t.Run("default horizon", func(t *testing.T) {
+		r := runAt(socket, "keys", "timeline", "--from", from, "rot")
+		r.check(t, exitOK, runAt(socket, "keys", "timeline", "--from", from, "rot", "--horizon", "365d").stdout, "")
+		if want := "\nprojected until 2027-03-01T00:00:00Z:\n"; !strings.Contains(r.stdout, want) {
+			t.Errorf("stdout:\n%s\nwant it to contain %q", r.stdout, want)
+		}
+		if want := "\n  2027-02-20T00:00:00Z  15       ACTIVE\n"; !strings.HasSuffix(r.stdout, want) {
+			t.Errorf("stdout:\n%s\nwant it to end with %q", r.stdout, want)
+		}
+	})
+	t.Run("json", func(t *testing.T) {
+		r := runAt(socket, "keys", "timeline", "--from", from, "rot", "--horizon", "36d", "-o", "json")
+		r.check(t, exitOK, r.stdout, "")
+		var got struct {
+			Key    json.RawMessage
+			Until  string
+			Events []eventOutput
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &got); err != nil {
+			t.Fatalf("stdout %q: %v", r.stdout, err)
+		}
+		var key kbv1.Key
+		if err := protojson.Unmarshal(got.Key, &key); err != nil {
+			t.Fatalf("key %s: %v", got.Key, err)
+		}
+		if !proto.Equal(&key, rotKey()) {
+			t.Errorf("key = %v, want %v", &key, rotKey())
+		}
+		if want := "2026-04-06T00:00:00Z"; got.Until != want {
+			t.Errorf("until = %q, want %q", got.Until, want)
+		}
+		want := []eventOutput{
+			{"2026-03-04T00:00:00Z", 2, "DESTROYED"},
+			{"2026-03-22T00:00:00Z", 4, "PENDING"},
+			{"2026-03-27T00:00:00Z", 3, "RETIRED"},
+			{"2026-03-27T00:00:00Z", 4, "ACTIVE"},
+			{"2026-04-06T00:00:00Z", 3, "EXPIRED"},
+		}
+		if !slices.Equal(got.Events, want) {
+			t.Errorf("events = %v, want %v", got.Events, want)
+		}
+	})
+	t.Run("no policy", func(t *testing.T) {
+		runAt(socket, "keys", "timeline", "--from", from, "beta").check(t, exitOK, `versions:
+  VERSION  KID  STATE  CREATED  ACTIVATED  RETIRED  EXPIRED  REVOKED  DESTROYED  NEXT  AT
+projected until 2027-03-01T00:00:00Z:
+  none
+`, "")
+		runAt(socket, "keys", "timeline", "--from", from, "beta", "-o", "json").check(t, exitOK,
+			`{"key":`+strings.TrimSuffix(mustProtoJSON(t, fake.key("beta")), "\n")+`,"until":"2027-03-01T00:00:00Z","events":[]}`+"\n", "")
+	})
+	t.Run("not found", func(t *testing.T) {
+		runAt(socket, "keys", "timeline", "nope").check(t, exitNotFound, "", "keybrokerctl: key not found\n")
+		if r := runAt(socket, "keys", "timeline", "--from", "yesterday", "beta"); r.code != exitUsage || !strings.Contains(r.stderr, "--from") {
+			t.Errorf("bad --from: exit %d, stderr %q", r.code, r.stderr)
+		}
+	})
 }

@@ -3,11 +3,14 @@ package main
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 )
@@ -66,6 +69,114 @@ func TestCreateRequest(t *testing.T) {
 		}
 		if err != nil || !proto.Equal(got, tt.want) {
 			t.Errorf("request(alg %q, bits %d) = %v, %v; want %v", tt.alg, tt.bits, got, err, tt.want)
+		}
+	}
+}
+
+func TestCreateRequestPolicy(t *testing.T) {
+	var f createFlags
+	f.alg = "ES256"
+	for flag, v := range map[*durationFlag]string{&f.policy.period: "1d12h", &f.policy.lead: "90m"} {
+		if err := flag.Set(v); err != nil {
+			t.Fatalf("Set(%q): %v", v, err)
+		}
+	}
+	got, err := f.request("k")
+	want := &kbv1.CreateKeyRequest{Name: "k", Algorithm: kbv1.Algorithm_ALGORITHM_ES256,
+		Policy: &kbv1.RotationPolicy{RotationPeriod: durationpb.New(36 * time.Hour), PrePublicationLead: durationpb.New(90 * time.Minute)}}
+	if err != nil || !proto.Equal(got, want) {
+		t.Errorf("request() = %v, %v; want %v", got, err, want)
+	}
+}
+
+func TestDurationFlag(t *testing.T) {
+	for s, want := range map[string]time.Duration{
+		"90d":   90 * 24 * time.Hour,
+		"1d12h": 36 * time.Hour,
+		"36h":   36 * time.Hour,
+		"1h30m": 90 * time.Minute,
+		"0d1s":  time.Second,
+	} {
+		var f durationFlag
+		if err := f.Set(s); err != nil || f.d != want || !f.set {
+			t.Errorf("Set(%q): d = %v, set = %t, err = %v; want %v, true, nil", s, f.d, f.set, err, want)
+		}
+	}
+	for _, s := range []string{"", "90x", "90", "-1d", "-5h", "0", "0d", "d", "1.5d", "70000d"} {
+		f := durationFlag{d: time.Hour}
+		if err := f.Set(s); err == nil || f.set || f.d != time.Hour {
+			t.Errorf("Set(%q): d = %v, set = %t, err = %v; want an error and no change", s, f.d, f.set, err)
+		}
+	}
+	for d, want := range map[time.Duration]string{0: "", 365 * 24 * time.Hour: "365d", 36 * time.Hour: "36h0m0s"} {
+		f := durationFlag{d: d}
+		if got := f.String(); got != want {
+			t.Errorf("String() of %v = %q, want %q", d, got, want)
+		}
+	}
+}
+
+func TestPolicyFlagsProto(t *testing.T) {
+	var f policyFlags
+	if got := f.proto(); got != nil {
+		t.Errorf("proto() without flags = %v, want nil", got)
+	}
+	flags := []*durationFlag{&f.period, &f.overlap, &f.lead, &f.destroyDelay}
+	want := &kbv1.RotationPolicy{}
+	wantFields := []**durationpb.Duration{&want.RotationPeriod, &want.Overlap, &want.PrePublicationLead, &want.DestroyDelay}
+	for i, flag := range flags {
+		if err := flag.Set(fmt.Sprintf("%dd", i+1)); err != nil {
+			t.Fatal(err)
+		}
+		*wantFields[i] = durationpb.New(time.Duration(i+1) * 24 * time.Hour)
+		if got := f.proto(); !proto.Equal(got, want) {
+			t.Errorf("proto() with %d flags = %v, want %v", i+1, got, want)
+		}
+	}
+}
+
+func TestRotateRequest(t *testing.T) {
+	tests := []struct {
+		ifActive uint32
+		set      bool
+		want     *kbv1.RotateKeyRequest
+		wantErr  string
+	}{
+		{want: &kbv1.RotateKeyRequest{Name: "k"}},
+		{ifActive: 3, set: true, want: &kbv1.RotateKeyRequest{Name: "k", IfActiveVersion: 3}},
+		{set: true, wantErr: "--if-active-version: got 0"},
+	}
+	for _, tt := range tests {
+		got, err := rotateRequest("k", tt.ifActive, tt.set)
+		if tt.wantErr != "" {
+			wantUsageError(t, err, tt.wantErr)
+			continue
+		}
+		if err != nil || !proto.Equal(got, tt.want) {
+			t.Errorf("rotateRequest(%d, %t) = %v, %v; want %v", tt.ifActive, tt.set, got, err, tt.want)
+		}
+	}
+}
+
+func TestRevokeRequest(t *testing.T) {
+	tests := []struct {
+		flags   versionFlags
+		want    *kbv1.RevokeKeyVersionRequest
+		wantErr string
+	}{
+		{flags: versionFlags{version: 2}, want: &kbv1.RevokeKeyVersionRequest{Name: "k", Version: 2}},
+		{flags: versionFlags{kid: "kid-1"}, want: &kbv1.RevokeKeyVersionRequest{Name: "k", Kid: "kid-1"}},
+		{flags: versionFlags{}, wantErr: "--version and --kid: give exactly one"},
+		{flags: versionFlags{version: 2, kid: "kid-1"}, wantErr: "--version and --kid: give exactly one"},
+	}
+	for _, tt := range tests {
+		got, err := revokeRequest("k", tt.flags)
+		if tt.wantErr != "" {
+			wantUsageError(t, err, tt.wantErr)
+			continue
+		}
+		if err != nil || !proto.Equal(got, tt.want) {
+			t.Errorf("revokeRequest(%+v) = %v, %v; want %v", tt.flags, got, err, tt.want)
 		}
 	}
 }
@@ -170,6 +281,22 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"keys", "create", "k", "--alg", "HS256"}, `--alg: got "HS256"`, "keybrokerctl keys create"},
 		{[]string{"keys", "create", "k", "--bits", "2048"}, "--bits: applies to RSA keys only, not ES256", "keybrokerctl keys create"},
 		{[]string{"keys", "create", "k", "--bits", "many"}, `invalid argument "many" for "--bits"`, "keybrokerctl keys create"},
+		{[]string{"keys", "create", "k", "--rotation-period", "90x"}, `invalid argument "90x" for "--rotation-period" flag: want a positive duration such as 90d, 1d12h or 36h`, "keybrokerctl keys create"},
+		{[]string{"keys", "create", "k", "--overlap", "-1d"}, `invalid argument "-1d" for "--overlap" flag: want a positive duration`, "keybrokerctl keys create"},
+		{[]string{"keys", "create", "k", "--lead=0"}, `invalid argument "0" for "--lead" flag: want a positive duration`, "keybrokerctl keys create"},
+		{[]string{"keys", "create", "k", "--destroy-delay", "70000d"}, `invalid argument "70000d" for "--destroy-delay" flag`, "keybrokerctl keys create"},
+		{[]string{"keys", "rotate"}, "accepts 1 arg(s), received 0", "keybrokerctl keys rotate"},
+		{[]string{"keys", "rotate", "k", "--if-active-version", "0"}, "--if-active-version: got 0, want a version number (1 or more)", "keybrokerctl keys rotate"},
+		{[]string{"keys", "rotate", "k", "--if-active-version", "-1"}, `invalid argument "-1" for "--if-active-version"`, "keybrokerctl keys rotate"},
+		{[]string{"keys", "revoke", "k"}, "--version and --kid: give exactly one", "keybrokerctl keys revoke"},
+		{[]string{"keys", "revoke", "k", "--version", "1", "--kid", "x"}, "--version and --kid: give exactly one", "keybrokerctl keys revoke"},
+		{[]string{"keys", "revoke", "--version", "1"}, "accepts 1 arg(s), received 0", "keybrokerctl keys revoke"},
+		{[]string{"keys", "policy", "k", "--lead", "-5h"}, `invalid argument "-5h" for "--lead" flag: want a positive duration`, "keybrokerctl keys policy"},
+		{[]string{"keys", "policy", "k", "--rotation-period", "1d12x"}, `invalid argument "1d12x" for "--rotation-period" flag`, "keybrokerctl keys policy"},
+		{[]string{"keys", "policy", "k", "--overlap", "90"}, `invalid argument "90" for "--overlap" flag`, "keybrokerctl keys policy"},
+		{[]string{"keys", "policy", "k", "extra"}, "accepts 1 arg(s), received 2", "keybrokerctl keys policy"},
+		{[]string{"keys", "timeline", "k", "--horizon", "0s"}, `invalid argument "0s" for "--horizon" flag: want a positive duration`, "keybrokerctl keys timeline"},
+		{[]string{"keys", "timeline", "k", "--horizon", "1y"}, `invalid argument "1y" for "--horizon" flag`, "keybrokerctl keys timeline"},
 		{[]string{"sign", "k"}, "--digest: required", "keybrokerctl sign"},
 		{[]string{"sign", "k", "--digest", "xyz"}, "--digest: not hex", "keybrokerctl sign"},
 		{[]string{"sign", "k", "--digest", "00", "--hash", "sha256"}, "--digest: got 1 bytes, want 32 for sha256", "keybrokerctl sign"},

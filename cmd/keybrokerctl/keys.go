@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"slices"
 	"text/tabwriter"
 
@@ -26,18 +27,20 @@ var rsaBits = []int32{0, 2048, 3072, 4096}
 func newKeysCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "keys",
-		Short: "Create, list and inspect keys",
+		Short: "Create, inspect, rotate and revoke keys",
 		Args:  cobra.NoArgs,
 		RunE:  showHelp,
 	}
-	cmd.AddCommand(newKeysCreateCmd(a), newKeysListCmd(a), newKeysGetCmd(a))
+	cmd.AddCommand(newKeysCreateCmd(a), newKeysListCmd(a), newKeysGetCmd(a),
+		newKeysRotateCmd(a), newKeysRevokeCmd(a), newKeysPolicyCmd(a), newKeysTimelineCmd(a))
 	return cmd
 }
 
 // createFlags are the flags of "keys create".
 type createFlags struct {
-	alg  string
-	bits int32
+	alg    string
+	bits   int32
+	policy policyFlags
 }
 
 // request checks the flags and returns the CreateKey request for name.
@@ -53,7 +56,7 @@ func (f createFlags) request(name string) (*kbv1.CreateKeyRequest, error) {
 	case rsa && !slices.Contains(rsaBits, f.bits):
 		return nil, usageErrorf("--bits: got %d, want 2048, 3072 or 4096", f.bits)
 	}
-	return &kbv1.CreateKeyRequest{Name: name, Algorithm: alg, Bits: f.bits}, nil
+	return &kbv1.CreateKeyRequest{Name: name, Algorithm: alg, Bits: f.bits, Policy: f.policy.proto()}, nil
 }
 
 func newKeysCreateCmd(a *app) *cobra.Command {
@@ -64,7 +67,11 @@ func newKeysCreateCmd(a *app) *cobra.Command {
 		Long: `Create a key (version 1) in hardware and print it.
 
 NAME matches ^[a-z0-9][a-z0-9._-]{0,62}$. --bits is for RSA keys only
-(RS256, PS256) and defaults to 2048.`,
+(RS256, PS256) and defaults to 2048.
+
+The rotation policy flags take durations such as 90d, 1d12h or 36h; those
+not given take keybrokerd's defaults: --rotation-period 90d, --overlap 90d,
+--lead 7d, --destroy-delay 30d.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req, err := f.request(args[0])
@@ -85,6 +92,7 @@ NAME matches ^[a-z0-9][a-z0-9._-]{0,62}$. --bits is for RSA keys only
 	}
 	cmd.Flags().StringVar(&f.alg, "alg", "ES256", "key `algorithm`: "+algorithms.String())
 	cmd.Flags().Int32Var(&f.bits, "bits", 0, "RSA modulus size in `bits`: 2048|3072|4096 (default 2048)")
+	f.policy.register(cmd.Flags())
 	return cmd
 }
 
@@ -166,15 +174,31 @@ func (a *app) printKey(k *kbv1.Key) error {
 	fmt.Fprintf(tw, "created:\t%s\n", formatTime(k.GetCreateTime()))
 	fmt.Fprintf(tw, "active version:\t%d\n", k.GetActiveVersion())
 	fmt.Fprintf(tw, "active kid:\t%s\n", k.GetActiveKid())
+	printPolicy(tw, k)
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	return a.printVersions(k)
+}
 
+// printPolicy writes k's rotation policy and next rotation time to tw.
+func printPolicy(tw io.Writer, k *kbv1.Key) {
+	p := k.GetPolicy()
+	fmt.Fprintf(tw, "rotation period:\t%s\n", formatDuration(p.GetRotationPeriod()))
+	fmt.Fprintf(tw, "overlap:\t%s\n", formatDuration(p.GetOverlap()))
+	fmt.Fprintf(tw, "lead:\t%s\n", formatDuration(p.GetPrePublicationLead()))
+	fmt.Fprintf(tw, "destroy delay:\t%s\n", formatDuration(p.GetDestroyDelay()))
+	fmt.Fprintf(tw, "next rotation:\t%s\n", formatTime(k.GetNextRotationTime()))
+}
+
+// printVersions prints k's versions with their state and next transition.
+func (a *app) printVersions(k *kbv1.Key) error {
 	fmt.Fprintln(a.stdout, "versions:")
-	tw = tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "  VERSION\tSTATE\tKID\tCREATED")
+	tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  VERSION\tSTATE\tKID\tCREATED\tNEXT\tAT")
 	for _, v := range k.GetVersions() {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\n", v.GetVersion(), stateName(v.GetState()), v.GetKid(), formatTime(v.GetCreateTime()))
+		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", v.GetVersion(), stateName(v.GetState()), v.GetKid(), formatTime(v.GetCreateTime()),
+			nextStateName(v.GetNextState()), formatTime(v.GetNextTransitionTime()))
 	}
 	return tw.Flush()
 }

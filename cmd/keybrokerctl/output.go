@@ -12,9 +12,11 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/broker"
 )
 
 // enumFlag maps the values of a flag, spelled as its help shows them, to
@@ -84,6 +86,24 @@ func stateName(s kbv1.KeyState) string {
 	return strings.TrimPrefix(s.String(), "KEY_STATE_")
 }
 
+// nextStateName is stateName, or "-" when there is no next state.
+func nextStateName(s kbv1.KeyState) string {
+	if s == kbv1.KeyState_KEY_STATE_UNSPECIFIED {
+		return "-"
+	}
+	return stateName(s)
+}
+
+// formatDuration prints d as broker.FormatDuration does ("90d"), or "-"
+// when unset.
+func formatDuration(d *durationpb.Duration) string {
+	if d == nil {
+		return "-"
+	}
+	return broker.FormatDuration(d.AsDuration())
+}
+
+// formatTime prints ts in RFC 3339, UTC, or "-" when unset.
 func formatTime(ts *timestamppb.Timestamp) string {
 	if ts == nil {
 		return "-"

@@ -19,15 +19,16 @@ import (
 // defaultSocket is where keybrokerd listens unless configured otherwise.
 const defaultSocket = "/run/keybroker/keybroker.sock"
 
-const rootLong = `keybrokerctl operates keybrokerd over its gRPC unix socket: it creates and
-inspects keys, signs digests and prints public keys and the JWK Set.
+const rootLong = `keybrokerctl operates keybrokerd over its gRPC unix socket: it creates,
+inspects, rotates and revokes keys, sets their rotation policy, signs
+digests and prints public keys and the JWK Set.
 
 The socket is --socket, else $KEYBROKER_SOCKET, else ` + defaultSocket + `.
 --timeout bounds the whole command, including every page of "keys list".
 
 With --output json every command prints one JSON object on one line:
-responses in the proto3 JSON mapping, except "sign" (see its help) and
-"jwks" (the JWK Set itself). Errors go to stderr as "keybrokerctl: <message>".
+responses in the proto3 JSON mapping, except "sign" and "keys timeline"
+(see their help) and "jwks" (the JWK Set itself). Errors go to stderr as "keybrokerctl: <message>".
 
 Exit codes:
   0  success
