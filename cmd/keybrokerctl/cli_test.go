@@ -813,7 +813,6 @@ next rotation:    2026-05-04T04:05:06Z
 	})
 }
 
-
 func TestTimelineCommand(t *testing.T) {
 	fake, socket := startRotFake(t)
 	from := time.Date(2026, 3, 1, 0, 0, 0, 0, time.FixedZone("CET", 3600)).Add(time.Hour).Format(time.RFC3339)

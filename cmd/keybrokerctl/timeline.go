@@ -17,7 +17,6 @@ import (
 	"github.com/keybroker/keybroker/internal/broker"
 )
 
-
 // kidWidth is how much of a kid "keys timeline" shows in text mode.
 const kidWidth = 12
 
