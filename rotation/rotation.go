@@ -133,8 +133,14 @@ func Apply(k store.Key, s Step, now time.Time, nv *store.Version) (store.Key, er
 			return k, ErrNotApplicable
 		}
 		// The scheduled time, not now: the version stopped signing at
-		// Retired, and was published for the whole overlap since.
-		k.Versions[i].State, k.Versions[i].Expired = broker.StateExpired, s.Due
+		// Retired and was published for the whole overlap since; the
+		// destroy delay counts from there, so a destroy deadline that fell
+		// in a downtime is applied at start too.
+		at := s.Due
+		if at.IsZero() || at.After(now) {
+			at = now
+		}
+		k.Versions[i].State, k.Versions[i].Expired = broker.StateExpired, at
 		return k, nil
 	case Destroy:
 		i := k.Index(s.Version)
@@ -247,7 +253,8 @@ func Check(k store.Key) error {
 }
 
 // VersionNext is the next transition of version v of k under its policy:
-// the state it will enter and when. ok is false for DESTROYED versions.
+// the state it will enter and when. ok is false when none is scheduled:
+// DESTROYED versions, and a PENDING one while no version is ACTIVE.
 // For the ACTIVE version without a PENDING successor it is the projected end
 // of its period.
 func VersionNext(k store.Key, v store.Version) (next broker.State, at time.Time, ok bool) {

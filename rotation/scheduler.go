@@ -36,6 +36,10 @@ type Scheduler struct {
 // Run advances until ctx is done. Failures are logged and retried at the
 // next tick; the keyring counts them.
 func (s *Scheduler) Run(ctx context.Context) {
+	interval := s.Interval
+	if interval <= 0 {
+		interval = time.Minute
+	}
 	for {
 		if err := s.Advancer.Advance(ctx, s.Clock.Now()); err != nil && ctx.Err() == nil && s.Log != nil {
 			s.Log.Error("rotation", "err", err)
@@ -43,7 +47,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-s.Clock.After(s.Interval):
+		case <-s.Clock.After(interval):
 		}
 	}
 }

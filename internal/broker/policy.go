@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -53,8 +54,9 @@ func (p Policy) Validate() error {
 	return nil
 }
 
-// ParseDuration is time.ParseDuration plus a "d" (day) unit: "90d", "36h",
-// "1d12h".
+// ParseDuration is time.ParseDuration plus a leading day count: "90d",
+// "1d12h", "36h". A sign may only lead the whole string ("-1h"); the day
+// part takes none.
 func ParseDuration(s string) (time.Duration, error) {
 	days := time.Duration(0)
 	if i := strings.IndexByte(s, 'd'); i >= 0 {
@@ -67,10 +69,16 @@ func ParseDuration(s string) (time.Duration, error) {
 		if s == "" {
 			return days, nil
 		}
+		if s[0] == '+' || s[0] == '-' {
+			return 0, fmt.Errorf("duration %q: no sign after the days", s)
+		}
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil {
 		return 0, err
+	}
+	if d > math.MaxInt64-days {
+		return 0, fmt.Errorf("duration: %dd%s is too long", days/Day, s)
 	}
 	return days + d, nil
 }
