@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 
 	"github.com/keybroker/keybroker/internal/broker"
@@ -18,6 +19,7 @@ import (
 const (
 	devTokenLabel = "keybroker-dev"
 	devKey        = "demo"
+	devTenant     = "dev"
 )
 
 // devEnv is dev mode's SoftHSM2 token and directory.
@@ -48,13 +50,19 @@ func (e *devEnv) config() config.Config {
 	cfg.PKCS11.PINFile = e.token.PINFile
 	cfg.PKCS11.SoftHSM2Conf = e.token.ConfigPath
 	cfg.Log.Format = "text"
+	// The current user is the dev tenant, with both roles.
+	cfg.Tenants = []config.Tenant{{
+		Name:       devTenant,
+		Identities: config.Identities{UIDs: []uint32{uint32(os.Getuid())}},
+		Roles:      []string{config.RoleSigner, config.RoleAdmin},
+	}}
 	return cfg
 }
 
 // welcome creates the demo key if it is missing and prints how to use it.
 func (e *devEnv) welcome(ctx context.Context, d *daemon.Daemon, cfg config.Config, w io.Writer) error {
 	ring := d.Keyring()
-	tenant := daemon.DefaultTenant
+	tenant := devTenant
 	k, err := ring.GetKey(ctx, tenant, devKey)
 	created := false
 	if errors.Is(err, broker.ErrNotFound) {

@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/keybroker/keybroker/internal/authn"
+	"github.com/keybroker/keybroker/internal/broker"
 )
 
 // Config is the daemon's configuration file.
@@ -25,9 +28,66 @@ type Config struct {
 	// Backend is "pkcs11" (the only one so far).
 	Backend  string   `yaml:"backend"`
 	PKCS11   PKCS11   `yaml:"pkcs11"`
+	Tenants  []Tenant `yaml:"tenants"`
+	TCP      TCP      `yaml:"tcp"`
+	Audit    Audit    `yaml:"audit"`
 	Rotation Rotation `yaml:"rotation"`
 	Limits   Limits   `yaml:"limits"`
 	Log      Log      `yaml:"log"`
+}
+
+// Tenant is a unit of isolation: who may call as it, what they may do,
+// how much, and where its keys live.
+type Tenant struct {
+	Name       string     `yaml:"name"`
+	Identities Identities `yaml:"identities"`
+	// Roles: "signer" (Sign and reads), "admin" (create, rotate, revoke,
+	// policy, and reads).
+	Roles []string `yaml:"roles"`
+	Quota Quota    `yaml:"quota"`
+	// PKCS11, when set, gives the tenant its own token; otherwise its keys
+	// live on the shared token (pkcs11.token_label), kept apart by record.
+	PKCS11 *TenantToken `yaml:"pkcs11"`
+}
+
+// Identities are the callers that act as a tenant.
+type Identities struct {
+	UIDs        []uint32 `yaml:"uids"`         // unix socket peers (SO_PEERCRED)
+	GIDs        []uint32 `yaml:"gids"`         // unix socket peers' primary group
+	SPIFFEIDs   []string `yaml:"spiffe_ids"`   // mTLS client certificate URI SAN
+	DNSNames    []string `yaml:"dns_names"`    // mTLS client certificate DNS SAN
+	CommonNames []string `yaml:"common_names"` // mTLS client certificate subject CN
+}
+
+// Quota bounds a tenant's use; zero values mean unlimited.
+type Quota struct {
+	SignsPerSecond float64 `yaml:"signs_per_second"`
+	Burst          int     `yaml:"burst"`
+	MaxKeys        int     `yaml:"max_keys"`
+}
+
+// TenantToken is a tenant's own PKCS#11 token (same module as pkcs11).
+type TenantToken struct {
+	TokenLabel string `yaml:"token_label"`
+	PINFile    string `yaml:"pin_file"`
+}
+
+// TCP is the optional TCP listener with mutual TLS.
+type TCP struct {
+	// Address, e.g. "127.0.0.1:8443"; empty: no TCP listener.
+	Address      string `yaml:"address"`
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"` // CA bundle client certificates must chain to
+}
+
+// Audit configures the audit log.
+type Audit struct {
+	// Path of the hash-chained JSON-lines log; default <state_dir>/audit.jsonl.
+	Path string `yaml:"path"`
+	// WriteTimeout: a call whose record is not durable within it fails
+	// with UNAVAILABLE (and a signature is not released).
+	WriteTimeout time.Duration `yaml:"write_timeout"`
 }
 
 // PKCS11 configures the PKCS#11 backend.
@@ -88,6 +148,7 @@ func Default() Config {
 			MaxSessions:     16,
 			PoolWaitTimeout: 2 * time.Second,
 		},
+		Audit:    Audit{WriteTimeout: time.Second},
 		Rotation: Rotation{CheckInterval: time.Minute},
 		Limits: Limits{
 			MaxRecvMsgSize:       64 << 10,
@@ -163,6 +224,15 @@ func (c Config) Validate() error {
 	default:
 		add("backend: got %q, want pkcs11", c.Backend)
 	}
+	p = append(p, c.validateTenants()...)
+	if c.TCP.Address != "" {
+		if c.TCP.CertFile == "" || c.TCP.KeyFile == "" || c.TCP.ClientCAFile == "" {
+			add("tcp: address is set, so cert_file, key_file and client_ca_file must be too")
+		}
+	}
+	if c.Audit.WriteTimeout <= 0 || c.Audit.WriteTimeout > time.Minute {
+		add("audit.write_timeout: got %v, want > 0 and at most 1m", c.Audit.WriteTimeout)
+	}
 	if c.Rotation.CheckInterval < time.Second || c.Rotation.CheckInterval > time.Hour {
 		add("rotation.check_interval: got %v, want 1s..1h", c.Rotation.CheckInterval)
 	}
@@ -218,4 +288,96 @@ func ReadPIN(path string) (string, error) {
 		return "", fmt.Errorf("pin file %s is empty", path)
 	}
 	return pin, nil
+}
+
+// Roles.
+const (
+	RoleSigner = "signer"
+	RoleAdmin  = "admin"
+)
+
+// DefaultTenant is the tenant served when the file declares none: the
+// daemon's own user, with both roles.
+const DefaultTenant = "default"
+
+// EffectiveTenants returns the configured tenants, or when there are none,
+// the implicit tenant "default" for callers with the daemon's own uid.
+func (c Config) EffectiveTenants() []Tenant {
+	if len(c.Tenants) > 0 {
+		return c.Tenants
+	}
+	return []Tenant{{
+		Name:       DefaultTenant,
+		Identities: Identities{UIDs: []uint32{uint32(os.Getuid())}},
+		Roles:      []string{RoleSigner, RoleAdmin},
+	}}
+}
+
+// AuditPath is where the audit log goes.
+func (c Config) AuditPath() string {
+	if c.Audit.Path != "" {
+		return c.Audit.Path
+	}
+	return filepath.Join(c.StateDir, "audit.jsonl")
+}
+
+// Rules are the tenants' identities for authn.NewResolver.
+func (c Config) Rules() []authn.Rule {
+	var rules []authn.Rule
+	for _, t := range c.EffectiveTenants() {
+		rules = append(rules, authn.Rule{Tenant: t.Name, UIDs: t.Identities.UIDs, GIDs: t.Identities.GIDs,
+			SPIFFEIDs: t.Identities.SPIFFEIDs, DNSNames: t.Identities.DNSNames, CommonNames: t.Identities.CommonNames})
+	}
+	return rules
+}
+
+func (c Config) validateTenants() Problems {
+	var p Problems
+	add := func(format string, args ...any) { p = append(p, fmt.Sprintf(format, args...)) }
+	labels := map[string]string{}
+	for i, t := range c.Tenants {
+		where := fmt.Sprintf("tenants[%d]", i)
+		if t.Name != "" {
+			where = fmt.Sprintf("tenants[%d] (%s)", i, t.Name)
+		}
+		if err := broker.ValidateName(t.Name); err != nil {
+			add("%s.name: %v", where, strings.TrimPrefix(err.Error(), "invalid name: "))
+		}
+		id := t.Identities
+		if len(id.UIDs)+len(id.GIDs)+len(id.SPIFFEIDs)+len(id.DNSNames)+len(id.CommonNames) == 0 {
+			add("%s.identities: none, so no caller could use it", where)
+		}
+		if len(t.Roles) == 0 {
+			add("%s.roles: none; want signer and/or admin", where)
+		}
+		for _, r := range t.Roles {
+			if r != RoleSigner && r != RoleAdmin {
+				add("%s.roles: %q, want signer or admin", where, r)
+			}
+		}
+		q := t.Quota
+		if q.SignsPerSecond < 0 || q.Burst < 0 || q.MaxKeys < 0 {
+			add("%s.quota: values must not be negative", where)
+		}
+		if q.SignsPerSecond > 0 && q.Burst < 1 {
+			add("%s.quota.burst: got %d, want at least 1 when signs_per_second is set", where, q.Burst)
+		}
+		if tok := t.PKCS11; tok != nil {
+			if tok.TokenLabel == "" || tok.PINFile == "" {
+				add("%s.pkcs11: token_label and pin_file must both be set", where)
+			}
+			if tok.TokenLabel == c.PKCS11.TokenLabel {
+				add("%s.pkcs11.token_label: %q is the shared token; leave pkcs11 out to use it", where, tok.TokenLabel)
+			} else if other, ok := labels[tok.TokenLabel]; ok && tok.TokenLabel != "" {
+				add("%s.pkcs11.token_label: %q is also %s's token", where, tok.TokenLabel, other)
+			}
+			labels[tok.TokenLabel] = t.Name
+		}
+	}
+	if _, err := authn.NewResolver(c.Rules()); err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			add("tenants: %s", line)
+		}
+	}
+	return p
 }

@@ -40,6 +40,30 @@ pkcs11:
   softhsm2_conf: /etc/softhsm2.conf
   max_sessions: 32
   pool_wait_timeout: 750ms
+tenants:
+  - name: payments
+    identities:
+      uids: [1001]
+      gids: [2001]
+      spiffe_ids: ["spiffe://example.org/payments"]
+      dns_names: [payments.internal]
+      common_names: [payments]
+    roles: [signer, admin]
+    quota:
+      signs_per_second: 100
+      burst: 200
+      max_keys: 50
+    pkcs11:
+      token_label: payments
+      pin_file: /etc/kb/payments.pin
+tcp:
+  address: 127.0.0.1:8443
+  cert_file: /etc/kb/tls.crt
+  key_file: /etc/kb/tls.key
+  client_ca_file: /etc/kb/clients.crt
+audit:
+  path: /var/log/kb/audit.jsonl
+  write_timeout: 2s
 rotation:
   check_interval: 30s
 limits:
@@ -69,6 +93,16 @@ func TestParseFull(t *testing.T) {
 			MaxSessions:     32,
 			PoolWaitTimeout: 750 * time.Millisecond,
 		},
+		Tenants: []Tenant{{
+			Name: "payments",
+			Identities: Identities{UIDs: []uint32{1001}, GIDs: []uint32{2001}, SPIFFEIDs: []string{"spiffe://example.org/payments"},
+				DNSNames: []string{"payments.internal"}, CommonNames: []string{"payments"}},
+			Roles:  []string{"signer", "admin"},
+			Quota:  Quota{SignsPerSecond: 100, Burst: 200, MaxKeys: 50},
+			PKCS11: &TenantToken{TokenLabel: "payments", PINFile: "/etc/kb/payments.pin"},
+		}},
+		TCP:      TCP{Address: "127.0.0.1:8443", CertFile: "/etc/kb/tls.crt", KeyFile: "/etc/kb/tls.key", ClientCAFile: "/etc/kb/clients.crt"},
+		Audit:    Audit{Path: "/var/log/kb/audit.jsonl", WriteTimeout: 2 * time.Second},
 		Rotation: Rotation{CheckInterval: 30 * time.Second},
 		Limits: Limits{
 			MaxRecvMsgSize:       131072,
@@ -99,7 +133,7 @@ func checkAllDiffer(t *testing.T, a, b reflect.Value, path string) {
 		}
 		return
 	}
-	if a.Interface() == b.Interface() {
+	if reflect.DeepEqual(a.Interface(), b.Interface()) {
 		t.Errorf("%s = %v, the default; the full YAML should set it", path, a.Interface())
 	}
 }

@@ -13,12 +13,15 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/hsm"
+	"github.com/keybroker/keybroker/internal/audit"
+	"github.com/keybroker/keybroker/internal/authn"
 	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/keyring"
@@ -27,19 +30,17 @@ import (
 	"github.com/keybroker/keybroker/rotation"
 )
 
-// DefaultTenant is the tenant every local caller belongs to until tenants
-// are configured.
-const DefaultTenant = "default"
-
 // Daemon is a running keybrokerd.
 type Daemon struct {
 	cfg     config.Config
 	log     *slog.Logger
 	backend broker.Backend
 	store   *store.Store
+	audit   *audit.Log
 	ring    *keyring.Keyring
 	health  *health.Server
-	grpc    *grpc.Server
+	grpc    *grpc.Server // unix socket, peers identified by SO_PEERCRED
+	tcp     *grpc.Server // TCP with mutual TLS; nil when not configured
 }
 
 // Options are the daemon's test seams.
@@ -76,9 +77,17 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	if d.store, err = store.Open(filepath.Join(cfg.StateDir, "keybroker.db")); err != nil {
 		return nil, err
 	}
-	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log, Failpoint: o.Failpoint})
+	access, maxKeys, err := accessFrom(cfg)
 	if err != nil {
 		return nil, err
+	}
+	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log,
+		Failpoint: o.Failpoint, MaxKeys: maxKeys})
+	if err != nil {
+		return nil, err
+	}
+	if d.audit, err = audit.Open(cfg.AuditPath(), audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log}); err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
 	defer cancel()
@@ -94,43 +103,110 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		log.Error("applying due rotations at start; retrying on schedule", "err", err)
 	}
 
-	svc := server.New(d.ring, server.SingleTenant(DefaultTenant), log)
-	d.grpc = grpc.NewServer(
-		grpc.MaxRecvMsgSize(cfg.Limits.MaxRecvMsgSize),
-		grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
-		grpc.ChainUnaryInterceptor(deadline(cfg.Limits.CallTimeout), svc.UnaryInterceptor),
-	)
-	kbv1.RegisterKeyBrokerServer(d.grpc, svc)
+	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Log: log})
 	d.health = health.NewServer()
-	healthpb.RegisterHealthServer(d.grpc, d.health)
-	reflection.Register(d.grpc)
+	newServer := func(creds credentials.TransportCredentials) *grpc.Server {
+		g := grpc.NewServer(
+			grpc.Creds(creds),
+			grpc.MaxRecvMsgSize(cfg.Limits.MaxRecvMsgSize),
+			grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
+			grpc.ChainUnaryInterceptor(deadline(cfg.Limits.CallTimeout), svc.UnaryInterceptor),
+		)
+		kbv1.RegisterKeyBrokerServer(g, svc)
+		healthpb.RegisterHealthServer(g, d.health)
+		reflection.Register(g)
+		return g
+	}
+	d.grpc = newServer(authn.UnixCredentials())
+	if cfg.TCP.Address != "" {
+		tlsCfg, err := authn.ServerTLS(cfg.TCP.CertFile, cfg.TCP.KeyFile, cfg.TCP.ClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("tcp: %w", err)
+		}
+		d.tcp = newServer(credentials.NewTLS(tlsCfg))
+	}
 	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	d.health.SetServingStatus(kbv1.KeyBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	return d, nil
 }
 
-func openBackend(cfg config.Config, log *slog.Logger) (broker.Backend, error) {
-	pin, err := config.ReadPIN(cfg.PKCS11.PINFile)
-	if err != nil {
-		return nil, err
-	}
+// openBackend opens the shared token and each tenant's own token.
+func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err error) {
 	if cfg.PKCS11.SoftHSM2Conf != "" {
 		// Read by libsofthsm2 in C_Initialize.
 		if err := os.Setenv("SOFTHSM2_CONF", cfg.PKCS11.SoftHSM2Conf); err != nil {
 			return nil, err
 		}
 	}
-	b, err := hsm.Open(hsm.Config{
-		ModulePath:      cfg.PKCS11.Module,
-		TokenLabel:      cfg.PKCS11.TokenLabel,
-		PIN:             pin,
-		MaxSessions:     cfg.PKCS11.MaxSessions,
-		PoolWaitTimeout: cfg.PKCS11.PoolWaitTimeout,
-	}, log)
-	if err != nil {
-		return nil, fmt.Errorf("pkcs11 token %q: %w", cfg.PKCS11.TokenLabel, err)
+	open := func(label, pinFile string) (*hsm.Backend, error) {
+		pin, err := config.ReadPIN(pinFile)
+		if err != nil {
+			return nil, err
+		}
+		b, err := hsm.Open(hsm.Config{
+			ModulePath:      cfg.PKCS11.Module,
+			TokenLabel:      label,
+			PIN:             pin,
+			MaxSessions:     cfg.PKCS11.MaxSessions,
+			PoolWaitTimeout: cfg.PKCS11.PoolWaitTimeout,
+		}, log)
+		if err != nil {
+			return nil, fmt.Errorf("pkcs11 token %q: %w", label, err)
+		}
+		return b, nil
 	}
-	return b, nil
+	shared, err := open(cfg.PKCS11.TokenLabel, cfg.PKCS11.PINFile)
+	if err != nil {
+		return nil, err
+	}
+	r := &broker.Router{Shared: shared, ByTenant: map[string]broker.Backend{}}
+	defer func() {
+		if err != nil {
+			r.Close()
+		}
+	}()
+	for _, t := range cfg.Tenants {
+		if t.PKCS11 == nil {
+			continue
+		}
+		own, err := open(t.PKCS11.TokenLabel, t.PKCS11.PINFile)
+		if err != nil {
+			return nil, fmt.Errorf("tenant %s: %w", t.Name, err)
+		}
+		r.ByTenant[t.Name] = own
+	}
+	return r, nil
+}
+
+// accessFrom builds the tenants' access rules and key limits.
+func accessFrom(cfg config.Config) (*server.Access, func(string) int, error) {
+	var policies []server.TenantPolicy
+	maxKeys := map[string]int{}
+	for _, t := range cfg.EffectiveTenants() {
+		var roles server.Role
+		for _, r := range t.Roles {
+			switch r {
+			case config.RoleSigner:
+				roles |= server.RoleSigner
+			case config.RoleAdmin:
+				roles |= server.RoleAdmin
+			}
+		}
+		id := t.Identities
+		policies = append(policies, server.TenantPolicy{
+			Name:           t.Name,
+			Identities:     authn.Rule{UIDs: id.UIDs, GIDs: id.GIDs, SPIFFEIDs: id.SPIFFEIDs, DNSNames: id.DNSNames, CommonNames: id.CommonNames},
+			Roles:          roles,
+			SignsPerSecond: t.Quota.SignsPerSecond,
+			Burst:          t.Quota.Burst,
+		})
+		maxKeys[t.Name] = t.Quota.MaxKeys
+	}
+	access, err := server.NewAccess(policies)
+	if err != nil {
+		return nil, nil, err
+	}
+	return access, func(tenant string) int { return maxKeys[tenant] }, nil
 }
 
 // Keyring is the daemon's keyring, for in-process callers (dev mode).
@@ -160,29 +236,52 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 	go func() { sched.Run(schedCtx); close(schedDone) }()
 	defer func() { stopSched(); <-schedDone }()
 
-	errc := make(chan error, 1)
+	servers := []*grpc.Server{d.grpc}
+	errc := make(chan error, 2)
 	go func() { errc <- d.grpc.Serve(lis) }()
 	d.log.Info("serving", "socket", lis.Addr().String(), "backend", d.cfg.Backend)
+	if d.tcp != nil {
+		tl, err := net.Listen("tcp", d.cfg.TCP.Address)
+		if err != nil {
+			d.grpc.Stop()
+			return fmt.Errorf("tcp: %w", err)
+		}
+		servers = append(servers, d.tcp)
+		go func() { errc <- d.tcp.Serve(tl) }()
+		d.log.Info("serving mTLS", "address", tl.Addr().String())
+	}
+	var err error
 	select {
-	case err := <-errc:
-		return err
+	case err = <-errc:
 	case <-ctx.Done():
 	}
 	d.log.Info("stopping")
 	d.health.Shutdown()
 	stopped := make(chan struct{})
-	go func() { d.grpc.GracefulStop(); close(stopped) }()
+	go func() {
+		for _, g := range servers {
+			g.GracefulStop()
+		}
+		close(stopped)
+	}()
 	select {
 	case <-stopped:
 	case <-time.After(d.cfg.Limits.ShutdownTimeout):
 		d.log.Warn("graceful stop timed out; closing remaining calls")
-		d.grpc.Stop()
+		for _, g := range servers {
+			g.Stop()
+		}
 	}
-	return nil
+	return err
 }
 
 // Close releases the store and the hardware.
 func (d *Daemon) Close() {
+	if d.audit != nil {
+		if err := d.audit.Close(); err != nil {
+			d.log.Error("closing audit log", "err", err)
+		}
+	}
 	if d.store != nil {
 		if err := d.store.Close(); err != nil {
 			d.log.Error("closing store", "err", err)

@@ -34,6 +34,7 @@ type Keyring struct {
 	log         *slog.Logger
 	now         func() time.Time
 	failpoint   func(step string)
+	maxKeys     func(tenant string) int
 
 	mu       sync.RWMutex
 	keys     map[keyID]*key    // immutable snapshots, replaced on change
@@ -67,6 +68,8 @@ type Options struct {
 	Store       *store.Store
 	Log         *slog.Logger
 	Now         func() time.Time // defaults to time.Now
+	// MaxKeys, when set, is the most keys a tenant may have (0: no limit).
+	MaxKeys func(tenant string) int
 	// Failpoint, when set, is called at each step of a key change:
 	// "before-generate", "after-generate", "before-commit",
 	// "after-commit". Crash tests kill the process there.
@@ -82,6 +85,7 @@ func New(o Options) (*Keyring, error) {
 		log:         o.Log,
 		now:         o.Now,
 		failpoint:   o.Failpoint,
+		maxKeys:     o.MaxKeys,
 		keys:        make(map[keyID]*key),
 		creating:    make(map[keyID]bool),
 		jwks:        make(map[string][]byte),
@@ -95,6 +99,9 @@ func New(o Options) (*Keyring, error) {
 	}
 	if r.failpoint == nil {
 		r.failpoint = func(string) {}
+	}
+	if r.maxKeys == nil {
+		r.maxKeys = func(string) int { return 0 }
 	}
 	recs, err := r.store.Keys()
 	if err != nil {
@@ -203,6 +210,11 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 		r.mu.Unlock()
 		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrAlreadyExists, Msg: fmt.Sprintf("key %q already exists", name)}
 	}
+	if max := r.maxKeys(tenant); max > 0 && r.countLocked(tenant) >= max {
+		r.mu.Unlock()
+		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrResourceExhausted, Reason: ReasonKeyQuota,
+			Msg: fmt.Sprintf("key quota exceeded: the tenant has %d keys, the most it may have", max)}
+	}
 	r.creating[id] = true
 	r.mu.Unlock()
 	defer func() {
@@ -225,6 +237,25 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 	}
 	r.log.Info("key created", "tenant", tenant, "key", name, "alg", spec.Alg.String(), "bits", spec.Bits, "kid", k.active.Kid)
 	return k.info(), nil
+}
+
+// ReasonKeyQuota is the ErrorInfo reason for a tenant at its key limit.
+const ReasonKeyQuota = "KEY_QUOTA_EXCEEDED"
+
+// countLocked counts the tenant's keys, including those being created.
+func (r *Keyring) countLocked(tenant string) int {
+	n := 0
+	for id := range r.keys {
+		if id.tenant == tenant {
+			n++
+		}
+	}
+	for id := range r.creating {
+		if id.tenant == tenant {
+			n++
+		}
+	}
+	return n
 }
 
 // generate makes the next version of rec in hardware and returns its

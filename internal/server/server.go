@@ -13,71 +13,112 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
 )
 
-// TenantFunc returns the tenant of the authenticated caller of ctx.
-type TenantFunc func(ctx context.Context) (string, error)
+// Auditor records one audit line per RPC and returns once it is durable
+// (*audit.Log). An error withholds the response.
+type Auditor interface {
+	Write(ctx context.Context, r audit.Record) error
+}
 
-// SingleTenant serves every caller as tenant name.
-func SingleTenant(name string) TenantFunc {
-	return func(context.Context) (string, error) { return name, nil }
+// Options configure the service.
+type Options struct {
+	Ring   *keyring.Keyring
+	Access *Access
+	Audit  Auditor // nil: no audit log
+	Log    *slog.Logger
 }
 
 // Server implements kbv1.KeyBrokerServer.
 type Server struct {
 	kbv1.UnimplementedKeyBrokerServer
 	ring   *keyring.Keyring
-	tenant TenantFunc
+	access *Access
+	audit  Auditor
 	log    *slog.Logger
 }
 
 // New returns the service.
-func New(ring *keyring.Keyring, tenant TenantFunc, log *slog.Logger) *Server {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+func New(o Options) *Server {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{ring: ring, tenant: tenant, log: log}
+	return &Server{ring: o.Ring, access: o.Access, audit: o.Audit, log: o.Log}
 }
 
-// UnaryInterceptor logs every call, turns panics into Internal, and makes
-// sure every error leaving the server went through toStatus.
-func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+// UnaryInterceptor wraps every keybroker.v1 call: request id, caller
+// authentication and authorization, signing quota, panic recovery, the one
+// error → status conversion, a log line, and the audit record, which must be
+// durable before the response (or the response is withheld: UNAVAILABLE).
+// Other services (health, reflection) pass through.
+func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if !strings.HasPrefix(info.FullMethod, "/"+kbv1.KeyBroker_ServiceDesc.ServiceName+"/") {
+		return handler(ctx, req)
+	}
 	start := time.Now()
+	reqID := newRequestID()
+	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", reqID))
+	caller, resp, err := s.call(ctx, req, info, handler)
+	code := status.Code(err)
+	log := s.log.With("request_id", reqID, "method", shortMethod(info.FullMethod), "tenant", caller.Tenant)
+	level := slog.LevelDebug
+	if code == codes.Internal || code == codes.Unavailable || code == codes.Unknown {
+		level = slog.LevelWarn
+	}
+	log.Log(ctx, level, "rpc", "caller", caller.Identity, "code", code.String(), "latency", time.Since(start))
+	if s.audit != nil {
+		rec := auditRecord(reqID, info.FullMethod, caller, req, resp, code, time.Since(start))
+		if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
+			log.Error("audit record not written; response withheld", "err", aerr)
+			return nil, status.Error(codes.Unavailable, "audit log unavailable, retry later")
+		}
+	}
+	return resp, err
+}
+
+// call authenticates, authorizes, applies the quota and runs the handler.
+func (s *Server) call(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (caller Caller, resp any, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 			resp, err = nil, status.Error(codes.Internal, "internal error")
 		}
-		code := status.Code(err)
-		level := slog.LevelDebug
-		if code == codes.Internal || code == codes.Unavailable || code == codes.Unknown {
-			level = slog.LevelWarn
-		}
-		s.log.Log(ctx, level, "rpc", "method", info.FullMethod, "code", code.String(), "latency", time.Since(start))
 	}()
-	resp, err = handler(ctx, req)
+	caller, err = s.access.authorize(ctx, info.FullMethod)
+	if err != nil {
+		return caller, nil, err
+	}
+	if info.FullMethod == kbv1.KeyBroker_Sign_FullMethodName {
+		if err := s.access.allowSign(caller.Tenant); err != nil {
+			return caller, nil, err
+		}
+	}
+	resp, err = handler(context.WithValue(ctx, callerKey{}, caller), req)
 	if err != nil {
 		if _, isStatus := err.(interface{ GRPCStatus() *status.Status }); !isStatus {
-			s.log.Warn("rpc failed", "method", info.FullMethod, "err", err)
+			s.log.Warn("rpc failed", "method", info.FullMethod, "tenant", caller.Tenant, "err", err)
 		}
-		err = toStatus(err)
+		return caller, nil, toStatus(err)
 	}
-	return resp, err
+	return caller, resp, nil
 }
 
 func (s *Server) CreateKey(ctx context.Context, req *kbv1.CreateKeyRequest) (*kbv1.CreateKeyResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -97,7 +138,7 @@ func (s *Server) CreateKey(ctx context.Context, req *kbv1.CreateKeyRequest) (*kb
 }
 
 func (s *Server) GetKey(ctx context.Context, req *kbv1.GetKeyRequest) (*kbv1.GetKeyResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -109,7 +150,7 @@ func (s *Server) GetKey(ctx context.Context, req *kbv1.GetKeyRequest) (*kbv1.Get
 }
 
 func (s *Server) ListKeys(ctx context.Context, req *kbv1.ListKeysRequest) (*kbv1.ListKeysResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -125,7 +166,7 @@ func (s *Server) ListKeys(ctx context.Context, req *kbv1.ListKeysRequest) (*kbv1
 }
 
 func (s *Server) Sign(ctx context.Context, req *kbv1.SignRequest) (*kbv1.SignResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -156,7 +197,7 @@ func (s *Server) Sign(ctx context.Context, req *kbv1.SignRequest) (*kbv1.SignRes
 }
 
 func (s *Server) GetPublicKey(ctx context.Context, req *kbv1.GetPublicKeyRequest) (*kbv1.GetPublicKeyResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -180,7 +221,7 @@ func (s *Server) GetPublicKey(ctx context.Context, req *kbv1.GetPublicKeyRequest
 }
 
 func (s *Server) GetJWKS(ctx context.Context, req *kbv1.GetJWKSRequest) (*kbv1.GetJWKSResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -192,7 +233,7 @@ func (s *Server) GetJWKS(ctx context.Context, req *kbv1.GetJWKSRequest) (*kbv1.G
 }
 
 func (s *Server) RotateKey(ctx context.Context, req *kbv1.RotateKeyRequest) (*kbv1.RotateKeyResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -204,7 +245,7 @@ func (s *Server) RotateKey(ctx context.Context, req *kbv1.RotateKeyRequest) (*kb
 }
 
 func (s *Server) RevokeKeyVersion(ctx context.Context, req *kbv1.RevokeKeyVersionRequest) (*kbv1.RevokeKeyVersionResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -216,7 +257,7 @@ func (s *Server) RevokeKeyVersion(ctx context.Context, req *kbv1.RevokeKeyVersio
 }
 
 func (s *Server) UpdatePolicy(ctx context.Context, req *kbv1.UpdatePolicyRequest) (*kbv1.UpdatePolicyResponse, error) {
-	tenant, err := s.tenant(ctx)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/hsm"
+	"github.com/keybroker/keybroker/internal/authn"
 	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/store"
@@ -59,7 +60,13 @@ type stack struct {
 	conn    *grpc.ClientConn
 }
 
+// newStack serves the test process's uid as tenant t1 with both roles.
 func newStack(t testing.TB) *stack {
+	t.Helper()
+	return newStackWith(t, []TenantPolicy{{Name: "t1", Identities: authn.Rule{UIDs: []uint32{uint32(os.Getuid())}}, Roles: RoleSigner | RoleAdmin}})
+}
+
+func newStackWith(t testing.TB, tenants []TenantPolicy) *stack {
 	t.Helper()
 	tok := softhsmtest.NewToken(t)
 	hb, err := hsm.Open(hsm.Config{ModulePath: tok.ModulePath, TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 8, PoolWaitTimeout: 10 * time.Second}, nil)
@@ -77,8 +84,12 @@ func newStack(t testing.TB) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := New(ring, SingleTenant("t1"), nil)
-	g := grpc.NewServer(grpc.UnaryInterceptor(svc.UnaryInterceptor))
+	access, err := NewAccess(tenants)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := New(Options{Ring: ring, Access: access})
+	g := grpc.NewServer(grpc.Creds(authn.UnixCredentials()), grpc.UnaryInterceptor(svc.UnaryInterceptor))
 	kbv1.RegisterKeyBrokerServer(g, svc)
 
 	// Unix socket paths are limited to 107 bytes; t.TempDir can be longer.

@@ -1,0 +1,88 @@
+package broker
+
+import (
+	"context"
+	"crypto"
+	"errors"
+)
+
+// Router is a Backend that sends each partition to its own backend (a
+// tenant's own PKCS#11 token) or to the shared one.
+type Router struct {
+	Shared   Backend
+	ByTenant map[string]Backend
+}
+
+var _ Backend = (*Router)(nil)
+
+func (r *Router) pick(p Partition) Backend {
+	if b, ok := r.ByTenant[p.Tenant]; ok {
+		return b
+	}
+	return r.Shared
+}
+
+func (r *Router) Generate(ctx context.Context, p Partition, spec KeySpec) (Handle, crypto.PublicKey, error) {
+	return r.pick(p).Generate(ctx, p, spec)
+}
+
+func (r *Router) Sign(ctx context.Context, p Partition, h Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return r.pick(p).Sign(ctx, p, h, digest, opts)
+}
+
+func (r *Router) Destroy(ctx context.Context, p Partition, h Handle) error {
+	return r.pick(p).Destroy(ctx, p, h)
+}
+
+// Probe probes every backend.
+func (r *Router) Probe(ctx context.Context) error {
+	err := r.Shared.Probe(ctx)
+	for _, b := range r.ByTenant {
+		err = errors.Join(err, b.Probe(ctx))
+	}
+	return err
+}
+
+// Close closes every backend.
+func (r *Router) Close() error {
+	err := r.Shared.Close()
+	for _, b := range r.ByTenant {
+		err = errors.Join(err, b.Close())
+	}
+	return err
+}
+
+// List lists every backend that can, reporting an object only where it is
+// served: an object on the shared token labelled with a tenant that has its
+// own token (or the reverse) is reported under a partition that routes back
+// to the backend holding it, so that Reconcile can remove it there.
+func (r *Router) List(ctx context.Context) ([]Object, error) {
+	var all []Object
+	add := func(b Backend, own string) error {
+		l, ok := b.(Lister)
+		if !ok {
+			return nil
+		}
+		objs, err := l.List(ctx)
+		if err != nil {
+			return err
+		}
+		for _, o := range objs {
+			if r.pick(o.Partition) != b {
+				// Misplaced: keep it addressable on the backend holding it.
+				o.Partition = Partition{Tenant: own}
+			}
+			all = append(all, o)
+		}
+		return nil
+	}
+	if err := add(r.Shared, ""); err != nil {
+		return nil, err
+	}
+	for tenant, b := range r.ByTenant {
+		if err := add(b, tenant); err != nil {
+			return nil, err
+		}
+	}
+	return all, nil
+}

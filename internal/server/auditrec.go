@@ -1,0 +1,79 @@
+package server
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"strings"
+	"time"
+	"unicode"
+
+	"google.golang.org/grpc/codes"
+
+	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/audit"
+)
+
+// newRequestID returns 16 random bytes in hex.
+func newRequestID() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// auditRecord describes one call for the audit log: who, what, which key
+// version, the digest's SHA-256 (never the digest), the outcome. Nothing
+// secret is in a request or response of this API, and only these fields are
+// copied.
+func auditRecord(reqID, method string, c Caller, req, resp any, code codes.Code, latency time.Duration) audit.Record {
+	r := audit.Record{
+		RequestID: reqID,
+		Tenant:    c.Tenant,
+		Caller:    c.Identity,
+		Method:    method,
+		Code:      codeName(code),
+		LatencyMS: float64(latency.Microseconds()) / 1000,
+	}
+	if m, ok := req.(interface{ GetName() string }); ok {
+		r.Key = m.GetName()
+	}
+	if m, ok := req.(interface{ GetVersion() uint32 }); ok {
+		r.Version = m.GetVersion()
+	}
+	if m, ok := req.(interface{ GetKid() string }); ok {
+		r.Kid = m.GetKid()
+	}
+	if m, ok := req.(*kbv1.SignRequest); ok && len(m.GetDigest()) > 0 {
+		sum := sha256.Sum256(m.GetDigest())
+		r.DigestSHA256 = hex.EncodeToString(sum[:])
+	}
+	if m, ok := req.(*kbv1.CreateKeyRequest); ok {
+		r.Alg = algName(m.GetAlgorithm())
+	}
+	if m, ok := resp.(*kbv1.SignResponse); ok {
+		r.Kid, r.Version, r.Alg = m.GetKid(), m.GetVersion(), algName(m.GetAlgorithm())
+	}
+	return r
+}
+
+func algName(a kbv1.Algorithm) string {
+	if a == kbv1.Algorithm_ALGORITHM_UNSPECIFIED {
+		return ""
+	}
+	return strings.TrimPrefix(a.String(), "ALGORITHM_")
+}
+
+// codeName is the canonical name of a code: PermissionDenied →
+// PERMISSION_DENIED.
+func codeName(c codes.Code) string {
+	var b strings.Builder
+	prevLower := false
+	for _, r := range c.String() {
+		if unicode.IsUpper(r) && prevLower {
+			b.WriteByte('_')
+		}
+		prevLower = unicode.IsLower(r)
+		b.WriteRune(unicode.ToUpper(r))
+	}
+	return b.String()
+}
