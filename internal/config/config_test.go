@@ -406,3 +406,70 @@ func TestReadPINErrors(t *testing.T) {
 		t.Errorf("ReadPIN(missing) = %q, want a %q prefix", err, "pin file: ")
 	}
 }
+
+func TestValidateTenants(t *testing.T) {
+	base := Default()
+	good := Tenant{Name: "app", Identities: Identities{UIDs: []uint32{1000}}, Roles: []string{RoleSigner}}
+	cases := []struct {
+		name    string
+		edit    func(c *Config)
+		problem string
+	}{
+		{"bad name", func(c *Config) { t := good; t.Name = "App/1"; c.Tenants = []Tenant{t} }, "tenants[0] (App/1).name"},
+		{"no identities", func(c *Config) { t := good; t.Identities = Identities{}; c.Tenants = []Tenant{t} }, "identities: none"},
+		{"no roles", func(c *Config) { t := good; t.Roles = nil; c.Tenants = []Tenant{t} }, "roles: none"},
+		{"unknown role", func(c *Config) { t := good; t.Roles = []string{"root"}; c.Tenants = []Tenant{t} }, `roles: "root"`},
+		{"negative quota", func(c *Config) { t := good; t.Quota.MaxKeys = -1; c.Tenants = []Tenant{t} }, "quota: values must not be negative"},
+		{"rate without burst", func(c *Config) { t := good; t.Quota.SignsPerSecond = 5; c.Tenants = []Tenant{t} }, "quota.burst"},
+		{"half a token", func(c *Config) { t := good; t.PKCS11 = &TenantToken{TokenLabel: "x"}; c.Tenants = []Tenant{t} }, "token_label and pin_file must both be set"},
+		{"shared token as own", func(c *Config) {
+			t := good
+			t.PKCS11 = &TenantToken{TokenLabel: c.PKCS11.TokenLabel, PINFile: "/p"}
+			c.Tenants = []Tenant{t}
+		}, "is the shared token"},
+		{"two tenants one token", func(c *Config) {
+			a, b := good, good
+			b.Name, b.Identities = "other", Identities{UIDs: []uint32{1001}}
+			a.PKCS11, b.PKCS11 = &TenantToken{TokenLabel: "t1", PINFile: "/p"}, &TenantToken{TokenLabel: "t1", PINFile: "/q"}
+			c.Tenants = []Tenant{a, b}
+		}, `is also app's token`},
+		{"uid in two tenants", func(c *Config) {
+			b := good
+			b.Name = "other"
+			c.Tenants = []Tenant{good, b}
+		}, "tenants: "},
+		{"tcp without files", func(c *Config) { c.TCP.Address = "127.0.0.1:0" }, "tcp: address is set"},
+		{"audit timeout", func(c *Config) { c.Audit.WriteTimeout = 0 }, "audit.write_timeout"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := base
+			tc.edit(&c)
+			err := c.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.problem) {
+				t.Errorf("Validate: %v, want a problem containing %q", err, tc.problem)
+			}
+		})
+	}
+	c := base
+	c.Tenants = []Tenant{good}
+	if err := c.Validate(); err != nil {
+		t.Errorf("a good tenant: %v", err)
+	}
+}
+
+func TestEffectiveTenants(t *testing.T) {
+	c := Default()
+	got := c.EffectiveTenants()
+	if len(got) != 1 || got[0].Name != DefaultTenant || len(got[0].Identities.UIDs) != 1 || got[0].Identities.UIDs[0] != uint32(os.Getuid()) ||
+		len(got[0].Roles) != 2 {
+		t.Errorf("implicit tenants: %+v, want default for uid %d with both roles", got, os.Getuid())
+	}
+	c.Tenants = []Tenant{{Name: "x"}}
+	if got := c.EffectiveTenants(); len(got) != 1 || got[0].Name != "x" {
+		t.Errorf("configured tenants not used: %+v", got)
+	}
+	if c.AuditPath() != filepath.Join(c.StateDir, "audit.jsonl") {
+		t.Errorf("default audit path %q", c.AuditPath())
+	}
+}
