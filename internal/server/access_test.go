@@ -287,7 +287,7 @@ func TestAuditEveryCall(t *testing.T) {
 			t.Errorf("the mixed run produced no %v", c)
 		}
 	}
-	head, err := audit.ReadHead(path)
+	head, err := audit.ReadHead(path + ".head")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,460 @@
+// Package audit is keybroker's audit log: one JSON line per RPC, every line
+// carrying the SHA-256 of the line before it, so that an edited, removed,
+// duplicated or reordered record breaks the chain. A small head file next to
+// the log holds the seq and hash of the last durable line; it is what makes
+// the removal of whole trailing lines detectable.
+//
+// The gRPC server (internal/server) writes the log through a Log: Write
+// returns only once the record is on disk, and the server refuses the RPC
+// (UNAVAILABLE) when it cannot, so nothing is done that is not recorded.
+// keybrokerctl ("audit verify") checks a log with Verify, without the daemon.
+// The package imports the standard library and internal/broker (for
+// broker.ErrUnavailable) only.
+//
+// Records must never carry secrets: no PINs, no auth values, no private key
+// material, no whole tokens, and never a digest itself (only its SHA-256, see
+// DigestSHA256). The caller chooses the fields; the log writes what it gets.
+package audit
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/keybroker/keybroker/internal/broker"
+)
+
+// Record is one line of the audit log: one RPC, whatever its outcome
+// (denials included). Seq, Prev and, when zero, Time are set by Write.
+//
+// A Record must not carry secrets: no PINs, auth values, private key
+// material or whole tokens, and no digest, only its hash (DigestSHA256).
+type Record struct {
+	Seq          uint64    `json:"seq"`  // 1, 2, ... set by Write
+	Time         time.Time `json:"time"` // set by Write if zero; always written in UTC, RFC 3339 with nanoseconds
+	RequestID    string    `json:"request_id"`
+	Tenant       string    `json:"tenant,omitempty"`
+	Caller       string    `json:"caller,omitempty"` // the authenticated peer, e.g. "uid:1000 gid:1000" or "spiffe://..."
+	Method       string    `json:"method"`           // full gRPC method, "/keybroker.v1.KeyBroker/Sign"
+	Key          string    `json:"key,omitempty"`
+	Version      uint32    `json:"version,omitempty"`
+	Kid          string    `json:"kid,omitempty"`
+	Alg          string    `json:"alg,omitempty"`
+	DigestSHA256 string    `json:"digest_sha256,omitempty"` // hex SHA-256 of the signed digest, never the digest itself
+	Code         string    `json:"code"`                    // gRPC code name: "OK", "PERMISSION_DENIED", ...
+	LatencyMS    float64   `json:"latency_ms"`
+	Prev         string    `json:"prev"` // hex SHA-256 of the previous line without its newline; ZeroHash for seq 1
+}
+
+// DigestSHA256 returns the value of Record.DigestSHA256 for digest: the hex
+// SHA-256 of it. The digest itself is not logged: it can be the hash of a
+// token or of a request that is not the audit reader's business.
+func DigestSHA256(digest []byte) string {
+	sum := sha256.Sum256(digest)
+	return hex.EncodeToString(sum[:])
+}
+
+// ZeroHash is the Prev of the first record, and the Hash of the head of an
+// empty log.
+const ZeroHash = "0000000000000000000000000000000000000000000000000000000000000000"
+
+// MaxLineBytes bounds one line of the log, without its newline. Write
+// refuses bigger records and Verify reports bigger lines, so a damaged file
+// cannot make the verifier read without bound.
+const MaxLineBytes = 1 << 20
+
+// maxQueuedBytes bounds the lines waiting for the writer. When the sink is
+// stuck, Writes beyond it fail at once instead of piling up in memory.
+const maxQueuedBytes = 64 << 20
+
+// defaultTimeout is Options.Timeout when unset.
+const defaultTimeout = time.Second
+
+// ErrUnavailable is returned (wrapped) by Write when it could not make its
+// record durable: the sink failed, earlier or now, it did not finish within
+// Options.Timeout, the context ended, or the log is closed. It wraps
+// broker.ErrUnavailable, so the server answers UNAVAILABLE.
+var ErrUnavailable error = unavailableError{}
+
+type unavailableError struct{}
+
+func (unavailableError) Error() string { return "audit log unavailable" }
+func (unavailableError) Unwrap() error { return broker.ErrUnavailable }
+
+// Sink is where a Log writes its lines. *os.File satisfies it. Write gets
+// whole lines, several at a time; Sync must make them durable.
+type Sink interface {
+	io.Writer
+	Sync() error
+}
+
+// Options tune a Log. The zero value is fine.
+type Options struct {
+	// Timeout is how long Write waits for its record to be durable;
+	// default 1s.
+	Timeout time.Duration
+	// Sink, for tests, replaces the file: Open then ignores path, starts
+	// a new chain at seq 1 and keeps no head file (see Log.Head). The Log
+	// does not close it.
+	Sink Sink
+	// Log receives the failure of the sink (once) and what Open repaired.
+	// Default: discard.
+	Log *slog.Logger
+	// Now is the clock for Record.Time; default time.Now.
+	Now func() time.Time
+}
+
+// Log is an open audit log. Its methods are safe for concurrent use. One
+// Log per file: two Logs, in one process or two, appending to the same file
+// break its chain.
+//
+// Writes are group-committed: a single goroutine takes every line waiting,
+// writes them with one write, syncs once, updates the head file, and then
+// acknowledges each of their Writes.
+type Log struct {
+	sink     Sink
+	file     *os.File // nil with Options.Sink
+	headPath string   // "" with Options.Sink: no head file
+	timeout  time.Duration
+	now      func() time.Time
+	log      *slog.Logger
+
+	wake chan struct{} // cap 1: lines are queued, or the log is closing
+	done chan struct{} // closed when the writer goroutine returns
+
+	mu      sync.Mutex
+	seq     uint64     // of the last line queued
+	prev    string     // hash of the last line queued
+	queue   []*pending // lines waiting for the writer, in seq order
+	queued  int        // bytes in queue
+	durable Head       // the last line synced
+	failed  error      // why the sink failed; set once, then every Write fails
+	closed  bool
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// pending is a line waiting for the writer goroutine.
+type pending struct {
+	line []byte // with its newline
+	head Head   // seq and hash of line
+	ack  chan error
+}
+
+// Open opens the audit log at path, creating it (mode 0600) if needed; its
+// directory must exist. It continues the chain of an existing log after
+// checking it against its head file, path+".head", and refuses a log that
+// fails that check (see Verify): tampering is noticed at start.
+//
+// Two states a crash can leave are repaired, and logged: records after the
+// head (the log was synced, the head not yet updated) are kept, and a last
+// line without its newline (a torn write) is cut, provided it lies after
+// the head. Neither was ever acknowledged by Write.
+func Open(path string, o Options) (*Log, error) {
+	l := &Log{
+		sink:    o.Sink,
+		timeout: o.Timeout,
+		now:     o.Now,
+		log:     o.Log,
+		wake:    make(chan struct{}, 1),
+		done:    make(chan struct{}),
+		prev:    ZeroHash,
+		durable: Head{Hash: ZeroHash},
+	}
+	if l.timeout <= 0 {
+		l.timeout = defaultTimeout
+	}
+	if l.now == nil {
+		l.now = time.Now
+	}
+	if l.log == nil {
+		l.log = slog.New(slog.DiscardHandler)
+	}
+	if l.sink == nil {
+		f, head, err := openFile(path, l.log)
+		if err != nil {
+			return nil, err
+		}
+		l.sink, l.file, l.headPath = f, f, path+".head"
+		l.seq, l.prev, l.durable = head.Seq, head.Hash, head
+	}
+	go l.run()
+	return l, nil
+}
+
+// openFile opens the log at path for appending, checks it against its head
+// file, repairs what a crash leaves (see Open), and returns the file and
+// the head of the log.
+func openFile(path string, log *slog.Logger) (*os.File, Head, error) {
+	headPath := path + ".head"
+	head, err := ReadHead(headPath)
+	headMissing := errors.Is(err, fs.ErrNotExist)
+	if err != nil && !headMissing {
+		return nil, Head{}, fmt.Errorf("audit: %w", err)
+	}
+	flags := os.O_RDWR | os.O_APPEND
+	if headMissing || head.Seq == 0 {
+		// Without records in the head, the log may be new. With some, a
+		// missing log is an error, not a new empty one.
+		flags |= os.O_CREATE
+	}
+	f, err := os.OpenFile(path, flags, 0o600)
+	if err != nil {
+		return nil, Head{}, fmt.Errorf("audit: %w", err)
+	}
+	head, err = recoverFile(f, path, head, headMissing, log)
+	if err != nil {
+		f.Close()
+		return nil, Head{}, err
+	}
+	return f, head, nil
+}
+
+// recoverFile checks the log f against head (missing if headMissing),
+// repairs it as Open describes, writes the head file when it changed, and
+// returns the head.
+func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog.Logger) (Head, error) {
+	refuse := func(err error) (Head, error) {
+		return Head{}, fmt.Errorf("audit: refusing to continue %s: %w", path, err)
+	}
+	c, err := walk(f, head.Seq)
+	if err != nil {
+		return refuse(err)
+	}
+	switch {
+	case headMissing:
+		if c.lines > 0 || c.torn {
+			return refuse(fmt.Errorf("its head file %s is missing", path+".head"))
+		}
+	case c.seq > head.Seq:
+		if c.hashAt != head.Hash {
+			return refuse(headHashError(int(head.Seq), head.Seq, c.hashAt, head.Hash))
+		}
+		log.Warn("audit log has records after its head, synced but never acknowledged; keeping them",
+			"path", path, "head_seq", head.Seq, "last_seq", c.seq)
+	default:
+		if err := c.checkHead(head); err != nil {
+			return refuse(err)
+		}
+	}
+	if c.torn {
+		if err := f.Truncate(c.end); err != nil {
+			return Head{}, fmt.Errorf("audit: cutting the torn last line of %s: %w", path, err)
+		}
+		if err := f.Sync(); err != nil {
+			return Head{}, fmt.Errorf("audit: %w", err)
+		}
+		log.Warn("audit log ended inside a line (torn write, never acknowledged); cut it",
+			"path", path, "offset", c.end, "last_seq", c.seq)
+	}
+	now := Head{Seq: c.seq, Hash: c.hash}
+	if headMissing || now != head {
+		if err := writeHead(path+".head", now); err != nil {
+			return Head{}, fmt.Errorf("audit: %w", err)
+		}
+	}
+	return now, nil
+}
+
+// Head returns the seq and hash of the last durable line: what the head
+// file holds, and the head to pass to Verify when the log has a Sink.
+func (l *Log) Head() Head {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.durable
+}
+
+// Write appends r to the log and returns once it is durable: written,
+// synced and recorded in the head. It sets r.Seq and r.Prev, and r.Time to
+// now when zero. When the record cannot be made durable within
+// Options.Timeout, or before ctx ends, it returns an error wrapping
+// ErrUnavailable; the line then stays queued and may still reach the file
+// later, so the chain has no gap. After a sink error every Write fails at
+// once: the log does not go on past a gap.
+//
+// A record too big (MaxLineBytes) or that cannot be encoded (a time past
+// year 9999, a NaN latency) is an error that does not wrap ErrUnavailable;
+// it does not take a seq.
+func (l *Log) Write(ctx context.Context, r Record) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	if r.Time.IsZero() {
+		r.Time = l.now()
+	}
+	r.Time = r.Time.UTC()
+	p, err := l.enqueue(r)
+	if err != nil {
+		return err
+	}
+	timer := time.NewTimer(l.timeout)
+	defer timer.Stop()
+	select {
+	case err := <-p.ack:
+		return err
+	case <-timer.C:
+		return fmt.Errorf("%w: record seq %d not durable within %s", ErrUnavailable, p.head.Seq, l.timeout)
+	case <-ctx.Done():
+		return fmt.Errorf("%w: record seq %d not yet durable: %w", ErrUnavailable, p.head.Seq, ctx.Err())
+	}
+}
+
+// enqueue chains r to the last line and queues it for the writer. Seqs are
+// assigned under the lock that queues, so the file is in seq order.
+func (l *Log) enqueue(r Record) (*pending, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.failed != nil {
+		return nil, fmt.Errorf("%w: %w", ErrUnavailable, l.failed)
+	}
+	if l.closed {
+		return nil, fmt.Errorf("%w: closed", ErrUnavailable)
+	}
+	r.Seq, r.Prev = l.seq+1, l.prev
+	line, err := json.Marshal(r)
+	if err != nil {
+		return nil, fmt.Errorf("audit: encoding record: %w", err)
+	}
+	if len(line) > MaxLineBytes {
+		return nil, fmt.Errorf("audit: record: got %d bytes, want at most %d", len(line), MaxLineBytes)
+	}
+	if l.queued+len(line) >= maxQueuedBytes {
+		return nil, fmt.Errorf("%w: %d bytes of records already wait for the sink", ErrUnavailable, l.queued)
+	}
+	sum := sha256.Sum256(line)
+	p := &pending{
+		line: append(line, '\n'),
+		head: Head{Seq: r.Seq, Hash: hex.EncodeToString(sum[:])},
+		ack:  make(chan error, 1),
+	}
+	l.seq, l.prev = p.head.Seq, p.head.Hash
+	l.queue = append(l.queue, p)
+	l.queued += len(p.line)
+	select {
+	case l.wake <- struct{}{}:
+	default: // the writer is already due to look at the queue
+	}
+	return p, nil
+}
+
+// run is the writer goroutine: it commits every line waiting as one batch,
+// until the log is closed and drained or the sink fails.
+func (l *Log) run() {
+	defer close(l.done)
+	var buf []byte
+	for {
+		<-l.wake
+		l.mu.Lock()
+		batch, closing := l.queue, l.closed
+		l.queue, l.queued = nil, 0
+		l.mu.Unlock()
+
+		if len(batch) > 0 {
+			buf = buf[:0]
+			for _, p := range batch {
+				buf = append(buf, p.line...)
+			}
+			head := batch[len(batch)-1].head
+			if err := l.commit(buf, batch[0].head.Seq, head); err != nil {
+				l.fail(err, batch)
+				return
+			}
+			l.mu.Lock()
+			l.durable = head
+			l.mu.Unlock()
+			for _, p := range batch {
+				p.ack <- nil
+			}
+		}
+		if closing {
+			// Nothing is queued after closed is set: the batch was the last.
+			return
+		}
+	}
+}
+
+// commit makes the lines b, seqs first to head.Seq, durable.
+func (l *Log) commit(b []byte, first uint64, head Head) error {
+	n, err := l.sink.Write(b)
+	if err == nil && n != len(b) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		return fmt.Errorf("writing records %d to %d: %w", first, head.Seq, err)
+	}
+	if err := l.sink.Sync(); err != nil {
+		return fmt.Errorf("syncing records %d to %d: %w", first, head.Seq, err)
+	}
+	if l.headPath != "" {
+		if err := writeHead(l.headPath, head); err != nil {
+			return fmt.Errorf("recording head seq %d: %w", head.Seq, err)
+		}
+	}
+	return nil
+}
+
+// fail marks the log failed with err, and fails batch and every line
+// queued since.
+func (l *Log) fail(err error, batch []*pending) {
+	l.mu.Lock()
+	l.failed = err
+	rest := l.queue
+	l.queue, l.queued = nil, 0
+	durable := l.durable
+	l.mu.Unlock()
+
+	l.log.Error("audit log failed; every later write fails until restart",
+		"err", err, "last_durable_seq", durable.Seq)
+	werr := fmt.Errorf("%w: %w", ErrUnavailable, err)
+	for _, p := range append(batch, rest...) {
+		p.ack <- werr
+	}
+}
+
+// Close stops accepting records, waits up to Options.Timeout for those
+// queued to become durable, and closes the file (not a Sink given in
+// Options). It returns an error wrapping ErrUnavailable when some record
+// did not become durable or the sink had failed. Calling it again returns
+// the same.
+func (l *Log) Close() error {
+	l.closeOnce.Do(func() {
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
+		select {
+		case l.wake <- struct{}{}:
+		default:
+		}
+
+		var errs []error
+		timer := time.NewTimer(l.timeout)
+		defer timer.Stop()
+		select {
+		case <-l.done:
+			l.mu.Lock()
+			if l.failed != nil {
+				errs = append(errs, fmt.Errorf("%w: %w", ErrUnavailable, l.failed))
+			}
+			l.mu.Unlock()
+		case <-timer.C:
+			errs = append(errs, fmt.Errorf("%w: records still not durable after %s", ErrUnavailable, l.timeout))
+		}
+		if l.file != nil {
+			if err := l.file.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("audit: %w", err))
+			}
+		}
+		l.closeErr = errors.Join(errs...)
+	})
+	return l.closeErr
+}

@@ -1,0 +1,265 @@
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+)
+
+// Head is the anchor of a log: the seq and hash of its last durable line.
+// The log at path keeps it in path+".head", rewritten after every batch of
+// records; an empty log has Head{0, ZeroHash}.
+type Head struct {
+	Seq  uint64 `json:"seq"`
+	Hash string `json:"hash"` // hex SHA-256 of the last line, without its newline
+}
+
+// ReadHead reads the head file at path (the log's path + ".head").
+func ReadHead(path string) (Head, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Head{}, err
+	}
+	var h Head
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&h); err != nil {
+		return Head{}, fmt.Errorf("head file %s: %w", path, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return Head{}, fmt.Errorf("head file %s: data after the head", path)
+	}
+	if !isHash(h.Hash) {
+		return Head{}, fmt.Errorf("head file %s: hash: got %q, want 64 lowercase hex digits", path, h.Hash)
+	}
+	return h, nil
+}
+
+// writeHead replaces the head file at path with h: it writes a temporary
+// file, syncs it, renames it over path and syncs the directory, so that a
+// crash leaves either the old head or the new one.
+func writeHead(path string, h Head) error {
+	b, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(b, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	dir, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	err = dir.Sync()
+	if cerr := dir.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func isHash(s string) bool {
+	if len(s) != 2*sha256.Size {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// VerifyError is what Verify found wrong with a log. Line counts from 1;
+// Seq is the seq the line holds, or the seq expected there when the line
+// cannot be read or is missing.
+type VerifyError struct {
+	Line   int
+	Seq    uint64
+	Reason string
+}
+
+func (e *VerifyError) Error() string {
+	return fmt.Sprintf("line %d (seq %d): %s", e.Line, e.Seq, e.Reason)
+}
+
+// Verify reads a log from r and checks its chain: every line is a Record in
+// JSON with no unknown fields; seqs go 1, 2, 3, ...; each Prev is the hash
+// of the line before (ZeroHash for the first); the last line ends with a
+// newline. With head, the last seq and hash must also be the head's, which
+// detects whole trailing lines removed, and an edit of the last line.
+// Without head neither can be detected.
+//
+// It returns the number of records read (valid ones, up to an error). What
+// is wrong is reported as a *VerifyError; reading errors as they are.
+func Verify(r io.Reader, head *Head) (records int, err error) {
+	var at uint64
+	if head != nil {
+		at = head.Seq
+	}
+	c, err := walk(r, at)
+	if err != nil {
+		return c.lines, err
+	}
+	if c.torn {
+		return c.lines, &VerifyError{Line: c.lines + 1, Seq: c.seq + 1,
+			Reason: "truncated record: the file ends inside this line, without its newline"}
+	}
+	if head != nil {
+		if err := c.checkHead(*head); err != nil {
+			return c.lines, err
+		}
+	}
+	return c.lines, nil
+}
+
+// chain is what walk found: the valid prefix of a log.
+type chain struct {
+	lines  int    // complete lines whose chain is intact
+	seq    uint64 // seq of the last of them (= lines)
+	hash   string // hash of the last of them, ZeroHash for none
+	end    int64  // offset just after the last of them
+	hashAt string // hash of the line whose seq walk was asked about, if seen
+	torn   bool   // after them comes a last line without newline, unchecked
+}
+
+// checkHead reports whether the chain ends at h.
+func (c chain) checkHead(h Head) error {
+	switch {
+	case c.seq < h.Seq:
+		return &VerifyError{Line: c.lines + 1, Seq: c.seq + 1, Reason: fmt.Sprintf(
+			"missing: the log ends after seq %d but its head is at seq %d (trailing records removed)", c.seq, h.Seq)}
+	case c.seq > h.Seq:
+		return &VerifyError{Line: int(h.Seq) + 1, Seq: h.Seq + 1, Reason: fmt.Sprintf(
+			"after the head: the head is at seq %d but the log goes on to seq %d", h.Seq, c.seq)}
+	case c.hash != h.Hash:
+		return headHashError(c.lines, c.seq, c.hash, h.Hash)
+	}
+	return nil
+}
+
+func headHashError(line int, seq uint64, got, want string) error {
+	return &VerifyError{Line: line, Seq: seq, Reason: fmt.Sprintf(
+		"hash mismatch with the head: got %s, want %s (this line was edited)", got, want)}
+}
+
+// errNoNewline is readLine's report of a last line without newline.
+var errNoNewline = errors.New("no newline")
+
+// errLineTooLong is readLine's report of a line over MaxLineBytes.
+var errLineTooLong = errors.New("line too long")
+
+// walk reads the log from r and checks the chain of its complete lines,
+// stopping at the first that is wrong. It also returns the hash of the
+// line with seq at (ZeroHash for 0).
+func walk(r io.Reader, at uint64) (chain, error) {
+	c := chain{hash: ZeroHash}
+	if at == 0 {
+		c.hashAt = ZeroHash
+	}
+	br := bufio.NewReaderSize(r, 64<<10)
+	var buf []byte
+	for {
+		line, err := readLine(br, buf[:0])
+		buf = line
+		n, want := c.lines+1, c.seq+1
+		switch err {
+		case nil:
+		case io.EOF:
+			return c, nil
+		case errNoNewline:
+			c.torn = true
+			return c, nil
+		case errLineTooLong:
+			return c, &VerifyError{Line: n, Seq: want, Reason: fmt.Sprintf("line longer than %d bytes", MaxLineBytes)}
+		default:
+			return c, fmt.Errorf("reading line %d: %w", n, err)
+		}
+
+		var rec Record
+		if err := decodeRecord(line, &rec); err != nil {
+			return c, &VerifyError{Line: n, Seq: want, Reason: "not a valid record: " + err.Error()}
+		}
+		switch {
+		case rec.Seq < want:
+			return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: fmt.Sprintf(
+				"seq: got %d, want %d (a line is duplicated, or lines are reordered)", rec.Seq, want)}
+		case rec.Seq > want:
+			return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: fmt.Sprintf(
+				"seq: got %d, want %d (a line is missing, or lines are reordered)", rec.Seq, want)}
+		case rec.Prev != c.hash:
+			return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: fmt.Sprintf(
+				"prev hash mismatch: got %s, want %s (the line before was edited)", rec.Prev, c.hash)}
+		}
+		sum := sha256.Sum256(line)
+		c.lines, c.seq, c.hash = n, rec.Seq, hex.EncodeToString(sum[:])
+		c.end += int64(len(line)) + 1
+		if c.seq == at {
+			c.hashAt = c.hash
+		}
+	}
+}
+
+// readLine appends the next line of br, without its newline, to buf. At
+// the end of the input it returns io.EOF; for a last line without newline,
+// that line and errNoNewline.
+func readLine(br *bufio.Reader, buf []byte) ([]byte, error) {
+	for {
+		frag, err := br.ReadSlice('\n')
+		if len(buf)+len(frag) > MaxLineBytes+1 {
+			return buf, errLineTooLong
+		}
+		buf = append(buf, frag...)
+		switch {
+		case err == nil:
+			return buf[:len(buf)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF):
+			if len(buf) == 0 {
+				return buf, io.EOF
+			}
+			return buf, errNoNewline
+		default:
+			return buf, err
+		}
+	}
+}
+
+// decodeRecord decodes line, one JSON object with only Record's fields,
+// into rec.
+func decodeRecord(line []byte, rec *Record) error {
+	if len(line) == 0 || line[0] != '{' {
+		return errors.New("not a JSON object")
+	}
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(rec); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("data after the JSON object")
+	}
+	return nil
+}

@@ -1,0 +1,264 @@
+package audit
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// sampleLog writes n records to a new log and returns its bytes and head.
+func sampleLog(t testing.TB, n int) ([]byte, Head) {
+	t.Helper()
+	path := writeLog(t, n)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, err := ReadHead(path + ".head")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := Verify(bytes.NewReader(b), &head); err != nil || got != n {
+		t.Fatalf("Verify of the sample log = %d, %v; want %d, nil", got, err, n)
+	}
+	return b, head
+}
+
+// join joins lines that keep their newlines.
+func join(ls [][]byte) []byte { return bytes.Join(ls, nil) }
+
+// editJSON changes, in a copy of line, one digit of latency_ms (digit) or
+// one letter of the tenant, so that the line stays valid JSON.
+func editJSON(rng *rand.Rand, line []byte, digit bool) []byte {
+	field, isPart := `"tenant":"`, func(c byte) bool { return c >= 'a' && c <= 'z' }
+	if digit {
+		field, isPart = `"latency_ms":`, func(c byte) bool { return c >= '0' && c <= '9' || c == '.' }
+	}
+	start := bytes.Index(line, []byte(field)) + len(field)
+	end := start
+	for isPart(line[end]) {
+		end++
+	}
+	var positions []int
+	for i := start; i < end; i++ {
+		// Not the leading digit: "10.75" must not become "00.75".
+		if line[i] != '.' && !(digit && i == start) {
+			positions = append(positions, i)
+		}
+	}
+	out := slices.Clone(line)
+	i := positions[rng.IntN(len(positions))]
+	for out[i] == line[i] {
+		if digit {
+			out[i] = '0' + byte(rng.IntN(10))
+		} else {
+			out[i] = 'a' + byte(rng.IntN(26))
+		}
+	}
+	return out
+}
+
+// TestVerifyDetectsMutations applies 1,000 random mutations, each to a
+// fresh copy of a verified log, and checks that Verify (with the head)
+// detects every one.
+func TestVerifyDetectsMutations(t *testing.T) {
+	const mutations, records = 1000, 60
+	orig, head := sampleLog(t, records)
+	origLines := lines(t, orig)
+	const seed = 20260817
+	rng := rand.New(rand.NewPCG(seed, seed))
+	t.Logf("seed %d", seed)
+
+	kinds := []struct {
+		name   string
+		mutate func() []byte
+	}{
+		{"edit a byte", func() []byte {
+			ls := slices.Clone(origLines)
+			i := rng.IntN(len(ls))
+			line := slices.Clone(ls[i])
+			pos := rng.IntN(len(line) - 1) // not the newline
+			old := line[pos]
+			for line[pos] == old {
+				line[pos] = byte(rng.IntN(256))
+			}
+			ls[i] = line
+			return join(ls)
+		}},
+		{"edit a latency digit or tenant letter, valid JSON", func() []byte {
+			ls := slices.Clone(origLines)
+			i := rng.IntN(len(ls))
+			ls[i] = editJSON(rng, ls[i], rng.IntN(2) == 0)
+			if !json.Valid(bytes.TrimSuffix(ls[i], []byte("\n"))) {
+				t.Fatalf("JSON-preserving edit made invalid JSON: %s", ls[i])
+			}
+			return join(ls)
+		}},
+		{"delete a line", func() []byte {
+			i := rng.IntN(len(origLines))
+			return join(slices.Delete(slices.Clone(origLines), i, i+1))
+		}},
+		{"swap two lines", func() []byte {
+			ls := slices.Clone(origLines)
+			i, j := rng.IntN(len(ls)), rng.IntN(len(ls)-1)
+			if j >= i {
+				j++
+			}
+			ls[i], ls[j] = ls[j], ls[i]
+			return join(ls)
+		}},
+		{"duplicate a line", func() []byte {
+			i, j := rng.IntN(len(origLines)), rng.IntN(len(origLines)+1)
+			return join(slices.Insert(slices.Clone(origLines), j, origLines[i]))
+		}},
+		{"truncate at a random offset", func() []byte {
+			return slices.Clone(orig[:rng.IntN(len(orig))])
+		}},
+		{"remove trailing lines", func() []byte {
+			return join(origLines[:rng.IntN(len(origLines))])
+		}},
+	}
+
+	detected := make(map[string]int)
+	total := 0
+	for i := range mutations {
+		k := kinds[i%len(kinds)]
+		m := k.mutate()
+		if bytes.Equal(m, orig) {
+			t.Fatalf("mutation %d (%s) left the log unchanged", i, k.name)
+		}
+		_, err := Verify(bytes.NewReader(m), &head)
+		var verr *VerifyError
+		switch {
+		case err == nil:
+			t.Errorf("mutation %d (%s) not detected; log:\n%s", i, k.name, m)
+		case !errors.As(err, &verr):
+			t.Errorf("mutation %d (%s): %v, want a *VerifyError", i, k.name, err)
+		case verr.Line < 1 || verr.Line > records+1:
+			t.Errorf("mutation %d (%s): %v: line %d out of range", i, k.name, err, verr.Line)
+		default:
+			detected[k.name]++
+			total++
+		}
+	}
+	t.Logf("detected: %v", detected)
+	if total != mutations {
+		t.Errorf("detected %d of %d mutations", total, mutations)
+	}
+}
+
+func TestVerifyErrors(t *testing.T) {
+	orig, head := sampleLog(t, 5)
+	ls := lines(t, orig)
+	// The log with a sixth record, chained on: valid, but past head.
+	six, _ := sampleLog(t, 6)
+
+	edit := func(i int, from, to string) []byte {
+		c := slices.Clone(ls)
+		c[i] = []byte(strings.Replace(string(c[i]), from, to, 1))
+		if bytes.Equal(c[i], ls[i]) {
+			t.Fatalf("edit of line %d: no %q", i+1, from)
+		}
+		return join(c)
+	}
+	del := func(i int) []byte { return join(slices.Delete(slices.Clone(ls), i, i+1)) }
+
+	tests := []struct {
+		name     string
+		log      []byte
+		noHead   bool
+		wantLine int
+		wantSeq  uint64
+		want     string // in Reason; "" for no error
+		wantN    int
+	}{
+		{"intact", orig, false, 0, 0, "", 5},
+		{"intact, no head", orig, true, 0, 0, "", 5},
+		{"edited tenant", edit(1, `"globex"`, `"globey"`), false, 3, 3, "prev hash mismatch", 2},
+		{"edited prev", edit(2, `"prev":"`, `"prev":"0`), false, 3, 3, "prev hash mismatch", 2},
+		{"last line edited", edit(4, `"globex"`, `"globey"`), false, 5, 5, "hash mismatch with the head", 5},
+		// Without the head, an edit of the last line cannot be seen.
+		{"last line edited, no head", edit(4, `"globex"`, `"globey"`), true, 0, 0, "", 5},
+		{"deleted", del(2), false, 3, 4, "seq: got 4, want 3 (a line is missing", 2},
+		{"deleted first", del(0), false, 1, 2, "seq: got 2, want 1", 0},
+		{"swapped", join([][]byte{ls[0], ls[2], ls[1], ls[3], ls[4]}), false, 2, 3, "seq: got 3, want 2", 1},
+		{"duplicated", join([][]byte{ls[0], ls[1], ls[1], ls[2], ls[3], ls[4]}), false, 3, 2, "seq: got 2, want 3 (a line is duplicated", 2},
+		{"cut inside line 4", orig[:len(join(ls[:3]))+20], false, 4, 4, "truncated record", 3},
+		{"cut inside line 4, no head", orig[:len(join(ls[:3]))+20], true, 4, 4, "truncated record", 3},
+		{"last newline removed", orig[:len(orig)-1], false, 5, 5, "truncated record", 4},
+		{"trailing lines removed", join(ls[:3]), false, 4, 4, "missing: the log ends after seq 3 but its head is at seq 5", 3},
+		{"trailing lines removed, no head", join(ls[:3]), true, 0, 0, "", 3},
+		{"emptied", nil, false, 1, 1, "missing: the log ends after seq 0", 0},
+		{"appended", six, false, 6, 6, "after the head: the head is at seq 5 but the log goes on to seq 6", 6},
+		{"not JSON", edit(1, `{`, `[`), false, 2, 2, "not a valid record: not a JSON object", 1},
+		{"broken JSON", edit(1, `"seq":2,`, `"seq":2`), false, 2, 2, "not a valid record: invalid character", 1},
+		{"unknown field", edit(1, `"seq":2,`, `"seq":2,"pin":"1234",`), false, 2, 2, `unknown field "pin"`, 1},
+		{"data after the object", edit(1, "}\n", "}{}\n"), false, 2, 2, "data after the JSON object", 1},
+		{"empty line", join([][]byte{ls[0], []byte("\n"), ls[1]}), false, 2, 2, "not a JSON object", 1},
+		{"CRLF", edit(0, "}\n", "}\r\n"), false, 2, 2, "prev hash mismatch", 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := &head
+			if tt.noHead {
+				h = nil
+			}
+			n, err := Verify(bytes.NewReader(tt.log), h)
+			if n != tt.wantN {
+				t.Errorf("Verify returned %d records, want %d", n, tt.wantN)
+			}
+			if tt.want == "" {
+				if err != nil {
+					t.Errorf("Verify: %v, want nil", err)
+				}
+				return
+			}
+			var verr *VerifyError
+			if !errors.As(err, &verr) {
+				t.Fatalf("Verify: %v, want a *VerifyError", err)
+			}
+			if verr.Line != tt.wantLine || verr.Seq != tt.wantSeq || !strings.Contains(verr.Reason, tt.want) {
+				t.Errorf("Verify: %v; want line %d, seq %d, %q", err, tt.wantLine, tt.wantSeq, tt.want)
+			}
+		})
+	}
+}
+
+func TestVerifyErrorText(t *testing.T) {
+	err := &VerifyError{Line: 17, Seq: 17, Reason: "prev hash mismatch: got a, want b"}
+	if got, want := err.Error(), "line 17 (seq 17): prev hash mismatch: got a, want b"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+}
+
+// errReader fails after its data.
+type errReader struct {
+	data []byte
+	err  error
+}
+
+func (r *errReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, r.err
+	}
+	n := copy(p, r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+func TestVerifyReadError(t *testing.T) {
+	orig, _ := sampleLog(t, 3)
+	boom := errors.New("boom")
+	n, err := Verify(&errReader{data: orig[:len(orig)-5], err: boom}, nil)
+	if !errors.Is(err, boom) || errors.As(err, new(*VerifyError)) {
+		t.Errorf("Verify of a failing reader: %v, want the read error, not a VerifyError", err)
+	}
+	if n != 2 {
+		t.Errorf("Verify of a failing reader counted %d records, want 2", n)
+	}
+}
