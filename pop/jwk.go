@@ -1,11 +1,16 @@
 // Package pop holds the wire formats of OAuth proof-of-possession: public
 // JSON Web Keys (RFC 7517, RFC 7518 §6), their RFC 7638 thumbprints and RFC
-// 9278 thumbprint URIs, and the JOSE encoding of ECDSA signatures (RFC 7518
-// §3.4).
+// 9278 thumbprint URIs, the JOSE encoding of ECDSA signatures (RFC 7518
+// §3.4), compact JWS signing and strict verification (RFC 7515), DPoP proofs
+// (RFC 9449), MSAL Signed HTTP Requests and req_cnf values, and the RFC 8705
+// certificate thumbprint.
 //
-// It is pure Go, uses only the standard library and never touches hardware
-// or private keys, so anyone may import it: the daemon, its SDK, and clients
-// or resource servers that verify what keybroker signs.
+// It is pure Go, uses only the standard library and never touches hardware.
+// Signing goes through the Signer interface, which the daemon's keyring and
+// the SDK implement; apart from NewSoftwareSigner, for tests and examples,
+// nothing here holds a private key. So anyone may import it: the
+// daemon, its SDK, and clients or resource servers that verify what
+// keybroker signs.
 package pop
 
 import (
@@ -29,8 +34,10 @@ var (
 	// ErrInvalidKey means a key or JWK is malformed: bad encoding, a point
 	// not on its curve, a missing or extra member.
 	ErrInvalidKey = errors.New("pop: invalid key")
-	// ErrInvalidSignature means an ECDSA signature is not a well-formed DER or
-	// JOSE encoding for the curve.
+	// ErrInvalidSignature means a signature is not well-formed: an ECDSA
+	// signature that is not a valid DER or JOSE encoding for the curve (a DER
+	// signature in a JWS, say), or an RSA signature not as long as the
+	// modulus.
 	ErrInvalidSignature = errors.New("pop: invalid signature encoding")
 )
 

@@ -94,6 +94,15 @@ type fakeBroker struct {
 	revoked    *kbv1.RevokeKeyVersionRequest
 	updated    *kbv1.UpdatePolicyRequest
 	deadline   time.Time // of the last GetJWKS call
+
+	// The last request of each proof-of-possession RPC.
+	confReq   *kbv1.GetConfirmationRequest
+	jwsReq    *kbv1.SignJWSRequest
+	dpopReq   *kbv1.CreateDPoPProofRequest
+	shrReq    *kbv1.CreateSignedHttpRequestRequest
+	csrReq    *kbv1.CreateCertificateRequestRequest
+	certReq   *kbv1.CreateSelfSignedCertificateRequest
+	attestReq *kbv1.AttestKeyRequest
 }
 
 func newFakeBroker(t testing.TB) *fakeBroker {
@@ -333,6 +342,128 @@ func (f *fakeBroker) GetJWKS(ctx context.Context, _ *kbv1.GetJWKSRequest) (*kbv1
 	return &kbv1.GetJWKSResponse{Jwks: `{"keys":[{"kid":"kid-a2"}]}`}, nil
 }
 
+// version returns the version and kid of key name that a PoP request
+// names: version or kid, else the active one.
+func (f *fakeBroker) version(name string, version uint32, kid string) (uint32, string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	k, ok := f.keys[name]
+	if !ok {
+		return 0, "", status.Error(codes.NotFound, "key not found")
+	}
+	if version == 0 && kid == "" || version == k.GetActiveVersion() || kid == k.GetActiveKid() {
+		return k.GetActiveVersion(), k.GetActiveKid(), nil
+	}
+	for _, v := range k.GetVersions() {
+		if v.GetVersion() == version || v.GetKid() == kid {
+			return v.GetVersion(), v.GetKid(), nil
+		}
+	}
+	return 0, "", status.Error(codes.NotFound, "key version not found")
+}
+
+// record stores req in *field under f's lock and returns the version and
+// kid it names.
+func record[T interface {
+	GetName() string
+	GetVersion() uint32
+	GetKid() string
+}](f *fakeBroker, field *T, req T) (uint32, string, error) {
+	setLocked(f, field, req)
+	return f.version(req.GetName(), req.GetVersion(), req.GetKid())
+}
+
+// confirmation is the fake's GetConfirmationResponse for a version.
+func confirmation(version uint32, kid string) *kbv1.GetConfirmationResponse {
+	return &kbv1.GetConfirmationResponse{
+		Kid: kid, Version: version, Thumbprint: kid, Jkt: kid,
+		ThumbprintUri: "urn:ietf:params:oauth:jwk-thumbprint:sha-256:" + kid,
+		ReqCnfJwk:     "cnf-jwk-" + kid, ReqCnfKid: "cnf-kid-" + kid,
+		Jwk: `{"kty":"EC","kid":"` + kid + `"}`,
+	}
+}
+
+func (f *fakeBroker) GetConfirmation(_ context.Context, req *kbv1.GetConfirmationRequest) (*kbv1.GetConfirmationResponse, error) {
+	version, kid, err := record(f, &f.confReq, req)
+	if err != nil {
+		return nil, err
+	}
+	return confirmation(version, kid), nil
+}
+
+// SignJWS returns "header.payload.signature", the payload in base64url.
+func (f *fakeBroker) SignJWS(_ context.Context, req *kbv1.SignJWSRequest) (*kbv1.SignJWSResponse, error) {
+	version, kid, err := record(f, &f.jwsReq, req)
+	if err != nil {
+		return nil, err
+	}
+	jws := "hdr-" + kid + "." + base64.RawURLEncoding.EncodeToString(req.GetPayload()) + ".sig"
+	return &kbv1.SignJWSResponse{Jws: jws, Kid: kid, Version: version}, nil
+}
+
+func (f *fakeBroker) CreateDPoPProof(_ context.Context, req *kbv1.CreateDPoPProofRequest) (*kbv1.CreateDPoPProofResponse, error) {
+	version, kid, err := record(f, &f.dpopReq, req)
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.CreateDPoPProofResponse{Proof: "dpop." + req.GetHtm() + "." + kid, Kid: kid, Version: version, Jkt: "jkt-" + kid}, nil
+}
+
+func (f *fakeBroker) CreateSignedHttpRequest(_ context.Context, req *kbv1.CreateSignedHttpRequestRequest) (*kbv1.CreateSignedHttpRequestResponse, error) {
+	version, kid, err := record(f, &f.shrReq, req)
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.CreateSignedHttpRequestResponse{Shr: "shr." + req.GetMethod() + "." + kid, Kid: kid, Version: version}, nil
+}
+
+// fakePEM returns der as a PEM block of type typ.
+func fakePEM(typ string, der []byte) string {
+	return string(pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}))
+}
+
+// CreateCertificateRequest returns the kid's bytes as the "DER".
+func (f *fakeBroker) CreateCertificateRequest(_ context.Context, req *kbv1.CreateCertificateRequestRequest) (*kbv1.CreateCertificateRequestResponse, error) {
+	version, kid, err := record(f, &f.csrReq, req)
+	if err != nil {
+		return nil, err
+	}
+	der := []byte("csr-" + kid)
+	return &kbv1.CreateCertificateRequestResponse{CsrDer: der, CsrPem: fakePEM("CERTIFICATE REQUEST", der), Kid: kid, Version: version}, nil
+}
+
+// CreateSelfSignedCertificate returns the kid's bytes as the "DER". A
+// validity over 825 days is invalid.
+func (f *fakeBroker) CreateSelfSignedCertificate(_ context.Context, req *kbv1.CreateSelfSignedCertificateRequest) (*kbv1.CreateSelfSignedCertificateResponse, error) {
+	version, kid, err := record(f, &f.certReq, req)
+	if err != nil {
+		return nil, err
+	}
+	if v := req.GetValidity(); v != nil && v.AsDuration() > 825*24*time.Hour {
+		return nil, status.Error(codes.InvalidArgument, "validity: want more than 0 and at most 825 days")
+	}
+	der := []byte("cert-" + kid)
+	return &kbv1.CreateSelfSignedCertificateResponse{
+		CertificateDer: der, CertificatePem: fakePEM("CERTIFICATE", der), X5TS256: "x5t-" + kid, Kid: kid, Version: version,
+	}, nil
+}
+
+// AttestKey attests TPM keys only: beta is the fake's one.
+func (f *fakeBroker) AttestKey(_ context.Context, req *kbv1.AttestKeyRequest) (*kbv1.AttestKeyResponse, error) {
+	version, kid, err := record(f, &f.attestReq, req)
+	if err != nil {
+		return nil, err
+	}
+	if f.key(req.GetName()).GetBackend() != "tpm" {
+		return nil, status.Error(codes.FailedPrecondition, "key is not in a TPM")
+	}
+	// 0xfb 0xff is "+/8=" in standard base64.
+	return &kbv1.AttestKeyResponse{
+		Attest: append([]byte("attest-"), req.GetNonce()...), Signature: []byte{0xfb, 0xff},
+		CertifyingKeyPublic: []byte("ak"), KeyPublic: []byte("key-" + kid), Kid: kid, Version: version,
+	}, nil
+}
+
 // startFake serves fake and a health service (SERVING) on a unix socket
 // and returns the socket's path and the health server. Cleanup stops the
 // server and removes the socket.
@@ -374,6 +505,13 @@ type result struct {
 func runAt(socket string, args ...string) result {
 	var stdout, stderr bytes.Buffer
 	code := run(append([]string{"--socket", socket}, args...), &stdout, &stderr)
+	return result{stdout.String(), stderr.String(), code}
+}
+
+// runAtIn is runAt with stdin as standard input.
+func runAtIn(socket, stdin string, args ...string) result {
+	var stdout, stderr bytes.Buffer
+	code := runIn(append([]string{"--socket", socket}, args...), strings.NewReader(stdin), &stdout, &stderr)
 	return result{stdout.String(), stderr.String(), code}
 }
 

@@ -23,12 +23,19 @@ const rootLong = `keybrokerctl operates keybrokerd over its gRPC unix socket: it
 inspects, rotates and revokes keys, sets their rotation policy, signs
 digests and prints public keys and the JWK Set.
 
+It also proves possession of a key for OAuth and mTLS: "req-cnf" prints a
+token request's req_cnf, "dpop" makes a DPoP proof, "shr" a Signed HTTP
+Request, "jws" signs a payload as a JWS, "csr" and "cert" make a CSR and a
+self-signed certificate, and "attest" proves a TPM key lives in the TPM.
+These commands take --version N or --kid KID to use a version other than
+the active one.
+
 The socket is --socket, else $KEYBROKER_SOCKET, else ` + defaultSocket + `.
 --timeout bounds the whole command, including every page of "keys list".
 
 With --output json every command prints one JSON object on one line:
-responses in the proto3 JSON mapping, except "sign" and "keys timeline"
-(see their help) and "jwks" (the JWK Set itself). Errors go to stderr as "keybrokerctl: <message>".
+responses in the proto3 JSON mapping, except "sign", "keys timeline" and
+"attest" (see their help) and "jwks" (the JWK Set itself). Errors go to stderr as "keybrokerctl: <message>".
 
 Exit codes:
   0  success
@@ -47,10 +54,17 @@ type app struct {
 	timeout time.Duration
 }
 
-// run runs keybrokerctl with args (without the program name), prints any
-// error to stderr and returns the process exit code.
+// run runs keybrokerctl with args (without the program name), reading
+// os.Stdin, prints any error to stderr and returns the process exit code.
 func run(args []string, stdout, stderr io.Writer) int {
+	return runIn(args, os.Stdin, stdout, stderr)
+}
+
+// runIn is run reading stdin instead of os.Stdin: "jws --payload-file -"
+// and "shr --body-file -" read it.
+func runIn(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdout, stderr)
+	root.SetIn(stdin)
 	// Never nil: given nil, cobra falls back to os.Args.
 	root.SetArgs(append([]string{}, args...))
 	cmd, err := root.ExecuteContextC(context.Background())
@@ -70,7 +84,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	a := &app{stdout: stdout}
 	root := &cobra.Command{
 		Use:               "keybrokerctl",
-		Short:             "Operate keybrokerd: keys, signatures, public keys",
+		Short:             "Operate keybrokerd: keys, signatures, public keys, proofs of possession",
 		Long:              rootLong,
 		Args:              cobra.NoArgs,
 		RunE:              showHelp,
@@ -93,6 +107,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 
 	root.AddCommand(newHealthCmd(a), newKeysCmd(a), newSignCmd(a), newPubkeyCmd(a), newJWKSCmd(a))
 	root.AddCommand(newAuditCmd(a))
+	root.AddCommand(newReqCnfCmd(a), newDPoPCmd(a), newSHRCmd(a), newJWSCmd(a), newCSRCmd(a), newCertCmd(a), newAttestCmd(a))
 	// Add cobra's own commands now, so that argsAreUsageErrors sees them.
 	root.InitDefaultHelpCmd()
 	root.InitDefaultCompletionCmd()

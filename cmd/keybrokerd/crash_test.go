@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -52,18 +51,7 @@ type keyJSON struct {
 // with a signature that verifies.
 func TestCrashDuringRotation(t *testing.T) {
 	daemon, ctl := binaries(t)
-	dir := shortDir(t)
-	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "crash")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "kb.sock")
-	cfgPath := filepath.Join(dir, "keybroker.yaml")
-	cfg := fmt.Sprintf("socket: %s\nstate_dir: %s\npkcs11:\n  module: %s\n  token_label: %s\n  pin_file: %s\n  softhsm2_conf: %s\n  max_sessions: 4\n",
-		sock, filepath.Join(dir, "state"), tok.ModulePath, tok.Label, tok.PINFile, tok.ConfigPath)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	tok, sock, cfgPath := daemonConfig(t, "crash", "")
 	p := start(t, daemon, ctl, sock, "--config", cfgPath)
 	ctlRun(t, ctl, sock, "keys", "create", "k", "--alg", "ES256")
 	p.stop(t)

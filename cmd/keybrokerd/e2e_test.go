@@ -153,18 +153,7 @@ type signOut struct {
 // and verify both signatures.
 func TestEndToEnd(t *testing.T) {
 	daemon, ctl := binaries(t)
-	dir := shortDir(t)
-	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "e2e")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "kb.sock")
-	cfgPath := filepath.Join(dir, "keybroker.yaml")
-	cfg := fmt.Sprintf("socket: %s\nstate_dir: %s\npkcs11:\n  module: %s\n  token_label: %s\n  pin_file: %s\n  softhsm2_conf: %s\n  max_sessions: 4\nlog:\n  level: debug\n",
-		sock, filepath.Join(dir, "state"), tok.ModulePath, tok.Label, tok.PINFile, tok.ConfigPath)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	tok, sock, cfgPath := daemonConfig(t, "e2e", "log:\n  level: debug\n")
 
 	p := start(t, daemon, ctl, sock, "--config", cfgPath)
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o660 {
@@ -216,6 +205,26 @@ func TestEndToEnd(t *testing.T) {
 	if strings.Contains(p.stderr.String(), tok.PIN) {
 		t.Error("daemon log contains the PIN")
 	}
+}
+
+// daemonConfig provisions a SoftHSM2 token in a fresh short directory and
+// writes a daemon configuration for it, with extra YAML appended; it returns
+// the token, the socket path and the configuration file.
+func daemonConfig(t *testing.T, label, extra string) (*softhsm.Token, string, string) {
+	t.Helper()
+	dir := shortDir(t)
+	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), label)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "kb.sock")
+	cfgPath := filepath.Join(dir, "keybroker.yaml")
+	cfg := fmt.Sprintf("socket: %s\nstate_dir: %s\npkcs11:\n  module: %s\n  token_label: %s\n  pin_file: %s\n  softhsm2_conf: %s\n  max_sessions: 4\n%s",
+		sock, filepath.Join(dir, "state"), tok.ModulePath, tok.Label, tok.PINFile, tok.ConfigPath, extra)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return tok, sock, cfgPath
 }
 
 var thumbprintLine = regexp.MustCompile(`(?m)^\s*thumbprint\s+(\S+)$`)

@@ -103,6 +103,14 @@ var methodRoles = map[string]Role{
 	kbv1.KeyBroker_RotateKey_FullMethodName:        RoleAdmin,
 	kbv1.KeyBroker_RevokeKeyVersion_FullMethodName: RoleAdmin,
 	kbv1.KeyBroker_UpdatePolicy_FullMethodName:     RoleAdmin,
+
+	kbv1.KeyBroker_GetConfirmation_FullMethodName:             RoleSigner | RoleAdmin,
+	kbv1.KeyBroker_AttestKey_FullMethodName:                   RoleSigner | RoleAdmin,
+	kbv1.KeyBroker_SignJWS_FullMethodName:                     RoleSigner,
+	kbv1.KeyBroker_CreateDPoPProof_FullMethodName:             RoleSigner,
+	kbv1.KeyBroker_CreateSignedHttpRequest_FullMethodName:     RoleSigner,
+	kbv1.KeyBroker_CreateCertificateRequest_FullMethodName:    RoleSigner,
+	kbv1.KeyBroker_CreateSelfSignedCertificate_FullMethodName: RoleSigner,
 }
 
 // authorize authenticates the peer of ctx and checks its tenant may call

@@ -50,8 +50,15 @@ func auditRecord(reqID, method string, c Caller, req, resp any, code codes.Code,
 	if m, ok := req.(*kbv1.CreateKeyRequest); ok {
 		r.Alg = algName(m.GetAlgorithm())
 	}
+	// The version that signed, when the response names it.
+	if m, ok := resp.(interface {
+		GetKid() string
+		GetVersion() uint32
+	}); ok && m.GetKid() != "" {
+		r.Kid, r.Version = m.GetKid(), m.GetVersion()
+	}
 	if m, ok := resp.(*kbv1.SignResponse); ok {
-		r.Kid, r.Version, r.Alg = m.GetKid(), m.GetVersion(), algName(m.GetAlgorithm())
+		r.Alg = algName(m.GetAlgorithm())
 	}
 	return r
 }

@@ -1645,6 +1645,1144 @@ func (x *UpdatePolicyResponse) GetKey() *Key {
 	return nil
 }
 
+// KeyVersionRef names a key and, optionally, one of its versions (at most
+// one of version and kid; neither: the ACTIVE version).
+type GetConfirmationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid           string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetConfirmationRequest) Reset() {
+	*x = GetConfirmationRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetConfirmationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetConfirmationRequest) ProtoMessage() {}
+
+func (x *GetConfirmationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetConfirmationRequest.ProtoReflect.Descriptor instead.
+func (*GetConfirmationRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetConfirmationRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GetConfirmationRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *GetConfirmationRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+type GetConfirmationResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Kid     string                 `protobuf:"bytes,1,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// RFC 7638 SHA-256 thumbprint (= kid) and its RFC 9278 URI.
+	Thumbprint    string `protobuf:"bytes,3,opt,name=thumbprint,proto3" json:"thumbprint,omitempty"`
+	ThumbprintUri string `protobuf:"bytes,4,opt,name=thumbprint_uri,json=thumbprintUri,proto3" json:"thumbprint_uri,omitempty"`
+	// DPoP "cnf.jkt" (RFC 9449 §6.1): the thumbprint.
+	Jkt string `protobuf:"bytes,5,opt,name=jkt,proto3" json:"jkt,omitempty"`
+	// MSAuth 1.0 AT-POP req_cnf: base64url of the public JWK with alg and kid.
+	ReqCnfJwk string `protobuf:"bytes,6,opt,name=req_cnf_jwk,json=reqCnfJwk,proto3" json:"req_cnf_jwk,omitempty"`
+	// MSAL SHR PoP req_cnf: base64url of {"kid":thumbprint,"xms_ksl":"uhw"}
+	// ("uhw": the key is held in hardware).
+	ReqCnfKid string `protobuf:"bytes,7,opt,name=req_cnf_kid,json=reqCnfKid,proto3" json:"req_cnf_kid,omitempty"`
+	// The public JWK (JSON).
+	Jwk           string `protobuf:"bytes,8,opt,name=jwk,proto3" json:"jwk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetConfirmationResponse) Reset() {
+	*x = GetConfirmationResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetConfirmationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetConfirmationResponse) ProtoMessage() {}
+
+func (x *GetConfirmationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetConfirmationResponse.ProtoReflect.Descriptor instead.
+func (*GetConfirmationResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *GetConfirmationResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *GetConfirmationResponse) GetThumbprint() string {
+	if x != nil {
+		return x.Thumbprint
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetThumbprintUri() string {
+	if x != nil {
+		return x.ThumbprintUri
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetJkt() string {
+	if x != nil {
+		return x.Jkt
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetReqCnfJwk() string {
+	if x != nil {
+		return x.ReqCnfJwk
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetReqCnfKid() string {
+	if x != nil {
+		return x.ReqCnfKid
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetJwk() string {
+	if x != nil {
+		return x.Jwk
+	}
+	return ""
+}
+
+type SignJWSRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid     string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	// Extra protected header members as a JSON object; "alg", "kid", "crit"
+	// and "jwk" may not be set.
+	HeaderJson    string `protobuf:"bytes,4,opt,name=header_json,json=headerJson,proto3" json:"header_json,omitempty"`
+	Payload       []byte `protobuf:"bytes,5,opt,name=payload,proto3" json:"payload,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignJWSRequest) Reset() {
+	*x = SignJWSRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignJWSRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignJWSRequest) ProtoMessage() {}
+
+func (x *SignJWSRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignJWSRequest.ProtoReflect.Descriptor instead.
+func (*SignJWSRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *SignJWSRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SignJWSRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *SignJWSRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *SignJWSRequest) GetHeaderJson() string {
+	if x != nil {
+		return x.HeaderJson
+	}
+	return ""
+}
+
+func (x *SignJWSRequest) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+type SignJWSResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Jws           string                 `protobuf:"bytes,1,opt,name=jws,proto3" json:"jws,omitempty"`
+	Kid           string                 `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version       uint32                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignJWSResponse) Reset() {
+	*x = SignJWSResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignJWSResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignJWSResponse) ProtoMessage() {}
+
+func (x *SignJWSResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignJWSResponse.ProtoReflect.Descriptor instead.
+func (*SignJWSResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SignJWSResponse) GetJws() string {
+	if x != nil {
+		return x.Jws
+	}
+	return ""
+}
+
+func (x *SignJWSResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *SignJWSResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type CreateDPoPProofRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid     string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	// The HTTP method and target URI of the request the proof is for.
+	Htm string `protobuf:"bytes,4,opt,name=htm,proto3" json:"htm,omitempty"`
+	Htu string `protobuf:"bytes,5,opt,name=htu,proto3" json:"htu,omitempty"`
+	// The access token sent with the request (its hash goes in "ath"), or
+	// the "ath" itself; at most one.
+	AccessToken string `protobuf:"bytes,6,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	Ath         string `protobuf:"bytes,7,opt,name=ath,proto3" json:"ath,omitempty"`
+	// The server's DPoP-Nonce, if it gave one.
+	Nonce string `protobuf:"bytes,8,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	// Extra claims as a JSON object; they may not replace the standard ones.
+	ExtraClaimsJson string `protobuf:"bytes,9,opt,name=extra_claims_json,json=extraClaimsJson,proto3" json:"extra_claims_json,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *CreateDPoPProofRequest) Reset() {
+	*x = CreateDPoPProofRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateDPoPProofRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateDPoPProofRequest) ProtoMessage() {}
+
+func (x *CreateDPoPProofRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateDPoPProofRequest.ProtoReflect.Descriptor instead.
+func (*CreateDPoPProofRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *CreateDPoPProofRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateDPoPProofRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetHtm() string {
+	if x != nil {
+		return x.Htm
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetHtu() string {
+	if x != nil {
+		return x.Htu
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetAccessToken() string {
+	if x != nil {
+		return x.AccessToken
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetAth() string {
+	if x != nil {
+		return x.Ath
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetNonce() string {
+	if x != nil {
+		return x.Nonce
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofRequest) GetExtraClaimsJson() string {
+	if x != nil {
+		return x.ExtraClaimsJson
+	}
+	return ""
+}
+
+type CreateDPoPProofResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Proof   string                 `protobuf:"bytes,1,opt,name=proof,proto3" json:"proof,omitempty"`
+	Kid     string                 `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version uint32                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	// The proof key's thumbprint: the token's cnf.jkt must equal it.
+	Jkt           string `protobuf:"bytes,4,opt,name=jkt,proto3" json:"jkt,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateDPoPProofResponse) Reset() {
+	*x = CreateDPoPProofResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateDPoPProofResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateDPoPProofResponse) ProtoMessage() {}
+
+func (x *CreateDPoPProofResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateDPoPProofResponse.ProtoReflect.Descriptor instead.
+func (*CreateDPoPProofResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *CreateDPoPProofResponse) GetProof() string {
+	if x != nil {
+		return x.Proof
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateDPoPProofResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateDPoPProofResponse) GetJkt() string {
+	if x != nil {
+		return x.Jkt
+	}
+	return ""
+}
+
+type CreateSignedHttpRequestRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version     uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid         string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	AccessToken string                 `protobuf:"bytes,4,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	Method      string                 `protobuf:"bytes,5,opt,name=method,proto3" json:"method,omitempty"`
+	// The full request URL; its query parameters are covered ("q").
+	Url   string `protobuf:"bytes,6,opt,name=url,proto3" json:"url,omitempty"`
+	Nonce string `protobuf:"bytes,7,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	// Headers to cover ("h"), as name → value.
+	Headers map[string]string `protobuf:"bytes,8,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The request body to cover ("b"), if any.
+	Body          []byte `protobuf:"bytes,9,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSignedHttpRequestRequest) Reset() {
+	*x = CreateSignedHttpRequestRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSignedHttpRequestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSignedHttpRequestRequest) ProtoMessage() {}
+
+func (x *CreateSignedHttpRequestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSignedHttpRequestRequest.ProtoReflect.Descriptor instead.
+func (*CreateSignedHttpRequestRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *CreateSignedHttpRequestRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateSignedHttpRequestRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestRequest) GetAccessToken() string {
+	if x != nil {
+		return x.AccessToken
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestRequest) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestRequest) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestRequest) GetNonce() string {
+	if x != nil {
+		return x.Nonce
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestRequest) GetHeaders() map[string]string {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+func (x *CreateSignedHttpRequestRequest) GetBody() []byte {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+type CreateSignedHttpRequestResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The SHR; send it as "Authorization: PoP <shr>".
+	Shr           string `protobuf:"bytes,1,opt,name=shr,proto3" json:"shr,omitempty"`
+	Kid           string `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version       uint32 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSignedHttpRequestResponse) Reset() {
+	*x = CreateSignedHttpRequestResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSignedHttpRequestResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSignedHttpRequestResponse) ProtoMessage() {}
+
+func (x *CreateSignedHttpRequestResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSignedHttpRequestResponse.ProtoReflect.Descriptor instead.
+func (*CreateSignedHttpRequestResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CreateSignedHttpRequestResponse) GetShr() string {
+	if x != nil {
+		return x.Shr
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateSignedHttpRequestResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type CreateCertificateRequestRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid           string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	CommonName    string                 `protobuf:"bytes,4,opt,name=common_name,json=commonName,proto3" json:"common_name,omitempty"`
+	DnsNames      []string               `protobuf:"bytes,5,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
+	Uris          []string               `protobuf:"bytes,6,rep,name=uris,proto3" json:"uris,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateCertificateRequestRequest) Reset() {
+	*x = CreateCertificateRequestRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateCertificateRequestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateCertificateRequestRequest) ProtoMessage() {}
+
+func (x *CreateCertificateRequestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateCertificateRequestRequest.ProtoReflect.Descriptor instead.
+func (*CreateCertificateRequestRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *CreateCertificateRequestRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateCertificateRequestRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateCertificateRequestRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateCertificateRequestRequest) GetCommonName() string {
+	if x != nil {
+		return x.CommonName
+	}
+	return ""
+}
+
+func (x *CreateCertificateRequestRequest) GetDnsNames() []string {
+	if x != nil {
+		return x.DnsNames
+	}
+	return nil
+}
+
+func (x *CreateCertificateRequestRequest) GetUris() []string {
+	if x != nil {
+		return x.Uris
+	}
+	return nil
+}
+
+type CreateCertificateRequestResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CsrDer        []byte                 `protobuf:"bytes,1,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
+	CsrPem        string                 `protobuf:"bytes,2,opt,name=csr_pem,json=csrPem,proto3" json:"csr_pem,omitempty"`
+	Kid           string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version       uint32                 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateCertificateRequestResponse) Reset() {
+	*x = CreateCertificateRequestResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateCertificateRequestResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateCertificateRequestResponse) ProtoMessage() {}
+
+func (x *CreateCertificateRequestResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateCertificateRequestResponse.ProtoReflect.Descriptor instead.
+func (*CreateCertificateRequestResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CreateCertificateRequestResponse) GetCsrDer() []byte {
+	if x != nil {
+		return x.CsrDer
+	}
+	return nil
+}
+
+func (x *CreateCertificateRequestResponse) GetCsrPem() string {
+	if x != nil {
+		return x.CsrPem
+	}
+	return ""
+}
+
+func (x *CreateCertificateRequestResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateCertificateRequestResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type CreateSelfSignedCertificateRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Name       string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version    uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid        string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	CommonName string                 `protobuf:"bytes,4,opt,name=common_name,json=commonName,proto3" json:"common_name,omitempty"`
+	DnsNames   []string               `protobuf:"bytes,5,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
+	Uris       []string               `protobuf:"bytes,6,rep,name=uris,proto3" json:"uris,omitempty"`
+	// Default 90 days; at most 825 days.
+	Validity      *durationpb.Duration `protobuf:"bytes,7,opt,name=validity,proto3" json:"validity,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSelfSignedCertificateRequest) Reset() {
+	*x = CreateSelfSignedCertificateRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSelfSignedCertificateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSelfSignedCertificateRequest) ProtoMessage() {}
+
+func (x *CreateSelfSignedCertificateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSelfSignedCertificateRequest.ProtoReflect.Descriptor instead.
+func (*CreateSelfSignedCertificateRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetCommonName() string {
+	if x != nil {
+		return x.CommonName
+	}
+	return ""
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetDnsNames() []string {
+	if x != nil {
+		return x.DnsNames
+	}
+	return nil
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetUris() []string {
+	if x != nil {
+		return x.Uris
+	}
+	return nil
+}
+
+func (x *CreateSelfSignedCertificateRequest) GetValidity() *durationpb.Duration {
+	if x != nil {
+		return x.Validity
+	}
+	return nil
+}
+
+type CreateSelfSignedCertificateResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	CertificateDer []byte                 `protobuf:"bytes,1,opt,name=certificate_der,json=certificateDer,proto3" json:"certificate_der,omitempty"`
+	CertificatePem string                 `protobuf:"bytes,2,opt,name=certificate_pem,json=certificatePem,proto3" json:"certificate_pem,omitempty"`
+	// base64url(SHA-256(certificate DER)): the token's cnf "x5t#S256".
+	X5TS256       string `protobuf:"bytes,3,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
+	Kid           string `protobuf:"bytes,4,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version       uint32 `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSelfSignedCertificateResponse) Reset() {
+	*x = CreateSelfSignedCertificateResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSelfSignedCertificateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSelfSignedCertificateResponse) ProtoMessage() {}
+
+func (x *CreateSelfSignedCertificateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSelfSignedCertificateResponse.ProtoReflect.Descriptor instead.
+func (*CreateSelfSignedCertificateResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *CreateSelfSignedCertificateResponse) GetCertificateDer() []byte {
+	if x != nil {
+		return x.CertificateDer
+	}
+	return nil
+}
+
+func (x *CreateSelfSignedCertificateResponse) GetCertificatePem() string {
+	if x != nil {
+		return x.CertificatePem
+	}
+	return ""
+}
+
+func (x *CreateSelfSignedCertificateResponse) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
+	}
+	return ""
+}
+
+func (x *CreateSelfSignedCertificateResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateSelfSignedCertificateResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type AttestKeyRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid     string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	// Caller-chosen freshness value echoed in the attestation (at most 64 bytes).
+	Nonce         []byte `protobuf:"bytes,4,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AttestKeyRequest) Reset() {
+	*x = AttestKeyRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttestKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttestKeyRequest) ProtoMessage() {}
+
+func (x *AttestKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttestKeyRequest.ProtoReflect.Descriptor instead.
+func (*AttestKeyRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *AttestKeyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AttestKeyRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *AttestKeyRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *AttestKeyRequest) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+type AttestKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// TPMS_ATTEST (TPM2_Certify), as signed.
+	Attest []byte `protobuf:"bytes,1,opt,name=attest,proto3" json:"attest,omitempty"`
+	// ECDSA signature (ASN.1 DER) over SHA-256(attest) by the certifying key.
+	Signature []byte `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	// TPM2B_PUBLIC of the certifying key and of the certified key.
+	CertifyingKeyPublic []byte `protobuf:"bytes,3,opt,name=certifying_key_public,json=certifyingKeyPublic,proto3" json:"certifying_key_public,omitempty"`
+	KeyPublic           []byte `protobuf:"bytes,4,opt,name=key_public,json=keyPublic,proto3" json:"key_public,omitempty"`
+	Kid                 string `protobuf:"bytes,5,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version             uint32 `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *AttestKeyResponse) Reset() {
+	*x = AttestKeyResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttestKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttestKeyResponse) ProtoMessage() {}
+
+func (x *AttestKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttestKeyResponse.ProtoReflect.Descriptor instead.
+func (*AttestKeyResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *AttestKeyResponse) GetAttest() []byte {
+	if x != nil {
+		return x.Attest
+	}
+	return nil
+}
+
+func (x *AttestKeyResponse) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *AttestKeyResponse) GetCertifyingKeyPublic() []byte {
+	if x != nil {
+		return x.CertifyingKeyPublic
+	}
+	return nil
+}
+
+func (x *AttestKeyResponse) GetKeyPublic() []byte {
+	if x != nil {
+		return x.KeyPublic
+	}
+	return nil
+}
+
+func (x *AttestKeyResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *AttestKeyResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
 var File_keybroker_v1_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_v1_keybroker_proto_rawDesc = "" +
@@ -1752,7 +2890,106 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x124\n" +
 	"\x06policy\x18\x02 \x01(\v2\x1c.keybroker.v1.RotationPolicyR\x06policy\";\n" +
 	"\x14UpdatePolicyResponse\x12#\n" +
-	"\x03key\x18\x01 \x01(\v2\x11.keybroker.v1.KeyR\x03key*z\n" +
+	"\x03key\x18\x01 \x01(\v2\x11.keybroker.v1.KeyR\x03key\"X\n" +
+	"\x16GetConfirmationRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\"\xf0\x01\n" +
+	"\x17GetConfirmationResponse\x12\x10\n" +
+	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x1e\n" +
+	"\n" +
+	"thumbprint\x18\x03 \x01(\tR\n" +
+	"thumbprint\x12%\n" +
+	"\x0ethumbprint_uri\x18\x04 \x01(\tR\rthumbprintUri\x12\x10\n" +
+	"\x03jkt\x18\x05 \x01(\tR\x03jkt\x12\x1e\n" +
+	"\vreq_cnf_jwk\x18\x06 \x01(\tR\treqCnfJwk\x12\x1e\n" +
+	"\vreq_cnf_kid\x18\a \x01(\tR\treqCnfKid\x12\x10\n" +
+	"\x03jwk\x18\b \x01(\tR\x03jwk\"\x8b\x01\n" +
+	"\x0eSignJWSRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x1f\n" +
+	"\vheader_json\x18\x04 \x01(\tR\n" +
+	"headerJson\x12\x18\n" +
+	"\apayload\x18\x05 \x01(\fR\apayload\"O\n" +
+	"\x0fSignJWSResponse\x12\x10\n" +
+	"\x03jws\x18\x01 \x01(\tR\x03jws\x12\x10\n" +
+	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\rR\aversion\"\xf3\x01\n" +
+	"\x16CreateDPoPProofRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x10\n" +
+	"\x03htm\x18\x04 \x01(\tR\x03htm\x12\x10\n" +
+	"\x03htu\x18\x05 \x01(\tR\x03htu\x12!\n" +
+	"\faccess_token\x18\x06 \x01(\tR\vaccessToken\x12\x10\n" +
+	"\x03ath\x18\a \x01(\tR\x03ath\x12\x14\n" +
+	"\x05nonce\x18\b \x01(\tR\x05nonce\x12*\n" +
+	"\x11extra_claims_json\x18\t \x01(\tR\x0fextraClaimsJson\"m\n" +
+	"\x17CreateDPoPProofResponse\x12\x14\n" +
+	"\x05proof\x18\x01 \x01(\tR\x05proof\x12\x10\n" +
+	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\rR\aversion\x12\x10\n" +
+	"\x03jkt\x18\x04 \x01(\tR\x03jkt\"\xe8\x02\n" +
+	"\x1eCreateSignedHttpRequestRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12!\n" +
+	"\faccess_token\x18\x04 \x01(\tR\vaccessToken\x12\x16\n" +
+	"\x06method\x18\x05 \x01(\tR\x06method\x12\x10\n" +
+	"\x03url\x18\x06 \x01(\tR\x03url\x12\x14\n" +
+	"\x05nonce\x18\a \x01(\tR\x05nonce\x12S\n" +
+	"\aheaders\x18\b \x03(\v29.keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntryR\aheaders\x12\x12\n" +
+	"\x04body\x18\t \x01(\fR\x04body\x1a:\n" +
+	"\fHeadersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"_\n" +
+	"\x1fCreateSignedHttpRequestResponse\x12\x10\n" +
+	"\x03shr\x18\x01 \x01(\tR\x03shr\x12\x10\n" +
+	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\rR\aversion\"\xb3\x01\n" +
+	"\x1fCreateCertificateRequestRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x1f\n" +
+	"\vcommon_name\x18\x04 \x01(\tR\n" +
+	"commonName\x12\x1b\n" +
+	"\tdns_names\x18\x05 \x03(\tR\bdnsNames\x12\x12\n" +
+	"\x04uris\x18\x06 \x03(\tR\x04uris\"\x80\x01\n" +
+	" CreateCertificateRequestResponse\x12\x17\n" +
+	"\acsr_der\x18\x01 \x01(\fR\x06csrDer\x12\x17\n" +
+	"\acsr_pem\x18\x02 \x01(\tR\x06csrPem\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x04 \x01(\rR\aversion\"\xed\x01\n" +
+	"\"CreateSelfSignedCertificateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x1f\n" +
+	"\vcommon_name\x18\x04 \x01(\tR\n" +
+	"commonName\x12\x1b\n" +
+	"\tdns_names\x18\x05 \x03(\tR\bdnsNames\x12\x12\n" +
+	"\x04uris\x18\x06 \x03(\tR\x04uris\x125\n" +
+	"\bvalidity\x18\a \x01(\v2\x19.google.protobuf.DurationR\bvalidity\"\xbe\x01\n" +
+	"#CreateSelfSignedCertificateResponse\x12'\n" +
+	"\x0fcertificate_der\x18\x01 \x01(\fR\x0ecertificateDer\x12'\n" +
+	"\x0fcertificate_pem\x18\x02 \x01(\tR\x0ecertificatePem\x12\x19\n" +
+	"\bx5t_s256\x18\x03 \x01(\tR\ax5tS256\x12\x10\n" +
+	"\x03kid\x18\x04 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x05 \x01(\rR\aversion\"h\n" +
+	"\x10AttestKeyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x14\n" +
+	"\x05nonce\x18\x04 \x01(\fR\x05nonce\"\xc8\x01\n" +
+	"\x11AttestKeyResponse\x12\x16\n" +
+	"\x06attest\x18\x01 \x01(\fR\x06attest\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\x122\n" +
+	"\x15certifying_key_public\x18\x03 \x01(\fR\x13certifyingKeyPublic\x12\x1d\n" +
+	"\n" +
+	"key_public\x18\x04 \x01(\fR\tkeyPublic\x12\x10\n" +
+	"\x03kid\x18\x05 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\rR\aversion*z\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fALGORITHM_ES256\x10\x01\x12\x13\n" +
@@ -1780,7 +3017,7 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xcf\x05\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\x9d\v\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
@@ -1790,7 +3027,14 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\aGetJWKS\x12\x1c.keybroker.v1.GetJWKSRequest\x1a\x1d.keybroker.v1.GetJWKSResponse\x12L\n" +
 	"\tRotateKey\x12\x1e.keybroker.v1.RotateKeyRequest\x1a\x1f.keybroker.v1.RotateKeyResponse\x12a\n" +
 	"\x10RevokeKeyVersion\x12%.keybroker.v1.RevokeKeyVersionRequest\x1a&.keybroker.v1.RevokeKeyVersionResponse\x12U\n" +
-	"\fUpdatePolicy\x12!.keybroker.v1.UpdatePolicyRequest\x1a\".keybroker.v1.UpdatePolicyResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
+	"\fUpdatePolicy\x12!.keybroker.v1.UpdatePolicyRequest\x1a\".keybroker.v1.UpdatePolicyResponse\x12^\n" +
+	"\x0fGetConfirmation\x12$.keybroker.v1.GetConfirmationRequest\x1a%.keybroker.v1.GetConfirmationResponse\x12F\n" +
+	"\aSignJWS\x12\x1c.keybroker.v1.SignJWSRequest\x1a\x1d.keybroker.v1.SignJWSResponse\x12^\n" +
+	"\x0fCreateDPoPProof\x12$.keybroker.v1.CreateDPoPProofRequest\x1a%.keybroker.v1.CreateDPoPProofResponse\x12v\n" +
+	"\x17CreateSignedHttpRequest\x12,.keybroker.v1.CreateSignedHttpRequestRequest\x1a-.keybroker.v1.CreateSignedHttpRequestResponse\x12y\n" +
+	"\x18CreateCertificateRequest\x12-.keybroker.v1.CreateCertificateRequestRequest\x1a..keybroker.v1.CreateCertificateRequestResponse\x12\x82\x01\n" +
+	"\x1bCreateSelfSignedCertificate\x120.keybroker.v1.CreateSelfSignedCertificateRequest\x1a1.keybroker.v1.CreateSelfSignedCertificateResponse\x12L\n" +
+	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
 
 var (
 	file_keybroker_v1_keybroker_proto_rawDescOnce sync.Once
@@ -1805,56 +3049,71 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 }
 
 var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
-	(Algorithm)(0),                   // 0: keybroker.v1.Algorithm
-	(KeyState)(0),                    // 1: keybroker.v1.KeyState
-	(HashAlgorithm)(0),               // 2: keybroker.v1.HashAlgorithm
-	(RSAPadding)(0),                  // 3: keybroker.v1.RSAPadding
-	(SignatureFormat)(0),             // 4: keybroker.v1.SignatureFormat
-	(*KeyVersion)(nil),               // 5: keybroker.v1.KeyVersion
-	(*RotationPolicy)(nil),           // 6: keybroker.v1.RotationPolicy
-	(*Key)(nil),                      // 7: keybroker.v1.Key
-	(*CreateKeyRequest)(nil),         // 8: keybroker.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),        // 9: keybroker.v1.CreateKeyResponse
-	(*GetKeyRequest)(nil),            // 10: keybroker.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),           // 11: keybroker.v1.GetKeyResponse
-	(*ListKeysRequest)(nil),          // 12: keybroker.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),         // 13: keybroker.v1.ListKeysResponse
-	(*SignRequest)(nil),              // 14: keybroker.v1.SignRequest
-	(*SignResponse)(nil),             // 15: keybroker.v1.SignResponse
-	(*GetPublicKeyRequest)(nil),      // 16: keybroker.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),     // 17: keybroker.v1.GetPublicKeyResponse
-	(*GetJWKSRequest)(nil),           // 18: keybroker.v1.GetJWKSRequest
-	(*GetJWKSResponse)(nil),          // 19: keybroker.v1.GetJWKSResponse
-	(*RotateKeyRequest)(nil),         // 20: keybroker.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),        // 21: keybroker.v1.RotateKeyResponse
-	(*RevokeKeyVersionRequest)(nil),  // 22: keybroker.v1.RevokeKeyVersionRequest
-	(*RevokeKeyVersionResponse)(nil), // 23: keybroker.v1.RevokeKeyVersionResponse
-	(*UpdatePolicyRequest)(nil),      // 24: keybroker.v1.UpdatePolicyRequest
-	(*UpdatePolicyResponse)(nil),     // 25: keybroker.v1.UpdatePolicyResponse
-	(*timestamppb.Timestamp)(nil),    // 26: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
+	(Algorithm)(0),                              // 0: keybroker.v1.Algorithm
+	(KeyState)(0),                               // 1: keybroker.v1.KeyState
+	(HashAlgorithm)(0),                          // 2: keybroker.v1.HashAlgorithm
+	(RSAPadding)(0),                             // 3: keybroker.v1.RSAPadding
+	(SignatureFormat)(0),                        // 4: keybroker.v1.SignatureFormat
+	(*KeyVersion)(nil),                          // 5: keybroker.v1.KeyVersion
+	(*RotationPolicy)(nil),                      // 6: keybroker.v1.RotationPolicy
+	(*Key)(nil),                                 // 7: keybroker.v1.Key
+	(*CreateKeyRequest)(nil),                    // 8: keybroker.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),                   // 9: keybroker.v1.CreateKeyResponse
+	(*GetKeyRequest)(nil),                       // 10: keybroker.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),                      // 11: keybroker.v1.GetKeyResponse
+	(*ListKeysRequest)(nil),                     // 12: keybroker.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                    // 13: keybroker.v1.ListKeysResponse
+	(*SignRequest)(nil),                         // 14: keybroker.v1.SignRequest
+	(*SignResponse)(nil),                        // 15: keybroker.v1.SignResponse
+	(*GetPublicKeyRequest)(nil),                 // 16: keybroker.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),                // 17: keybroker.v1.GetPublicKeyResponse
+	(*GetJWKSRequest)(nil),                      // 18: keybroker.v1.GetJWKSRequest
+	(*GetJWKSResponse)(nil),                     // 19: keybroker.v1.GetJWKSResponse
+	(*RotateKeyRequest)(nil),                    // 20: keybroker.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),                   // 21: keybroker.v1.RotateKeyResponse
+	(*RevokeKeyVersionRequest)(nil),             // 22: keybroker.v1.RevokeKeyVersionRequest
+	(*RevokeKeyVersionResponse)(nil),            // 23: keybroker.v1.RevokeKeyVersionResponse
+	(*UpdatePolicyRequest)(nil),                 // 24: keybroker.v1.UpdatePolicyRequest
+	(*UpdatePolicyResponse)(nil),                // 25: keybroker.v1.UpdatePolicyResponse
+	(*GetConfirmationRequest)(nil),              // 26: keybroker.v1.GetConfirmationRequest
+	(*GetConfirmationResponse)(nil),             // 27: keybroker.v1.GetConfirmationResponse
+	(*SignJWSRequest)(nil),                      // 28: keybroker.v1.SignJWSRequest
+	(*SignJWSResponse)(nil),                     // 29: keybroker.v1.SignJWSResponse
+	(*CreateDPoPProofRequest)(nil),              // 30: keybroker.v1.CreateDPoPProofRequest
+	(*CreateDPoPProofResponse)(nil),             // 31: keybroker.v1.CreateDPoPProofResponse
+	(*CreateSignedHttpRequestRequest)(nil),      // 32: keybroker.v1.CreateSignedHttpRequestRequest
+	(*CreateSignedHttpRequestResponse)(nil),     // 33: keybroker.v1.CreateSignedHttpRequestResponse
+	(*CreateCertificateRequestRequest)(nil),     // 34: keybroker.v1.CreateCertificateRequestRequest
+	(*CreateCertificateRequestResponse)(nil),    // 35: keybroker.v1.CreateCertificateRequestResponse
+	(*CreateSelfSignedCertificateRequest)(nil),  // 36: keybroker.v1.CreateSelfSignedCertificateRequest
+	(*CreateSelfSignedCertificateResponse)(nil), // 37: keybroker.v1.CreateSelfSignedCertificateResponse
+	(*AttestKeyRequest)(nil),                    // 38: keybroker.v1.AttestKeyRequest
+	(*AttestKeyResponse)(nil),                   // 39: keybroker.v1.AttestKeyResponse
+	nil,                                         // 40: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),               // 41: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                 // 42: google.protobuf.Duration
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	26, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	26, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	26, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	26, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
-	26, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
-	26, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	41, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	41, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	41, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	41, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	41, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	41, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
-	26, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
-	27, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
-	27, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
-	27, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
-	27, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	41, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	42, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	42, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	42, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	42, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
 	0,  // 13: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	26, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	41, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
 	5,  // 15: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
 	6,  // 16: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
-	26, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	41, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
 	0,  // 18: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
 	6,  // 19: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 20: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
@@ -1869,29 +3128,45 @@ var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	7,  // 29: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
 	6,  // 30: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 31: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
-	8,  // 32: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	10, // 33: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	12, // 34: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	14, // 35: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	16, // 36: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	18, // 37: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	20, // 38: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
-	22, // 39: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
-	24, // 40: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
-	9,  // 41: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	11, // 42: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	13, // 43: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	15, // 44: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	17, // 45: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	19, // 46: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	21, // 47: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
-	23, // 48: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
-	25, // 49: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
-	41, // [41:50] is the sub-list for method output_type
-	32, // [32:41] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	40, // 32: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	42, // 33: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
+	8,  // 34: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	10, // 35: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	12, // 36: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	14, // 37: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	16, // 38: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	18, // 39: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	20, // 40: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	22, // 41: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	24, // 42: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	26, // 43: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
+	28, // 44: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
+	30, // 45: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
+	32, // 46: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
+	34, // 47: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
+	36, // 48: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
+	38, // 49: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
+	9,  // 50: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	11, // 51: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	13, // 52: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	15, // 53: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	17, // 54: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	19, // 55: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	21, // 56: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	23, // 57: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	25, // 58: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	27, // 59: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
+	29, // 60: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
+	31, // 61: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
+	33, // 62: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
+	35, // 63: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
+	37, // 64: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
+	39, // 65: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
+	50, // [50:66] is the sub-list for method output_type
+	34, // [34:50] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -1905,7 +3180,7 @@ func file_keybroker_v1_keybroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   21,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

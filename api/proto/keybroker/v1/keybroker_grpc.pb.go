@@ -24,15 +24,22 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	KeyBroker_CreateKey_FullMethodName        = "/keybroker.v1.KeyBroker/CreateKey"
-	KeyBroker_GetKey_FullMethodName           = "/keybroker.v1.KeyBroker/GetKey"
-	KeyBroker_ListKeys_FullMethodName         = "/keybroker.v1.KeyBroker/ListKeys"
-	KeyBroker_Sign_FullMethodName             = "/keybroker.v1.KeyBroker/Sign"
-	KeyBroker_GetPublicKey_FullMethodName     = "/keybroker.v1.KeyBroker/GetPublicKey"
-	KeyBroker_GetJWKS_FullMethodName          = "/keybroker.v1.KeyBroker/GetJWKS"
-	KeyBroker_RotateKey_FullMethodName        = "/keybroker.v1.KeyBroker/RotateKey"
-	KeyBroker_RevokeKeyVersion_FullMethodName = "/keybroker.v1.KeyBroker/RevokeKeyVersion"
-	KeyBroker_UpdatePolicy_FullMethodName     = "/keybroker.v1.KeyBroker/UpdatePolicy"
+	KeyBroker_CreateKey_FullMethodName                   = "/keybroker.v1.KeyBroker/CreateKey"
+	KeyBroker_GetKey_FullMethodName                      = "/keybroker.v1.KeyBroker/GetKey"
+	KeyBroker_ListKeys_FullMethodName                    = "/keybroker.v1.KeyBroker/ListKeys"
+	KeyBroker_Sign_FullMethodName                        = "/keybroker.v1.KeyBroker/Sign"
+	KeyBroker_GetPublicKey_FullMethodName                = "/keybroker.v1.KeyBroker/GetPublicKey"
+	KeyBroker_GetJWKS_FullMethodName                     = "/keybroker.v1.KeyBroker/GetJWKS"
+	KeyBroker_RotateKey_FullMethodName                   = "/keybroker.v1.KeyBroker/RotateKey"
+	KeyBroker_RevokeKeyVersion_FullMethodName            = "/keybroker.v1.KeyBroker/RevokeKeyVersion"
+	KeyBroker_UpdatePolicy_FullMethodName                = "/keybroker.v1.KeyBroker/UpdatePolicy"
+	KeyBroker_GetConfirmation_FullMethodName             = "/keybroker.v1.KeyBroker/GetConfirmation"
+	KeyBroker_SignJWS_FullMethodName                     = "/keybroker.v1.KeyBroker/SignJWS"
+	KeyBroker_CreateDPoPProof_FullMethodName             = "/keybroker.v1.KeyBroker/CreateDPoPProof"
+	KeyBroker_CreateSignedHttpRequest_FullMethodName     = "/keybroker.v1.KeyBroker/CreateSignedHttpRequest"
+	KeyBroker_CreateCertificateRequest_FullMethodName    = "/keybroker.v1.KeyBroker/CreateCertificateRequest"
+	KeyBroker_CreateSelfSignedCertificate_FullMethodName = "/keybroker.v1.KeyBroker/CreateSelfSignedCertificate"
+	KeyBroker_AttestKey_FullMethodName                   = "/keybroker.v1.KeyBroker/AttestKey"
 )
 
 // KeyBrokerClient is the client API for KeyBroker service.
@@ -63,6 +70,24 @@ type KeyBrokerClient interface {
 	RevokeKeyVersion(ctx context.Context, in *RevokeKeyVersionRequest, opts ...grpc.CallOption) (*RevokeKeyVersionResponse, error)
 	// UpdatePolicy changes a key's rotation policy; unset fields keep their value.
 	UpdatePolicy(ctx context.Context, in *UpdatePolicyRequest, opts ...grpc.CallOption) (*UpdatePolicyResponse, error)
+	// GetConfirmation returns what a PoP token request or a token's "cnf"
+	// needs from a key version: thumbprint, jkt, both req_cnf forms, JWK.
+	GetConfirmation(ctx context.Context, in *GetConfirmationRequest, opts ...grpc.CallOption) (*GetConfirmationResponse, error)
+	// SignJWS signs a payload as a compact JWS; "alg" and "kid" are set by
+	// the daemon and cannot be chosen by the caller.
+	SignJWS(ctx context.Context, in *SignJWSRequest, opts ...grpc.CallOption) (*SignJWSResponse, error)
+	// CreateDPoPProof makes an RFC 9449 DPoP proof.
+	CreateDPoPProof(ctx context.Context, in *CreateDPoPProofRequest, opts ...grpc.CallOption) (*CreateDPoPProofResponse, error)
+	// CreateSignedHttpRequest makes an MSAL Signed HTTP Request (SHR) for
+	// "Authorization: PoP".
+	CreateSignedHttpRequest(ctx context.Context, in *CreateSignedHttpRequestRequest, opts ...grpc.CallOption) (*CreateSignedHttpRequestResponse, error)
+	// CreateCertificateRequest makes a PKCS#10 CSR signed by the key.
+	CreateCertificateRequest(ctx context.Context, in *CreateCertificateRequestRequest, opts ...grpc.CallOption) (*CreateCertificateRequestResponse, error)
+	// CreateSelfSignedCertificate makes a self-signed X.509 certificate for
+	// the key (mTLS-bound tokens, RFC 8705) and its x5t#S256.
+	CreateSelfSignedCertificate(ctx context.Context, in *CreateSelfSignedCertificateRequest, opts ...grpc.CallOption) (*CreateSelfSignedCertificateResponse, error)
+	// AttestKey proves a TPM key lives in this TPM (TPM2_Certify).
+	AttestKey(ctx context.Context, in *AttestKeyRequest, opts ...grpc.CallOption) (*AttestKeyResponse, error)
 }
 
 type keyBrokerClient struct {
@@ -163,6 +188,76 @@ func (c *keyBrokerClient) UpdatePolicy(ctx context.Context, in *UpdatePolicyRequ
 	return out, nil
 }
 
+func (c *keyBrokerClient) GetConfirmation(ctx context.Context, in *GetConfirmationRequest, opts ...grpc.CallOption) (*GetConfirmationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetConfirmationResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_GetConfirmation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) SignJWS(ctx context.Context, in *SignJWSRequest, opts ...grpc.CallOption) (*SignJWSResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SignJWSResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_SignJWS_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) CreateDPoPProof(ctx context.Context, in *CreateDPoPProofRequest, opts ...grpc.CallOption) (*CreateDPoPProofResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateDPoPProofResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_CreateDPoPProof_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) CreateSignedHttpRequest(ctx context.Context, in *CreateSignedHttpRequestRequest, opts ...grpc.CallOption) (*CreateSignedHttpRequestResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateSignedHttpRequestResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_CreateSignedHttpRequest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) CreateCertificateRequest(ctx context.Context, in *CreateCertificateRequestRequest, opts ...grpc.CallOption) (*CreateCertificateRequestResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateCertificateRequestResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_CreateCertificateRequest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) CreateSelfSignedCertificate(ctx context.Context, in *CreateSelfSignedCertificateRequest, opts ...grpc.CallOption) (*CreateSelfSignedCertificateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateSelfSignedCertificateResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_CreateSelfSignedCertificate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyBrokerClient) AttestKey(ctx context.Context, in *AttestKeyRequest, opts ...grpc.CallOption) (*AttestKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AttestKeyResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_AttestKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyBrokerServer is the server API for KeyBroker service.
 // All implementations must embed UnimplementedKeyBrokerServer
 // for forward compatibility.
@@ -191,6 +286,24 @@ type KeyBrokerServer interface {
 	RevokeKeyVersion(context.Context, *RevokeKeyVersionRequest) (*RevokeKeyVersionResponse, error)
 	// UpdatePolicy changes a key's rotation policy; unset fields keep their value.
 	UpdatePolicy(context.Context, *UpdatePolicyRequest) (*UpdatePolicyResponse, error)
+	// GetConfirmation returns what a PoP token request or a token's "cnf"
+	// needs from a key version: thumbprint, jkt, both req_cnf forms, JWK.
+	GetConfirmation(context.Context, *GetConfirmationRequest) (*GetConfirmationResponse, error)
+	// SignJWS signs a payload as a compact JWS; "alg" and "kid" are set by
+	// the daemon and cannot be chosen by the caller.
+	SignJWS(context.Context, *SignJWSRequest) (*SignJWSResponse, error)
+	// CreateDPoPProof makes an RFC 9449 DPoP proof.
+	CreateDPoPProof(context.Context, *CreateDPoPProofRequest) (*CreateDPoPProofResponse, error)
+	// CreateSignedHttpRequest makes an MSAL Signed HTTP Request (SHR) for
+	// "Authorization: PoP".
+	CreateSignedHttpRequest(context.Context, *CreateSignedHttpRequestRequest) (*CreateSignedHttpRequestResponse, error)
+	// CreateCertificateRequest makes a PKCS#10 CSR signed by the key.
+	CreateCertificateRequest(context.Context, *CreateCertificateRequestRequest) (*CreateCertificateRequestResponse, error)
+	// CreateSelfSignedCertificate makes a self-signed X.509 certificate for
+	// the key (mTLS-bound tokens, RFC 8705) and its x5t#S256.
+	CreateSelfSignedCertificate(context.Context, *CreateSelfSignedCertificateRequest) (*CreateSelfSignedCertificateResponse, error)
+	// AttestKey proves a TPM key lives in this TPM (TPM2_Certify).
+	AttestKey(context.Context, *AttestKeyRequest) (*AttestKeyResponse, error)
 	mustEmbedUnimplementedKeyBrokerServer()
 }
 
@@ -227,6 +340,27 @@ func (UnimplementedKeyBrokerServer) RevokeKeyVersion(context.Context, *RevokeKey
 }
 func (UnimplementedKeyBrokerServer) UpdatePolicy(context.Context, *UpdatePolicyRequest) (*UpdatePolicyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method UpdatePolicy not implemented")
+}
+func (UnimplementedKeyBrokerServer) GetConfirmation(context.Context, *GetConfirmationRequest) (*GetConfirmationResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetConfirmation not implemented")
+}
+func (UnimplementedKeyBrokerServer) SignJWS(context.Context, *SignJWSRequest) (*SignJWSResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SignJWS not implemented")
+}
+func (UnimplementedKeyBrokerServer) CreateDPoPProof(context.Context, *CreateDPoPProofRequest) (*CreateDPoPProofResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateDPoPProof not implemented")
+}
+func (UnimplementedKeyBrokerServer) CreateSignedHttpRequest(context.Context, *CreateSignedHttpRequestRequest) (*CreateSignedHttpRequestResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateSignedHttpRequest not implemented")
+}
+func (UnimplementedKeyBrokerServer) CreateCertificateRequest(context.Context, *CreateCertificateRequestRequest) (*CreateCertificateRequestResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateCertificateRequest not implemented")
+}
+func (UnimplementedKeyBrokerServer) CreateSelfSignedCertificate(context.Context, *CreateSelfSignedCertificateRequest) (*CreateSelfSignedCertificateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateSelfSignedCertificate not implemented")
+}
+func (UnimplementedKeyBrokerServer) AttestKey(context.Context, *AttestKeyRequest) (*AttestKeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AttestKey not implemented")
 }
 func (UnimplementedKeyBrokerServer) mustEmbedUnimplementedKeyBrokerServer() {}
 func (UnimplementedKeyBrokerServer) testEmbeddedByValue()                   {}
@@ -411,6 +545,132 @@ func _KeyBroker_UpdatePolicy_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_GetConfirmation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetConfirmationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).GetConfirmation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_GetConfirmation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).GetConfirmation(ctx, req.(*GetConfirmationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_SignJWS_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SignJWSRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).SignJWS(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_SignJWS_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).SignJWS(ctx, req.(*SignJWSRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_CreateDPoPProof_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateDPoPProofRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).CreateDPoPProof(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_CreateDPoPProof_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).CreateDPoPProof(ctx, req.(*CreateDPoPProofRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_CreateSignedHttpRequest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateSignedHttpRequestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).CreateSignedHttpRequest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_CreateSignedHttpRequest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).CreateSignedHttpRequest(ctx, req.(*CreateSignedHttpRequestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_CreateCertificateRequest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateCertificateRequestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).CreateCertificateRequest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_CreateCertificateRequest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).CreateCertificateRequest(ctx, req.(*CreateCertificateRequestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_CreateSelfSignedCertificate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateSelfSignedCertificateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).CreateSelfSignedCertificate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_CreateSelfSignedCertificate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).CreateSelfSignedCertificate(ctx, req.(*CreateSelfSignedCertificateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyBroker_AttestKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AttestKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).AttestKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_AttestKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).AttestKey(ctx, req.(*AttestKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyBroker_ServiceDesc is the grpc.ServiceDesc for KeyBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -453,6 +713,34 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdatePolicy",
 			Handler:    _KeyBroker_UpdatePolicy_Handler,
+		},
+		{
+			MethodName: "GetConfirmation",
+			Handler:    _KeyBroker_GetConfirmation_Handler,
+		},
+		{
+			MethodName: "SignJWS",
+			Handler:    _KeyBroker_SignJWS_Handler,
+		},
+		{
+			MethodName: "CreateDPoPProof",
+			Handler:    _KeyBroker_CreateDPoPProof_Handler,
+		},
+		{
+			MethodName: "CreateSignedHttpRequest",
+			Handler:    _KeyBroker_CreateSignedHttpRequest_Handler,
+		},
+		{
+			MethodName: "CreateCertificateRequest",
+			Handler:    _KeyBroker_CreateCertificateRequest_Handler,
+		},
+		{
+			MethodName: "CreateSelfSignedCertificate",
+			Handler:    _KeyBroker_CreateSelfSignedCertificate_Handler,
+		},
+		{
+			MethodName: "AttestKey",
+			Handler:    _KeyBroker_AttestKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,88 @@
+package keyring
+
+import (
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"errors"
+	"io"
+
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/pop"
+)
+
+// VersionSigner signs with one pinned version of a key (the one named, or
+// the ACTIVE one when it was made). It is a pop.Signer through JOSE, and a
+// crypto.Signer through Crypto, for code that builds tokens, proofs and
+// certificates on top of the keyring.
+type VersionSigner struct {
+	r      *Keyring
+	tenant string
+	name   string
+	pub    PublicKey
+}
+
+// Signer resolves ref now and returns a signer pinned to that version.
+func (r *Keyring) Signer(ctx context.Context, tenant, name string, ref VersionRef) (*VersionSigner, error) {
+	pk, err := r.PublicKey(ctx, tenant, name, ref)
+	if err != nil {
+		return nil, err
+	}
+	return &VersionSigner{r: r, tenant: tenant, name: name, pub: pk}, nil
+}
+
+// Kid, Version, Alg and Public describe the pinned version.
+func (s *VersionSigner) Kid() string                 { return s.pub.Kid }
+func (s *VersionSigner) Version() uint32             { return s.pub.Version }
+func (s *VersionSigner) Algorithm() broker.Algorithm { return s.pub.Alg }
+func (s *VersionSigner) Public() crypto.PublicKey    { return s.pub.Key }
+
+// SignDigest signs a digest with the pinned version.
+func (s *VersionSigner) SignDigest(ctx context.Context, digest []byte, hash crypto.Hash, pad broker.Padding, jose bool) ([]byte, error) {
+	sig, err := s.r.Sign(ctx, s.tenant, SignRequest{Name: s.name, Ref: VersionRef{Kid: s.pub.Kid}, Digest: digest, Hash: hash, Padding: pad, JOSE: jose})
+	if err != nil {
+		return nil, err
+	}
+	return sig.Signature, nil
+}
+
+// JOSE is the version as a pop.Signer (JWS signatures: ECDSA r||s, PSS
+// with salt = hash length).
+func (s *VersionSigner) JOSE() pop.Signer { return joseSigner{s} }
+
+type joseSigner struct{ s *VersionSigner }
+
+func (j joseSigner) Alg() string  { return j.s.pub.Alg.String() }
+func (j joseSigner) JWK() pop.JWK { return j.s.pub.JWK }
+func (j joseSigner) Sign(ctx context.Context, signingInput []byte) ([]byte, error) {
+	h := j.s.pub.Alg.Hash().New()
+	h.Write(signingInput)
+	return j.s.SignDigest(ctx, h.Sum(nil), 0, broker.PaddingDefault, true)
+}
+
+// Crypto is the version as a crypto.Signer whose Sign uses ctx (for
+// x509.CreateCertificate and friends inside one request).
+func (s *VersionSigner) Crypto(ctx context.Context) crypto.Signer { return cryptoSigner{s, ctx} }
+
+type cryptoSigner struct {
+	s   *VersionSigner
+	ctx context.Context
+}
+
+func (c cryptoSigner) Public() crypto.PublicKey { return c.s.pub.Key }
+
+func (c cryptoSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if opts == nil {
+		return nil, errors.New("keyring: signer options are required")
+	}
+	pad := broker.PaddingDefault
+	if pss, ok := opts.(*rsa.PSSOptions); ok {
+		if pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != opts.HashFunc().Size() && pss.SaltLength != rsa.PSSSaltLengthAuto {
+			return nil, errors.New("keyring: PSS salt length must equal the hash length")
+		}
+		pad = broker.PaddingPSS
+	} else if c.s.pub.Alg.IsRSA() {
+		pad = broker.PaddingPKCS1v15
+	}
+	return c.s.SignDigest(c.ctx, digest, opts.HashFunc(), pad, false)
+}
