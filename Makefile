@@ -17,11 +17,12 @@ deps: ## Install the system packages (SoftHSM2, swtpm, tpm2-tools, protoc, ...) 
 build: ## Build keybrokerd and keybrokerctl into bin/
 	$(GO) build -o $(BIN)/ ./cmd/keybrokerd ./cmd/keybrokerctl
 
+BACKEND ?= pkcs11
+
 .PHONY: run
-run: ## Dev mode: SoftHSM2 token under .keybroker/dev, daemon in the foreground, key "demo"
-	scripts/install-deps.sh softhsm2
+run: ## Dev mode: daemon in the foreground on SoftHSM2 (or BACKEND=tpm: swtpm) under .keybroker/dev, key "demo"
 	$(MAKE) --no-print-directory build
-	$(BIN)/keybrokerd --dev --dev-dir .keybroker/dev
+	BACKEND=$(BACKEND) scripts/dev-run.sh
 
 .PHONY: test
 test: deps check-proto vet ## Everything CI runs: deps, generated-code check, vet, all tests with -race on real SoftHSM2

@@ -22,17 +22,25 @@ const (
 	devTenant     = "dev"
 )
 
-// devEnv is dev mode's SoftHSM2 token and directory.
+// devEnv is dev mode's directory and SoftHSM2 token (or swtpm socket).
 type devEnv struct {
 	dir   string
-	token *softhsm.Token
+	token *softhsm.Token // nil with the TPM backend
 }
 
-// provisionDev creates (or reuses) the dev token under dir.
-func provisionDev(dir string) (*devEnv, error) {
+// DevSwtpmSocket is where dev mode expects swtpm (scripts/dev-run.sh
+// starts it there for `make run BACKEND=tpm`), relative to the dev dir.
+const DevSwtpmSocket = "swtpm/swtpm.sock"
+
+// provisionDev creates (or reuses) the dev token under dir; with the TPM
+// backend there is nothing to provision.
+func provisionDev(dir, backend string) (*devEnv, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, err
+	}
+	if backend == "tpm" {
+		return &devEnv{dir: abs}, nil
 	}
 	tok, err := softhsm.Provision(filepath.Join(abs, "softhsm"), devTokenLabel)
 	if err != nil {
@@ -44,11 +52,17 @@ func provisionDev(dir string) (*devEnv, error) {
 func (e *devEnv) config() config.Config {
 	cfg := config.Default()
 	cfg.Socket = filepath.Join(e.dir, "keybroker.sock")
-	cfg.StateDir = filepath.Join(e.dir, "state")
-	cfg.PKCS11.Module = e.token.ModulePath
-	cfg.PKCS11.TokenLabel = e.token.Label
-	cfg.PKCS11.PINFile = e.token.PINFile
-	cfg.PKCS11.SoftHSM2Conf = e.token.ConfigPath
+	if e.token == nil {
+		cfg.Backend = "tpm"
+		cfg.TPM.Device, cfg.TPM.Socket = "", filepath.Join(e.dir, DevSwtpmSocket)
+		cfg.StateDir = filepath.Join(e.dir, "state-tpm")
+	} else {
+		cfg.StateDir = filepath.Join(e.dir, "state")
+		cfg.PKCS11.Module = e.token.ModulePath
+		cfg.PKCS11.TokenLabel = e.token.Label
+		cfg.PKCS11.PINFile = e.token.PINFile
+		cfg.PKCS11.SoftHSM2Conf = e.token.ConfigPath
+	}
 	cfg.Log.Format = "text"
 	// The current user is the dev tenant, with both roles.
 	cfg.Tenants = []config.Tenant{{
@@ -86,7 +100,7 @@ func (e *devEnv) welcome(ctx context.Context, d *daemon.Daemon, cfg config.Confi
 	}
 	sock := cfg.Socket
 	fmt.Fprintf(w, `
-keybroker dev mode — SoftHSM2 token %q under %s
+keybroker dev mode — %s under %s
 
   socket      %s
   key         %s (%s, %s key, version %d)
@@ -104,6 +118,13 @@ Try, in another terminal:
 
 Stop with Ctrl-C; the next 'make run' reuses the token and its keys.
 
-`, e.token.Label, e.dir, sock, k.Name, k.Alg, state, k.ActiveVersion, pk.Kid, jwk, sock, devKey, sock, devKey, sock)
+`, e.what(), e.dir, sock, k.Name, k.Alg, state, k.ActiveVersion, pk.Kid, jwk, sock, devKey, sock, devKey, sock)
 	return nil
+}
+
+func (e *devEnv) what() string {
+	if e.token == nil {
+		return "swtpm (TPM 2.0 simulator)"
+	}
+	return fmt.Sprintf("SoftHSM2 token %q", e.token.Label)
 }

@@ -44,6 +44,10 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.configPath, "config", "", "YAML configuration `file` (default: built-in defaults)")
 	fs.BoolVar(&o.dev, "dev", false, "dev mode: provision a SoftHSM2 token under --dev-dir, serve there, create key \"demo\"")
 	fs.StringVar(&o.devDir, "dev-dir", ".keybroker/dev", "dev mode `directory`")
+	fs.StringVar(&c.Backend, "backend", "", "key `backend`: pkcs11 or tpm")
+	fs.StringVar(&c.TPM.Device, "tpm-device", "", "TPM `device`, e.g. /dev/tpmrm0")
+	fs.StringVar(&c.TPM.Socket, "tpm-socket", "", "swtpm unix socket `path`")
+	fs.StringVar(&c.TPM.Address, "tpm-address", "", "swtpm TCP `host:port`")
 	fs.StringVar(&c.Socket, "socket", "", "unix socket `path` to serve on")
 	fs.StringVar(&c.StateDir, "state-dir", "", "state `directory` (metadata store)")
 	fs.StringVar(&c.PKCS11.Module, "pkcs11-module", "", "PKCS#11 library `path`")
@@ -69,6 +73,11 @@ func (o *options) apply(cfg *config.Config) {
 	f := o.cfgFlags
 	o.fs.Visit(func(fl *flag.Flag) {
 		switch fl.Name {
+		case "backend":
+			cfg.Backend = f.Backend
+		case "tpm-device", "tpm-socket", "tpm-address":
+			// One transport: the flag replaces whatever the file chose.
+			cfg.TPM.Device, cfg.TPM.Socket, cfg.TPM.Address = f.TPM.Device, f.TPM.Socket, f.TPM.Address
 		case "socket":
 			cfg.Socket = f.Socket
 		case "state-dir":
@@ -105,7 +114,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var dev *devEnv
 	switch {
 	case o.dev:
-		if dev, err = provisionDev(o.devDir); err != nil {
+		if dev, err = provisionDev(o.devDir, o.cfgFlags.Backend); err != nil {
 			fmt.Fprintf(stderr, "keybrokerd: dev mode: %v\n", err)
 			return 1
 		}

@@ -85,3 +85,18 @@ type Object struct {
 type Lister interface {
 	List(ctx context.Context) ([]Object, error)
 }
+
+// Attestation is evidence from the hardware that a key lives in it: for a
+// TPM, a TPM2_Certify of the key by an attestation key.
+type Attestation struct {
+	Attest        []byte // the signed attestation structure (TPMS_ATTEST)
+	Signature     []byte // over SHA-256(Attest), ASN.1 DER ECDSA
+	CertifyingKey []byte // the certifying key's public area (TPM2B_PUBLIC)
+	KeyPublic     []byte // the certified key's public area (TPM2B_PUBLIC)
+}
+
+// Attester is an optional Backend capability: attest that key h is held by
+// this hardware, echoing the caller's nonce.
+type Attester interface {
+	AttestKey(ctx context.Context, p Partition, h Handle, nonce []byte) (Attestation, error)
+}

@@ -20,6 +20,9 @@ var (
 	ErrUnavailable = errors.New("unavailable")
 	// ErrResourceExhausted: a pool, quota or hardware capacity is used up.
 	ErrResourceExhausted = errors.New("resource exhausted")
+	// ErrDataLoss: the hardware that held the key was cleared or replaced;
+	// the key cannot be used again.
+	ErrDataLoss = errors.New("key material lost")
 )
 
 // FieldError is an invalid request field. Its message is safe to show to

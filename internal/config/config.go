@@ -25,9 +25,10 @@ type Config struct {
 	Socket string `yaml:"socket"`
 	// StateDir holds the metadata store (keybroker.db).
 	StateDir string `yaml:"state_dir"`
-	// Backend is "pkcs11" (the only one so far).
+	// Backend is "pkcs11" or "tpm".
 	Backend  string   `yaml:"backend"`
 	PKCS11   PKCS11   `yaml:"pkcs11"`
+	TPM      TPM      `yaml:"tpm"`
 	Tenants  []Tenant `yaml:"tenants"`
 	TCP      TCP      `yaml:"tcp"`
 	Audit    Audit    `yaml:"audit"`
@@ -108,6 +109,19 @@ type PKCS11 struct {
 	PoolWaitTimeout time.Duration `yaml:"pool_wait_timeout"`
 }
 
+// TPM configures the TPM 2.0 backend: exactly one of Device, Socket and
+// Address.
+type TPM struct {
+	// Device is the kernel resource manager, e.g. /dev/tpmrm0.
+	Device string `yaml:"device"`
+	// Socket is a swtpm unix socket (swtpm socket --server type=unixio).
+	Socket string `yaml:"socket"`
+	// Address is a swtpm TCP address (host:port of its server port).
+	Address string `yaml:"address"`
+	// Timeout bounds each TPM command.
+	Timeout time.Duration `yaml:"timeout"`
+}
+
 // Rotation configures the rotation scheduler.
 type Rotation struct {
 	// CheckInterval is how often due transitions are applied. Keys are
@@ -148,6 +162,7 @@ func Default() Config {
 			MaxSessions:     16,
 			PoolWaitTimeout: 2 * time.Second,
 		},
+		TPM:      TPM{Device: "/dev/tpmrm0", Timeout: 5 * time.Second},
 		Audit:    Audit{WriteTimeout: time.Second},
 		Rotation: Rotation{CheckInterval: time.Minute},
 		Limits: Limits{
@@ -221,8 +236,26 @@ func (c Config) Validate() error {
 		if c.PKCS11.PoolWaitTimeout <= 0 {
 			add("pkcs11.pool_wait_timeout: got %v, want > 0", c.PKCS11.PoolWaitTimeout)
 		}
+	case "tpm":
+		n := 0
+		for _, v := range []string{c.TPM.Device, c.TPM.Socket, c.TPM.Address} {
+			if v != "" {
+				n++
+			}
+		}
+		if n != 1 {
+			add("tpm: set exactly one of device, socket and address (got %d)", n)
+		}
+		if c.TPM.Timeout <= 0 {
+			add("tpm.timeout: got %v, want > 0", c.TPM.Timeout)
+		}
+		for i, t := range c.Tenants {
+			if t.PKCS11 != nil {
+				add("tenants[%d] (%s).pkcs11: an own PKCS#11 token needs backend pkcs11; with the TPM each tenant has its own parent key", i, t.Name)
+			}
+		}
 	default:
-		add("backend: got %q, want pkcs11", c.Backend)
+		add("backend: got %q, want pkcs11 or tpm", c.Backend)
 	}
 	p = append(p, c.validateTenants()...)
 	if c.TCP.Address != "" {

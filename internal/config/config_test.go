@@ -40,6 +40,11 @@ pkcs11:
   softhsm2_conf: /etc/softhsm2.conf
   max_sessions: 32
   pool_wait_timeout: 750ms
+tpm:
+  device: /dev/tpm0
+  socket: /run/swtpm.sock
+  address: 127.0.0.1:2321
+  timeout: 3s
 tenants:
   - name: payments
     identities:
@@ -93,6 +98,7 @@ func TestParseFull(t *testing.T) {
 			MaxSessions:     32,
 			PoolWaitTimeout: 750 * time.Millisecond,
 		},
+		TPM: TPM{Device: "/dev/tpm0", Socket: "/run/swtpm.sock", Address: "127.0.0.1:2321", Timeout: 3 * time.Second},
 		Tenants: []Tenant{{
 			Name: "payments",
 			Identities: Identities{UIDs: []uint32{1001}, GIDs: []uint32{2001}, SPIFFEIDs: []string{"spiffe://example.org/payments"},
@@ -292,7 +298,15 @@ func TestValidateSingleProblems(t *testing.T) {
 		{"recv 1024", func(c *Config) { c.Limits.MaxRecvMsgSize = 1024 }, ""},
 		{"recv 16MiB", func(c *Config) { c.Limits.MaxRecvMsgSize = 16 << 20 }, ""},
 		{"recv 16MiB+1", func(c *Config) { c.Limits.MaxRecvMsgSize = 16<<20 + 1 }, "limits.max_recv_msg_size:"},
-		{"other backend", func(c *Config) { c.Backend = "tpm" }, `backend: got "tpm", want pkcs11`},
+		{"other backend", func(c *Config) { c.Backend = "hsm2" }, `backend: got "hsm2", want pkcs11 or tpm`},
+		{"tpm backend", func(c *Config) { c.Backend = "tpm" }, ""},
+		{"tpm two transports", func(c *Config) { c.Backend, c.TPM.Socket = "tpm", "/run/swtpm.sock" }, "tpm: set exactly one of device, socket and address (got 2)"},
+		{"tpm no transport", func(c *Config) { c.Backend, c.TPM.Device = "tpm", "" }, "tpm: set exactly one of device, socket and address (got 0)"},
+		{"tpm timeout", func(c *Config) { c.Backend, c.TPM.Timeout = "tpm", 0 }, "tpm.timeout:"},
+		{"tpm with a tenant token", func(c *Config) {
+			c.Backend = "tpm"
+			c.Tenants = []Tenant{{Name: "a", Identities: Identities{UIDs: []uint32{7}}, Roles: []string{RoleSigner}, PKCS11: &TenantToken{TokenLabel: "x", PINFile: "/p"}}}
+		}, "tenants[0] (a).pkcs11: an own PKCS#11 token needs backend pkcs11"},
 		{"level warn", func(c *Config) { c.Log.Level = "warn" }, ""},
 		{"level upper", func(c *Config) { c.Log.Level = "INFO" }, "log.level:"},
 	} {

@@ -130,8 +130,17 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	return d, nil
 }
 
-// openBackend opens the shared token and each tenant's own token.
+// openBackend opens the TPM, or the shared token and each tenant's own
+// token.
 func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err error) {
+	if cfg.Backend == "tpm" {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 4*cfg.TPM.Timeout)
+		defer cancel()
+		return openTPM(ctx, cfg, log)
+	}
 	if cfg.PKCS11.SoftHSM2Conf != "" {
 		// Read by libsofthsm2 in C_Initialize.
 		if err := os.Setenv("SOFTHSM2_CONF", cfg.PKCS11.SoftHSM2Conf); err != nil {

@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/rsa"
 	"errors"
+	"fmt"
 	"io"
 
 	"github.com/keybroker/keybroker/internal/broker"
@@ -85,4 +86,33 @@ func (c cryptoSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) (
 		pad = broker.PaddingPKCS1v15
 	}
 	return c.s.SignDigest(c.ctx, digest, opts.HashFunc(), pad, false)
+}
+
+// Attest asks the backend for evidence that a key version is held in its
+// hardware (TPM2_Certify), echoing nonce.
+func (r *Keyring) Attest(ctx context.Context, tenant, name string, ref VersionRef, nonce []byte) (broker.Attestation, PublicKey, error) {
+	if len(nonce) > 64 {
+		return broker.Attestation{}, PublicKey{}, &broker.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most 64", len(nonce))}
+	}
+	k, err := r.lookup(tenant, name)
+	if err != nil {
+		return broker.Attestation{}, PublicKey{}, err
+	}
+	v, err := k.version(ref)
+	if err != nil {
+		return broker.Attestation{}, PublicKey{}, err
+	}
+	if v.State == broker.StateDestroyed {
+		return broker.Attestation{}, PublicKey{}, notUsable(name, v)
+	}
+	at, ok := r.backend.(broker.Attester)
+	if !ok {
+		return broker.Attestation{}, PublicKey{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Reason: "ATTESTATION_UNSUPPORTED",
+			Msg: "this daemon's key backend cannot attest keys (attestation needs the TPM backend)"}
+	}
+	a, err := at.AttestKey(ctx, broker.Partition{Tenant: tenant}, v.Handle, nonce)
+	if err != nil {
+		return broker.Attestation{}, PublicKey{}, err
+	}
+	return a, PublicKey{Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg, Key: v.pub, DER: v.PublicKey, JWK: v.jwk}, nil
 }

@@ -248,3 +248,18 @@ func sortedNames(names []string) []string {
 	sort.Strings(names)
 	return names
 }
+
+func (s *Server) AttestKey(ctx context.Context, req *kbv1.AttestKeyRequest) (*kbv1.AttestKeyResponse, error) {
+	tenant, err := tenantOf(ctx)
+	if err != nil {
+		return nil, err
+	}
+	a, pk, err := s.ring.Attest(ctx, tenant, req.GetName(), keyring.VersionRef{Version: req.GetVersion(), Kid: req.GetKid()}, req.GetNonce())
+	if err != nil {
+		return nil, err
+	}
+	return &kbv1.AttestKeyResponse{
+		Attest: a.Attest, Signature: a.Signature, CertifyingKeyPublic: a.CertifyingKey, KeyPublic: a.KeyPublic,
+		Kid: pk.Kid, Version: pk.Version,
+	}, nil
+}

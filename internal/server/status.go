@@ -24,6 +24,7 @@ const (
 	ReasonBackendDown      = "BACKEND_UNAVAILABLE"
 	ReasonBackendBusy      = "BACKEND_BUSY"
 	ReasonInternal         = "INTERNAL"
+	ReasonDataLoss         = "KEY_MATERIAL_LOST"
 	ReasonDeadlineExceeded = "DEADLINE_EXCEEDED"
 	ReasonCanceled         = "CANCELED"
 )
@@ -42,6 +43,7 @@ var mapping = []struct {
 	{broker.ErrFailedPrecondition, codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used"},
 	{broker.ErrUnavailable, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later"},
 	{broker.ErrResourceExhausted, codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later"},
+	{broker.ErrDataLoss, codes.DataLoss, ReasonDataLoss, "the key's hardware was reset or replaced; the key is lost"},
 	{context.DeadlineExceeded, codes.DeadlineExceeded, ReasonDeadlineExceeded, "deadline exceeded"},
 	{context.Canceled, codes.Canceled, ReasonCanceled, "canceled"},
 }
