@@ -19,8 +19,10 @@ import (
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/broker/brokertest"
 	"github.com/keybroker/keybroker/pop"
+	"github.com/keybroker/keybroker/tpm"
 )
 
 // jwxVerify checks a compact JWS with lestrrat-go/jwx v3, an independent
@@ -57,10 +59,24 @@ func b64json(t *testing.T, seg string, v any) {
 // the daemon on SoftHSM2, for every algorithm, checked with jwx v3 and
 // claim by claim.
 func TestPoPEveryAlgorithm(t *testing.T) {
-	s := newStack(t)
+	testPoP(t, newStack(t), brokertest.AllSpecs())
+}
+
+// TestPoPEveryAlgorithmTPM is the same on swtpm (no RSA 4096 there).
+func TestPoPEveryAlgorithmTPM(t *testing.T) {
+	var specs []broker.KeySpec
+	for _, s := range brokertest.AllSpecs() {
+		if s.Bits != 4096 {
+			specs = append(specs, s)
+		}
+	}
+	testPoP(t, newStackOnTPM(t), specs)
+}
+
+func testPoP(t *testing.T, s *stack, specs []broker.KeySpec) {
 	ctx := ctxT(t)
 	const token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
-	for _, spec := range brokertest.AllSpecs() {
+	for _, spec := range specs {
 		name := strings.ToLower(brokertest.Name(spec))
 		t.Run(name, func(t *testing.T) {
 			if _, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: name, Algorithm: algToProto(spec.Alg), Bits: int32(spec.Bits)}); err != nil {
@@ -258,5 +274,50 @@ func TestDPoPJTIUnique(t *testing.T) {
 			t.Fatalf("jti %s repeated", jti)
 		}
 		seen[jti] = true
+	}
+}
+
+// TestAttestKeyTPM: an AttestKey result verifies — certified Name matches
+// the key's public area, nonce echoed, signature under the certifying key.
+func TestAttestKeyTPM(t *testing.T) {
+	s := newStackOnTPM(t)
+	ctx := ctxT(t)
+	if _, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "dev-key", Algorithm: kbv1.Algorithm_ALGORITHM_ES256}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "other", Algorithm: kbv1.Algorithm_ALGORITHM_ES256}); err != nil {
+		t.Fatal(err)
+	}
+	nonce := []byte("fresh-nonce-0123456789")
+	a, err := s.client.AttestKey(ctx, &kbv1.AttestKeyRequest{Name: "dev-key", Nonce: nonce})
+	if err != nil {
+		t.Fatal(err)
+	}
+	att := &tpm.Attestation{Attest: a.Attest, Signature: a.Signature, CertifyingKey: a.CertifyingKeyPublic}
+	if err := tpm.VerifyAttestation(att, a.KeyPublic, nonce); err != nil {
+		t.Fatalf("VerifyAttestation: %v", err)
+	}
+	if tpm.VerifyAttestation(att, a.KeyPublic, []byte("another nonce")) == nil {
+		t.Error("attestation verified with the wrong nonce")
+	}
+	other, err := s.client.AttestKey(ctx, &kbv1.AttestKeyRequest{Name: "other", Nonce: nonce})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tpm.VerifyAttestation(att, other.KeyPublic, nonce) == nil {
+		t.Error("attestation verified against another key's public area")
+	}
+	if _, err := s.client.AttestKey(ctx, &kbv1.AttestKeyRequest{Name: "dev-key", Nonce: make([]byte, 65)}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("65-byte nonce: %v", err)
+	}
+}
+
+// TestAttestKeyNeedsTPM: on PKCS#11 AttestKey says it is not supported.
+func TestAttestKeyNeedsTPM(t *testing.T) {
+	s := newStack(t)
+	ctx := ctxT(t)
+	s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k", Algorithm: kbv1.Algorithm_ALGORITHM_ES256})
+	if _, err := s.client.AttestKey(ctx, &kbv1.AttestKeyRequest{Name: "k"}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("AttestKey on PKCS#11: %v, want FailedPrecondition", err)
 	}
 }

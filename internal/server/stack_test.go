@@ -20,6 +20,8 @@ import (
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/store"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
+	"github.com/keybroker/keybroker/tpm"
+	"github.com/keybroker/keybroker/tpm/swtpmtest"
 )
 
 func TestMain(m *testing.M) { softhsmtest.Main(m) }
@@ -74,13 +76,39 @@ func newStackWith(t testing.TB, tenants []TenantPolicy) *stack {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { hb.Close() })
-	b := &counting{Backend: hb}
+	return newStackOn(t, tenants, hb)
+}
+
+// newStackOnTPM is newStack on a fresh swtpm.
+func newStackOnTPM(t testing.TB) *stack {
+	t.Helper()
+	sim := swtpmtest.Start(t)
+	tb, err := tpm.Open(context.Background(), tpm.Config{Socket: sim.Socket, StateDir: t.TempDir(), Timeout: 10 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tb.Close() })
+	return newStackOn(t, []TenantPolicy{{Name: "t1", Identities: authn.Rule{UIDs: []uint32{uint32(os.Getuid())}}, Roles: RoleSigner | RoleAdmin}}, tb)
+}
+
+func newStackOn(t testing.TB, tenants []TenantPolicy, backend broker.Backend) *stack {
+	t.Helper()
+	var err error
+	b := &counting{Backend: backend}
+	var ringBackend broker.Backend = b
+	if at, ok := backend.(broker.Attester); ok {
+		// Keep the optional capability visible through the wrapper.
+		ringBackend = struct {
+			*counting
+			broker.Attester
+		}{b, at}
+	}
 	st, err := store.Open(filepath.Join(t.TempDir(), "keybroker.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	ring, err := keyring.New(keyring.Options{Backend: b, BackendName: "pkcs11", Store: st})
+	ring, err := keyring.New(keyring.Options{Backend: ringBackend, BackendName: "test", Store: st})
 	if err != nil {
 		t.Fatal(err)
 	}
