@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/miekg/pkcs11"
 
@@ -57,6 +58,9 @@ func classify(op string, err error) error {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		// crypto11's pool timed out waiting for a free session.
 		kind = broker.ErrResourceExhausted
+	case closedContext(err):
+		// A call that raced with the retirement of its context.
+		kind = broker.ErrUnavailable
 	case errors.As(err, &rv):
 		switch {
 		case unavailable[rv]:
@@ -80,4 +84,12 @@ func isTemplateError(err error) bool {
 		return true
 	}
 	return false
+}
+
+// closedContext reports crypto11's errors for a closed Context, which it does
+// not export ("context is closed" from its session pool, "cannot used closed
+// context" from its methods).
+func closedContext(err error) bool {
+	msg := strings.ToLower(err.Error())
+	return strings.Contains(msg, "context is closed") || strings.Contains(msg, "closed context")
 }

@@ -49,13 +49,23 @@ type Config struct {
 }
 
 // Backend is a broker.Backend on one PKCS#11 token.
+//
+// A crypto11 Context cannot recover from a lost token (broken sessions go
+// back into its pool and it never logs in again), so the Backend treats it
+// as a replaceable generation: when an operation fails in a way that means
+// the token, a session or the login is gone, the Backend fails fast with
+// broker.ErrUnavailable, closes that context and opens a new one in the
+// background (re-finding keys by CKA_ID), and serves again once it is up.
 type Backend struct {
-	p11    *crypto11.Context
+	cfg    Config
 	log    *slog.Logger
 	closer sync.Once
 
-	mu   sync.RWMutex
-	keys map[string]crypto11.Signer // by CKA_ID
+	mu      sync.RWMutex
+	p11     *crypto11.Context          // nil while rebuilding
+	keys    map[string]crypto11.Signer // by CKA_ID, of the current p11
+	closed  bool
+	rebuild chan struct{} // closed when the running rebuild ends
 }
 
 var _ broker.Backend = (*Backend)(nil)
@@ -65,27 +75,156 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 	if cfg.MaxSessions < 2 {
 		return nil, fmt.Errorf("hsm: max sessions: got %d, want at least 2", cfg.MaxSessions)
 	}
-	p11, err := crypto11.Configure(&crypto11.Config{
-		Path:            cfg.ModulePath,
-		TokenLabel:      cfg.TokenLabel,
-		Pin:             cfg.PIN,
-		MaxSessions:     cfg.MaxSessions,
-		PoolWaitTimeout: cfg.PoolWaitTimeout,
-	})
+	p11, err := configure(cfg)
 	if err != nil {
 		return nil, classify("open token", err)
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backend{p11: p11, log: log, keys: make(map[string]crypto11.Signer)}, nil
+	return &Backend{cfg: cfg, p11: p11, log: log, keys: make(map[string]crypto11.Signer)}, nil
+}
+
+func configure(cfg Config) (*crypto11.Context, error) {
+	return crypto11.Configure(&crypto11.Config{
+		Path:            cfg.ModulePath,
+		TokenLabel:      cfg.TokenLabel,
+		Pin:             cfg.PIN,
+		MaxSessions:     cfg.MaxSessions,
+		PoolWaitTimeout: cfg.PoolWaitTimeout,
+	})
 }
 
 // Close logs out and releases the module. Safe to call more than once.
 func (b *Backend) Close() error {
 	var err error
-	b.closer.Do(func() { err = b.p11.Close() })
+	b.closer.Do(func() {
+		b.mu.Lock()
+		p11, wait := b.p11, b.rebuild
+		b.p11, b.closed = nil, true
+		b.mu.Unlock()
+		if wait != nil {
+			<-wait
+			b.mu.Lock()
+			p11, b.p11 = b.p11, nil
+			b.mu.Unlock()
+		}
+		if p11 != nil {
+			err = p11.Close()
+		}
+	})
 	return err
+}
+
+// ErrRebuilding is wrapped by the errors of calls made while the token is
+// being reopened after a failure.
+var errRebuilding = fmt.Errorf("hsm: reconnecting to the token: %w", broker.ErrUnavailable)
+
+// context returns the current crypto11 context, or errRebuilding.
+func (b *Backend) context() (*crypto11.Context, error) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	if b.p11 == nil {
+		if b.closed {
+			return nil, fmt.Errorf("hsm: backend closed: %w", broker.ErrUnavailable)
+		}
+		return nil, errRebuilding
+	}
+	return b.p11, nil
+}
+
+// failed looks at an operation's error on context p11: if it says the
+// token, a session or the login is gone, that context is retired and a
+// rebuild starts (once). It returns err.
+func (b *Backend) failed(p11 *crypto11.Context, err error) error {
+	if err == nil || !errors.Is(err, broker.ErrUnavailable) {
+		return err
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		// A slow or hung token: the call gave up, the context may still
+		// be good. Probe reports a hung token; reconnecting would not help.
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.p11 != p11 || b.closed {
+		return err // already retired
+	}
+	b.p11, b.keys = nil, make(map[string]crypto11.Signer)
+	done := make(chan struct{})
+	b.rebuild = done
+	b.log.Error("PKCS#11 token lost; reconnecting", "token", b.cfg.TokenLabel, "err", err)
+	go b.reconnect(p11, done)
+	return err
+}
+
+// reconnect closes the old context and opens new ones until one works or
+// the backend is closed. A wrong PIN stops it: PIN counters lock.
+func (b *Backend) reconnect(old *crypto11.Context, done chan struct{}) {
+	defer close(done)
+	closeQuietly(old)
+	delay := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		b.mu.RLock()
+		closed := b.closed
+		b.mu.RUnlock()
+		if closed {
+			return
+		}
+		p11, err := configure(b.cfg)
+		if err == nil {
+			b.mu.Lock()
+			if b.closed {
+				b.mu.Unlock()
+				closeQuietly(p11)
+				return
+			}
+			b.p11, b.rebuild = p11, nil
+			b.mu.Unlock()
+			b.log.Info("PKCS#11 token back", "token", b.cfg.TokenLabel, "attempts", attempt)
+			return
+		}
+		if errors.Is(classify("reopen token", err), broker.ErrFailedPrecondition) {
+			b.log.Error("PKCS#11 token refuses the PIN; not retrying (PIN counters lock)", "token", b.cfg.TokenLabel)
+			return
+		}
+		if attempt == 1 || attempt%20 == 0 {
+			b.log.Warn("PKCS#11 token still unavailable", "token", b.cfg.TokenLabel, "attempt", attempt, "err", err)
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// closeQuietly closes a context whose sessions may all be dead; crypto11's
+// Close panics when called twice and may fail on a lost token.
+func closeQuietly(p11 *crypto11.Context) {
+	defer func() { _ = recover() }()
+	_ = p11.Close()
+}
+
+// bounded runs f, but returns when ctx ends even if the hardware does not
+// answer (the call finishes later on its own goroutine).
+func bounded[T any](ctx context.Context, f func() (T, error)) (T, error) {
+	if ctx.Done() == nil {
+		return f()
+	}
+	type result struct {
+		v   T
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		v, err := f()
+		ch <- result{v, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.v, r.err
+	case <-ctx.Done():
+		var zero T
+		return zero, fmt.Errorf("hsm: no answer from the token: %w (%w)", broker.ErrUnavailable, ctx.Err())
+	}
 }
 
 // Probe asks the token for one random byte: a cheap round trip through a
@@ -94,11 +233,18 @@ func (b *Backend) Probe(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	r, err := b.p11.NewRandomReader()
-	if err == nil {
-		_, err = io.ReadFull(r, make([]byte, 1))
+	p11, err := b.context()
+	if err != nil {
+		return err
 	}
-	return classify("probe", err)
+	_, err = bounded(ctx, func() (int, error) {
+		r, err := p11.NewRandomReader()
+		if err == nil {
+			_, err = io.ReadFull(r, make([]byte, 1))
+		}
+		return 0, classify("probe", err)
+	})
+	return b.failed(p11, err)
 }
 
 // Generate creates a key pair with the template of privateTemplate and
@@ -116,37 +262,49 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 		return nil, nil, err
 	}
 	label := []byte(labelPrefix + p.Tenant + "/" + spec.Label)
-
-	signer, err := b.generate(id, label, spec, true)
+	p11, err := b.context()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Not bounded by ctx: a key that the token generates after the caller
+	// gave up would be an orphan; generation is slow but finite.
+	signer, err := generate(p11, id, label, spec, true)
 	if isTemplateError(err) {
 		// The token does not accept CKA_MODIFIABLE/CKA_COPYABLE; they are
 		// only "where the token accepts them".
-		signer, err = b.generate(id, label, spec, false)
+		signer, err = generate(p11, id, label, spec, false)
 	}
 	if err != nil {
-		return nil, nil, classify("generate key", err)
+		return nil, nil, b.failed(p11, classify("generate key", err))
 	}
-	if err := b.checkAttributes(signer); err != nil {
+	if err := checkAttributes(p11, signer); err != nil {
 		if derr := signer.Delete(); derr != nil {
 			b.log.Error("deleting a key that failed the attribute check", "err", derr)
 		}
-		return nil, nil, err
+		return nil, nil, b.failed(p11, err)
 	}
-	b.mu.Lock()
-	b.keys[string(id)] = signer
-	b.mu.Unlock()
+	b.cache(p11, id, signer)
 	return broker.Handle(id), signer.Public(), nil
 }
 
-func (b *Backend) generate(id, label []byte, spec broker.KeySpec, strict bool) (crypto11.Signer, error) {
+func generate(p11 *crypto11.Context, id, label []byte, spec broker.KeySpec, strict bool) (crypto11.Signer, error) {
 	pub, priv, err := templates(id, label, spec.Alg.IsRSA(), strict)
 	if err != nil {
 		return nil, err
 	}
 	if spec.Alg.IsRSA() {
-		return b.p11.GenerateRSAKeyPairWithAttributes(pub, priv, spec.Bits)
+		return p11.GenerateRSAKeyPairWithAttributes(pub, priv, spec.Bits)
 	}
-	return b.p11.GenerateECDSAKeyPairWithAttributes(pub, priv, spec.Alg.Curve())
+	return p11.GenerateECDSAKeyPairWithAttributes(pub, priv, spec.Alg.Curve())
+}
+
+// cache remembers a key pair found on context p11, unless p11 was retired.
+func (b *Backend) cache(p11 *crypto11.Context, id []byte, signer crypto11.Signer) {
+	b.mu.Lock()
+	if b.p11 == p11 {
+		b.keys[string(id)] = signer
+	}
+	b.mu.Unlock()
 }
 
 // templates returns the public and private key templates. Every security
@@ -220,12 +378,12 @@ var requiredPrivate = []struct {
 // required attributes; the key is deleted.
 var ErrWeakKey = errors.New("hsm: generated key does not have the required attributes")
 
-func (b *Backend) checkAttributes(signer crypto11.Signer) error {
+func checkAttributes(p11 *crypto11.Context, signer crypto11.Signer) error {
 	types := make([]crypto11.AttributeType, len(requiredPrivate))
 	for i, r := range requiredPrivate {
 		types[i] = r.typ
 	}
-	got, err := b.p11.GetAttributes(signer, types)
+	got, err := p11.GetAttributes(signer, types)
 	if err != nil {
 		return classify("read key attributes", err)
 	}
@@ -243,7 +401,7 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	signer, err := b.find(h)
+	p11, signer, err := b.find(ctx, h)
 	if err != nil {
 		return nil, err
 	}
@@ -259,9 +417,9 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	if len(digest) != opts.HashFunc().Size() {
 		return nil, &broker.FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d", len(digest), opts.HashFunc().Size())}
 	}
-	sig, err := signer.Sign(nil, digest, opts)
+	sig, err := bounded(ctx, func() ([]byte, error) { return signer.Sign(nil, digest, opts) })
 	if err != nil {
-		return nil, classify("sign", err)
+		return nil, b.failed(p11, classify("sign", err))
 	}
 	return sig, nil
 }
@@ -271,12 +429,12 @@ func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Hand
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	signer, err := b.find(h)
+	p11, signer, err := b.find(ctx, h)
 	if err != nil {
 		return err
 	}
 	if err := signer.Delete(); err != nil {
-		return classify("destroy key", err)
+		return b.failed(p11, classify("destroy key", err))
 	}
 	b.mu.Lock()
 	delete(b.keys, string(h))
@@ -284,33 +442,35 @@ func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Hand
 	return nil
 }
 
-// find returns the key pair with CKA_ID h, from the cache or the token.
-func (b *Backend) find(h broker.Handle) (crypto11.Signer, error) {
+// find returns the current context and the key pair with CKA_ID h on it,
+// from the cache or the token.
+func (b *Backend) find(ctx context.Context, h broker.Handle) (*crypto11.Context, crypto11.Signer, error) {
 	if len(h) != IDLen {
-		return nil, fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
+		return nil, nil, fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
 	}
 	b.mu.RLock()
-	cached, ok := b.keys[string(h)]
+	p11, cached := b.p11, b.keys[string(h)]
 	b.mu.RUnlock()
-	if ok {
-		return cached, nil
+	if p11 == nil {
+		_, err := b.context()
+		return nil, nil, err
 	}
-	found, err := b.p11.FindKeyPairs(h, nil)
+	if cached != nil {
+		return p11, cached, nil
+	}
+	found, err := bounded(ctx, func() ([]crypto11.Signer, error) { return p11.FindKeyPairs(h, nil) })
 	if err != nil {
-		return nil, classify("find key", err)
+		return nil, nil, b.failed(p11, classify("find key", err))
 	}
 	switch len(found) {
 	case 0:
-		return nil, fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
+		return nil, nil, fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
 	case 1:
 	default:
-		return nil, fmt.Errorf("hsm: %d key pairs share one CKA_ID", len(found))
+		return nil, nil, fmt.Errorf("hsm: %d key pairs share one CKA_ID", len(found))
 	}
-	signer := found[0]
-	b.mu.Lock()
-	b.keys[string(h)] = signer
-	b.mu.Unlock()
-	return signer, nil
+	b.cache(p11, h, found[0])
+	return p11, found[0], nil
 }
 
 // List returns every key pair on the token that the daemon created, with
@@ -319,15 +479,19 @@ func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	pairs, err := b.p11.FindAllKeyPairs()
+	p11, err := b.context()
 	if err != nil {
-		return nil, classify("list keys", err)
+		return nil, err
+	}
+	pairs, err := p11.FindAllKeyPairs()
+	if err != nil {
+		return nil, b.failed(p11, classify("list keys", err))
 	}
 	var objs []broker.Object
 	for _, signer := range pairs {
-		attrs, err := b.p11.GetAttributes(signer, []crypto11.AttributeType{pkcs11.CKA_ID, pkcs11.CKA_LABEL})
+		attrs, err := p11.GetAttributes(signer, []crypto11.AttributeType{pkcs11.CKA_ID, pkcs11.CKA_LABEL})
 		if err != nil {
-			return nil, classify("read key attributes", err)
+			return nil, b.failed(p11, classify("read key attributes", err))
 		}
 		id, label := attrs[pkcs11.CKA_ID], attrs[pkcs11.CKA_LABEL]
 		if id == nil || label == nil || len(id.Value) != IDLen {

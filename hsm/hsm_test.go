@@ -47,7 +47,7 @@ func TestPrivateKeyAttributes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			signer, err := b.find(h)
+			_, signer, err := b.find(ctx, h)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -92,7 +92,7 @@ func TestPublicKeyAttributes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	signer, _ := b.find(h)
+	_, signer, _ := b.find(context.Background(), h)
 	for typ, w := range map[uint]bool{pkcs11.CKA_VERIFY: true, pkcs11.CKA_ENCRYPT: false, pkcs11.CKA_WRAP: false, pkcs11.CKA_PRIVATE: false} {
 		a, err := b.p11.GetPubAttribute(signer, typ)
 		if err != nil {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # install-deps.sh — install the Debian/Ubuntu packages keybroker needs for
-# dev mode and tests (SoftHSM2, swtpm, TPM and PKCS#11 tools, protoc).
+# dev mode and tests (SoftHSM2, swtpm, TPM and PKCS#11 tools, protoc, and
+# systemd for systemd-analyze and the unit tests in deploy/).
 #
 # Usage: scripts/install-deps.sh [PACKAGE...]
 #
@@ -11,7 +12,7 @@
 # password, and otherwise prints the command to run and exits 1.
 set -euo pipefail
 
-readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler)
+readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler systemd)
 
 die() {
 	echo "install-deps: $*" >&2

@@ -109,6 +109,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Caught from the start: SIGHUP's default action would end the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 
 	var cfg config.Config
 	var dev *devEnv
@@ -132,20 +136,51 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
 		return 2
 	}
-	log := newLogger(cfg.Log, stderr)
+	level := new(slog.LevelVar)
+	log := newLogger(cfg.Log, level, stderr)
 
-	d, err := daemon.New(cfg, log, daemon.Options{Failpoint: failpoint(log)})
+	d, err := daemon.New(cfg, log, daemon.Options{Failpoint: failpoint(log), LogLevel: level})
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1
 	}
 	defer d.Close()
-	lis, err := d.Listen()
+	lis, activated, err := d.ListenSystemd()
 	if err != nil {
 		log.Error("listen", "err", err)
 		return 1
 	}
-	defer os.Remove(cfg.Socket)
+	if !activated {
+		defer os.Remove(cfg.Socket)
+	}
+	// SIGHUP: re-read the file (flags still override it); dev mode and
+	// the built-in defaults have nothing to re-read but reload all the same.
+	reload := func() (config.Config, error) {
+		next := cfg
+		if o.configPath != "" {
+			var err error
+			if next, err = config.Load(o.configPath); err != nil {
+				return config.Config{}, err
+			}
+			o.apply(&next)
+		}
+		return next, nil
+	}
+	go func() {
+		select {
+		case <-d.Ready():
+		case <-ctx.Done():
+			return
+		}
+		for {
+			select {
+			case <-hup:
+				d.Reload(reload)
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	if dev != nil {
 		if err := dev.welcome(ctx, d, cfg, stdout); err != nil {
 			log.Error("dev mode", "err", err)
@@ -160,9 +195,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func newLogger(c config.Log, w io.Writer) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.Level)) // validated already
+// newLogger returns the JSON (or text) logger at c.Level, set on level so
+// a reload can change it.
+func newLogger(c config.Log, level *slog.LevelVar, w io.Writer) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(c.Level)) // validated already
+	level.Set(l)
 	opts := &slog.HandlerOptions{Level: level}
 	if c.Format == "text" {
 		return slog.New(slog.NewTextHandler(w, opts))

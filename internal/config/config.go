@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,6 +37,23 @@ type Config struct {
 	Rotation Rotation `yaml:"rotation"`
 	Limits   Limits   `yaml:"limits"`
 	Log      Log      `yaml:"log"`
+	Health   Health   `yaml:"health"`
+	Admin    Admin    `yaml:"admin"`
+}
+
+// Health configures the backend prober behind grpc.health.v1 and the
+// systemd watchdog.
+type Health struct {
+	// ProbeInterval is how often the backend is probed; health turns
+	// NOT_SERVING when a probe fails and SERVING when one succeeds again.
+	ProbeInterval time.Duration `yaml:"probe_interval"`
+}
+
+// Admin is the optional admin HTTP listener (Prometheus /metrics).
+type Admin struct {
+	// Address, e.g. "127.0.0.1:9464"; empty: off. It must be a loopback
+	// address: the endpoint has no authentication.
+	Address string `yaml:"address"`
 }
 
 // Tenant is a unit of isolation: who may call as it, what they may do,
@@ -171,7 +190,8 @@ func Default() Config {
 			CallTimeout:          10 * time.Second,
 			ShutdownTimeout:      10 * time.Second,
 		},
-		Log: Log{Level: "info", Format: "json"},
+		Log:    Log{Level: "info", Format: "json"},
+		Health: Health{ProbeInterval: 5 * time.Second},
 	}
 }
 
@@ -281,6 +301,14 @@ func (c Config) Validate() error {
 	if c.Limits.ShutdownTimeout <= 0 {
 		add("limits.shutdown_timeout: got %v, want > 0", c.Limits.ShutdownTimeout)
 	}
+	if c.Health.ProbeInterval < 100*time.Millisecond || c.Health.ProbeInterval > time.Hour {
+		add("health.probe_interval: got %v, want 100ms..1h", c.Health.ProbeInterval)
+	}
+	if c.Admin.Address != "" {
+		if err := checkLoopback(c.Admin.Address); err != nil {
+			add("admin.address: %v", err)
+		}
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -297,9 +325,52 @@ func (c Config) Validate() error {
 	return nil
 }
 
+// checkLoopback accepts host:port where host is a loopback IP or
+// "localhost": the admin endpoint has no authentication.
+func checkLoopback(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port: %v", addr, err)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("%q: port %q is not a number 0..65535", addr, port)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("got %q, want a loopback address such as 127.0.0.1:9464 or [::1]:9464 (the endpoint has no authentication)", addr)
+	}
+	return nil
+}
+
+// credentialsPrefixes start a path inside systemd's credentials directory
+// (LoadCredential= in the unit), e.g. "${CREDENTIALS_DIRECTORY}/pkcs11.pin".
+var credentialsPrefixes = []string{"${CREDENTIALS_DIRECTORY}/", "$CREDENTIALS_DIRECTORY/"}
+
+// ResolvePath expands a leading $CREDENTIALS_DIRECTORY (set by systemd for
+// a unit with LoadCredential=); other paths are returned as they are.
+func ResolvePath(path string) (string, error) {
+	for _, p := range credentialsPrefixes {
+		if rest, ok := strings.CutPrefix(path, p); ok {
+			dir := os.Getenv("CREDENTIALS_DIRECTORY")
+			if dir == "" {
+				return "", fmt.Errorf("%s: CREDENTIALS_DIRECTORY is not set (LoadCredential= in the systemd unit sets it)", path)
+			}
+			return filepath.Join(dir, rest), nil
+		}
+	}
+	return path, nil
+}
+
 // ReadPIN reads a PIN file. It refuses a file that others can read, and
-// never includes the PIN in an error.
+// never includes the PIN in an error. A path starting with
+// ${CREDENTIALS_DIRECTORY}/ is read from systemd's credentials directory.
 func ReadPIN(path string) (string, error) {
+	path, err := ResolvePath(path)
+	if err != nil {
+		return "", fmt.Errorf("pin file: %w", err)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("pin file: %w", err)
@@ -413,4 +484,50 @@ func (c Config) validateTenants() Problems {
 		}
 	}
 	return p
+}
+
+// ReloadCheck compares the running configuration c with next, a valid
+// configuration read on SIGHUP. Tenants (identities, roles, quotas), the
+// log level and the health probe interval apply live. problems are changes
+// that cannot: a tenant's own PKCS#11 token added, changed or dropped
+// (its keys would go to another token than the one they are on). restart
+// names the fields that changed but take effect only at the next start.
+func (c Config) ReloadCheck(next Config) (problems Problems, restart []string) {
+	tokens := map[string]*TenantToken{}
+	for _, t := range c.Tenants {
+		tokens[t.Name] = t.PKCS11
+	}
+	for i, t := range next.Tenants {
+		old, existed := tokens[t.Name]
+		switch {
+		case !existed && t.PKCS11 == nil:
+		case !existed:
+			problems = append(problems, fmt.Sprintf("tenants[%d] (%s).pkcs11: a new tenant with its own token needs a restart", i, t.Name))
+		case old == nil && t.PKCS11 == nil:
+		case old == nil || t.PKCS11 == nil || *old != *t.PKCS11:
+			problems = append(problems, fmt.Sprintf("tenants[%d] (%s).pkcs11: changing a tenant's own token needs a restart", i, t.Name))
+		}
+	}
+	fixed := []struct {
+		name    string
+		changed bool
+	}{
+		{"socket", c.Socket != next.Socket},
+		{"state_dir", c.StateDir != next.StateDir},
+		{"backend", c.Backend != next.Backend},
+		{"pkcs11", c.PKCS11 != next.PKCS11},
+		{"tpm", c.TPM != next.TPM},
+		{"tcp", c.TCP != next.TCP},
+		{"audit", c.Audit != next.Audit},
+		{"rotation", c.Rotation != next.Rotation},
+		{"limits", c.Limits != next.Limits},
+		{"log.format", c.Log.Format != next.Log.Format},
+		{"admin", c.Admin != next.Admin},
+	}
+	for _, f := range fixed {
+		if f.changed {
+			restart = append(restart, f.name)
+		}
+	}
+	return problems, restart
 }

@@ -79,6 +79,10 @@ limits:
 log:
   level: debug
   format: text
+health:
+  probe_interval: 2s
+admin:
+  address: 127.0.0.1:9464
 `
 
 func TestParseFull(t *testing.T) {
@@ -116,7 +120,9 @@ func TestParseFull(t *testing.T) {
 			CallTimeout:          90 * time.Second,
 			ShutdownTimeout:      2 * time.Second,
 		},
-		Log: Log{Level: "debug", Format: "text"},
+		Log:    Log{Level: "debug", Format: "text"},
+		Health: Health{ProbeInterval: 2 * time.Second},
+		Admin:  Admin{Address: "127.0.0.1:9464"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
@@ -308,6 +314,19 @@ func TestValidateSingleProblems(t *testing.T) {
 			c.Tenants = []Tenant{{Name: "a", Identities: Identities{UIDs: []uint32{7}}, Roles: []string{RoleSigner}, PKCS11: &TenantToken{TokenLabel: "x", PINFile: "/p"}}}
 		}, "tenants[0] (a).pkcs11: an own PKCS#11 token needs backend pkcs11"},
 		{"level warn", func(c *Config) { c.Log.Level = "warn" }, ""},
+		{"probe 100ms", func(c *Config) { c.Health.ProbeInterval = 100 * time.Millisecond }, ""},
+		{"probe 99ms", func(c *Config) { c.Health.ProbeInterval = 99 * time.Millisecond }, "health.probe_interval: got 99ms, want 100ms..1h"},
+		{"probe 2h", func(c *Config) { c.Health.ProbeInterval = 2 * time.Hour }, "health.probe_interval:"},
+		{"admin v4 loopback", func(c *Config) { c.Admin.Address = "127.0.0.1:9464" }, ""},
+		{"admin 127/8", func(c *Config) { c.Admin.Address = "127.0.0.2:9464" }, ""},
+		{"admin v6 loopback", func(c *Config) { c.Admin.Address = "[::1]:0" }, ""},
+		{"admin localhost", func(c *Config) { c.Admin.Address = "localhost:9464" }, ""},
+		{"admin all interfaces", func(c *Config) { c.Admin.Address = ":9464" }, `admin.address: got ":9464", want a loopback address`},
+		{"admin 0.0.0.0", func(c *Config) { c.Admin.Address = "0.0.0.0:9464" }, "admin.address: got"},
+		{"admin public", func(c *Config) { c.Admin.Address = "10.1.2.3:9464" }, "admin.address: got"},
+		{"admin hostname", func(c *Config) { c.Admin.Address = "example.org:9464" }, "admin.address: got"},
+		{"admin no port", func(c *Config) { c.Admin.Address = "127.0.0.1" }, "admin.address: \"127.0.0.1\" is not host:port"},
+		{"admin bad port", func(c *Config) { c.Admin.Address = "127.0.0.1:http" }, "admin.address: \"127.0.0.1:http\": port"},
 		{"level upper", func(c *Config) { c.Log.Level = "INFO" }, "log.level:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -485,5 +504,81 @@ func TestEffectiveTenants(t *testing.T) {
 	}
 	if c.AuditPath() != filepath.Join(c.StateDir, "audit.jsonl") {
 		t.Errorf("default audit path %q", c.AuditPath())
+	}
+}
+
+func TestReadPINFromCredentialsDirectory(t *testing.T) {
+	path := writePIN(t, testPIN+"\n", 0o400)
+	t.Setenv("CREDENTIALS_DIRECTORY", filepath.Dir(path))
+	for _, p := range []string{"${CREDENTIALS_DIRECTORY}/pin", "$CREDENTIALS_DIRECTORY/pin"} {
+		got, err := ReadPIN(p)
+		if err != nil || got != testPIN {
+			t.Errorf("ReadPIN(%q) = %q, %v; want the PIN", p, got, err)
+		}
+	}
+	t.Setenv("CREDENTIALS_DIRECTORY", "")
+	_, err := ReadPIN("${CREDENTIALS_DIRECTORY}/pin")
+	if err == nil || !strings.Contains(err.Error(), "CREDENTIALS_DIRECTORY is not set") {
+		t.Errorf("ReadPIN without CREDENTIALS_DIRECTORY = %v, want an error naming it", err)
+	}
+	if got, err := ResolvePath("/etc/x/$CREDENTIALS_DIRECTORY/pin"); err != nil || got != "/etc/x/$CREDENTIALS_DIRECTORY/pin" {
+		t.Errorf("ResolvePath changed a path that does not start with the variable: %q, %v", got, err)
+	}
+}
+
+func TestReloadCheck(t *testing.T) {
+	base := Default()
+	base.Tenants = []Tenant{
+		{Name: "a", Identities: Identities{UIDs: []uint32{1}}, Roles: []string{RoleSigner}},
+		{Name: "b", Identities: Identities{UIDs: []uint32{2}}, Roles: []string{RoleSigner}, PKCS11: &TenantToken{TokenLabel: "b", PINFile: "/b.pin"}},
+	}
+	for _, tc := range []struct {
+		name     string
+		edit     func(*Config)
+		problems []string
+		restart  []string
+	}{
+		{"same", func(c *Config) {}, nil, nil},
+		{"live changes", func(c *Config) {
+			c.Tenants[0].Roles = []string{RoleAdmin}
+			c.Tenants[0].Quota = Quota{SignsPerSecond: 5, Burst: 5, MaxKeys: 3}
+			c.Tenants[1].Identities.UIDs = []uint32{3}
+			c.Tenants = append(c.Tenants, Tenant{Name: "c", Identities: Identities{UIDs: []uint32{4}}, Roles: []string{RoleSigner}})
+			c.Log.Level = "debug"
+			c.Health.ProbeInterval = time.Second
+		}, nil, nil},
+		{"tenant removed", func(c *Config) { c.Tenants = c.Tenants[:1] }, nil, nil},
+		{"new tenant with a token", func(c *Config) {
+			c.Tenants = append(c.Tenants, Tenant{Name: "c", PKCS11: &TenantToken{TokenLabel: "c", PINFile: "/c.pin"}})
+		}, []string{"tenants[2] (c).pkcs11: a new tenant with its own token needs a restart"}, nil},
+		{"token changed", func(c *Config) { c.Tenants[1].PKCS11 = &TenantToken{TokenLabel: "b2", PINFile: "/b.pin"} },
+			[]string{"tenants[1] (b).pkcs11: changing a tenant's own token needs a restart"}, nil},
+		{"token dropped", func(c *Config) { c.Tenants[1].PKCS11 = nil }, []string{"tenants[1] (b).pkcs11: changing"}, nil},
+		{"token added", func(c *Config) { c.Tenants[0].PKCS11 = &TenantToken{TokenLabel: "a", PINFile: "/a.pin"} }, []string{"tenants[0] (a).pkcs11: changing"}, nil},
+		{"restart fields", func(c *Config) {
+			c.Socket = "/x.sock"
+			c.PKCS11.MaxSessions = 3
+			c.Limits.CallTimeout = time.Second
+			c.Log.Format = "text"
+			c.Admin.Address = "127.0.0.1:1"
+		}, nil, []string{"socket", "pkcs11", "limits", "log.format", "admin"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			next := base
+			next.Tenants = append([]Tenant(nil), base.Tenants...)
+			tc.edit(&next)
+			problems, restart := base.ReloadCheck(next)
+			if len(problems) != len(tc.problems) {
+				t.Fatalf("problems = %q, want %q", []string(problems), tc.problems)
+			}
+			for i := range problems {
+				if !strings.HasPrefix(problems[i], tc.problems[i]) {
+					t.Errorf("problem %d = %q, want it to start %q", i, problems[i], tc.problems[i])
+				}
+			}
+			if !reflect.DeepEqual(restart, tc.restart) {
+				t.Errorf("restart = %q, want %q", restart, tc.restart)
+			}
+		})
 	}
 }

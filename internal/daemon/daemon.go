@@ -1,16 +1,24 @@
 // Package daemon wires keybrokerd together: backend, store, keyring, gRPC
-// server, health and the unix socket listener. cmd/keybrokerd is a thin
-// main around it; tests start a daemon in-process through it.
+// server, health and its backend prober, metrics, systemd notifications
+// and socket activation, configuration reload, and the listeners.
+// cmd/keybrokerd is a thin main around it; tests start a daemon in-process
+// through it.
 package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -25,6 +33,7 @@ import (
 	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/internal/metrics"
 	"github.com/keybroker/keybroker/internal/server"
 	"github.com/keybroker/keybroker/internal/store"
 	"github.com/keybroker/keybroker/rotation"
@@ -32,21 +41,40 @@ import (
 
 // Daemon is a running keybrokerd.
 type Daemon struct {
-	cfg     config.Config
+	cfg     config.Config // as started; fields that need a restart stay as they are
 	log     *slog.Logger
+	level   *slog.LevelVar // nil: the log level is not reloadable
 	backend broker.Backend
 	store   *store.Store
 	audit   *audit.Log
 	ring    *keyring.Keyring
+	svc     *server.Server
+	metrics *metrics.Metrics
 	health  *health.Server
 	grpc    *grpc.Server // unix socket, peers identified by SO_PEERCRED
 	tcp     *grpc.Server // TCP with mutual TLS; nil when not configured
+	tcpLis  net.Listener // passed by systemd (socket activation), else nil
+
+	live     atomic.Pointer[config.Config] // the configuration in force (reload)
+	access   atomic.Pointer[server.Access]
+	maxKeys  atomic.Pointer[map[string]int]
+	reloadMu sync.Mutex
+	healthy  atomic.Bool
+	ready    chan struct{} // closed once READY=1 is sent
+	adminMu  sync.Mutex
+	adminLis net.Listener
 }
 
-// Options are the daemon's test seams.
+// Options are the daemon's test seams and optional wiring.
 type Options struct {
 	// Failpoint is passed to the keyring (crash tests).
 	Failpoint func(step string)
+	// LogLevel, when set, is the level of log's handler: a reload sets it
+	// from log.level.
+	LogLevel *slog.LevelVar
+	// WrapBackend, when set, wraps the opened backend (tests: a backend
+	// whose probe fails on demand).
+	WrapBackend func(broker.Backend) broker.Backend
 }
 
 // New validates cfg, opens the backend and the store, loads the keys and
@@ -62,7 +90,8 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d = &Daemon{cfg: cfg, log: log}
+	d = &Daemon{cfg: cfg, log: log, level: o.LogLevel, ready: make(chan struct{})}
+	d.live.Store(&cfg)
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -70,6 +99,9 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	}()
 	if d.backend, err = openBackend(cfg, log); err != nil {
 		return nil, err
+	}
+	if o.WrapBackend != nil {
+		d.backend = o.WrapBackend(d.backend)
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
@@ -81,19 +113,26 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	if err != nil {
 		return nil, err
 	}
+	d.access.Store(access)
+	d.maxKeys.Store(&maxKeys)
 	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log,
-		Failpoint: o.Failpoint, MaxKeys: maxKeys})
+		Failpoint: o.Failpoint, MaxKeys: func(tenant string) int { return (*d.maxKeys.Load())[tenant] }})
 	if err != nil {
 		return nil, err
 	}
 	if d.audit, err = audit.Open(cfg.AuditPath(), audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log}); err != nil {
 		return nil, fmt.Errorf("audit log: %w", err)
 	}
+	d.metrics = metrics.New(keySource{d}, tenantNames(cfg))
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
 	defer cancel()
-	if err := d.backend.Probe(ctx); err != nil {
+	start := time.Now()
+	err = d.backend.Probe(ctx)
+	d.metrics.ObserveProbe(time.Since(start), err)
+	if err != nil {
 		return nil, fmt.Errorf("backend probe: %w", err)
 	}
+	d.healthy.Store(true)
 	// Remove hardware objects left by an interrupted operation, then apply,
 	// in order, every transition that fell due while the daemon was down.
 	if _, err := d.ring.Reconcile(ctx); err != nil {
@@ -103,7 +142,8 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		log.Error("applying due rotations at start; retrying on schedule", "err", err)
 	}
 
-	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Log: log})
+	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: d.metrics, Log: log})
+	d.svc = svc
 	d.health = health.NewServer()
 	newServer := func(creds credentials.TransportCredentials) *grpc.Server {
 		g := grpc.NewServer(
@@ -188,7 +228,7 @@ func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err err
 }
 
 // accessFrom builds the tenants' access rules and key limits.
-func accessFrom(cfg config.Config) (*server.Access, func(string) int, error) {
+func accessFrom(cfg config.Config) (*server.Access, map[string]int, error) {
 	var policies []server.TenantPolicy
 	maxKeys := map[string]int{}
 	for _, t := range cfg.EffectiveTenants() {
@@ -215,7 +255,15 @@ func accessFrom(cfg config.Config) (*server.Access, func(string) int, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return access, func(tenant string) int { return maxKeys[tenant] }, nil
+	return access, maxKeys, nil
+}
+
+func tenantNames(cfg config.Config) []string {
+	var names []string
+	for _, t := range cfg.EffectiveTenants() {
+		names = append(names, t.Name)
+	}
+	return names
 }
 
 // Keyring is the daemon's keyring, for in-process callers (dev mode).
@@ -237,7 +285,10 @@ func (d *Daemon) Serve(ctx context.Context) error {
 // socket file but refusing to take over the socket of a running daemon.
 func (d *Daemon) Listen() (net.Listener, error) { return listenUnix(d.cfg.Socket) }
 
-// ServeListener serves on lis until ctx is done (see Serve).
+// ServeListener serves on lis until ctx is done (see Serve). Once every
+// listener is up it tells systemd READY=1; while serving it probes the
+// backend (health, watchdog); when ctx is done it tells systemd
+// STOPPING=1 and drains.
 func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 	sched := rotation.Scheduler{Clock: rotation.SystemClock{}, Advancer: d.ring, Interval: d.cfg.Rotation.CheckInterval, Log: d.log}
 	schedCtx, stopSched := context.WithCancel(ctx)
@@ -246,25 +297,65 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 	defer func() { stopSched(); <-schedDone }()
 
 	servers := []*grpc.Server{d.grpc}
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- d.grpc.Serve(lis) }()
 	d.log.Info("serving", "socket", lis.Addr().String(), "backend", d.cfg.Backend)
 	if d.tcp != nil {
-		tl, err := net.Listen("tcp", d.cfg.TCP.Address)
-		if err != nil {
-			d.grpc.Stop()
-			return fmt.Errorf("tcp: %w", err)
+		tl := d.tcpLis
+		if tl == nil {
+			var err error
+			if tl, err = net.Listen("tcp", d.cfg.TCP.Address); err != nil {
+				d.grpc.Stop()
+				return fmt.Errorf("tcp: %w", err)
+			}
 		}
 		servers = append(servers, d.tcp)
 		go func() { errc <- d.tcp.Serve(tl) }()
 		d.log.Info("serving mTLS", "address", tl.Addr().String())
 	}
-	var err error
+	var admin *http.Server
+	if d.cfg.Admin.Address != "" {
+		al, err := net.Listen("tcp", d.cfg.Admin.Address)
+		if err != nil {
+			for _, g := range servers {
+				g.Stop()
+			}
+			return fmt.Errorf("admin: %w", err)
+		}
+		d.adminMu.Lock()
+		d.adminLis = al
+		d.adminMu.Unlock()
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", d.metrics.Handler())
+		admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := admin.Serve(al); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("admin: %w", err)
+			}
+		}()
+		d.log.Info("serving metrics", "address", "http://"+al.Addr().String()+"/metrics")
+	}
+
+	watchdog, err := sdWatchdog()
+	if err != nil {
+		d.log.Warn("systemd watchdog settings ignored", "err", err)
+	}
+	proberCtx, stopProber := context.WithCancel(ctx)
+	proberDone := make(chan struct{})
+	go func() { d.runProber(proberCtx, watchdog); close(proberDone) }()
+	defer func() { stopProber(); <-proberDone }()
+
+	d.notify(sdnotify.SdNotifyReady + "\nSTATUS=serving on " + lis.Addr().String())
+	close(d.ready)
+
 	select {
 	case err = <-errc:
 	case <-ctx.Done():
 	}
+	d.notify(sdnotify.SdNotifyStopping + "\nSTATUS=stopping: draining in-flight calls")
 	d.log.Info("stopping")
+	stopProber()
+	<-proberDone
 	d.health.Shutdown()
 	stopped := make(chan struct{})
 	go func() {
@@ -281,8 +372,32 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 			g.Stop()
 		}
 	}
+	if admin != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if err := admin.Shutdown(sctx); err != nil {
+			admin.Close()
+		}
+	}
 	return err
 }
+
+// Ready is closed once the daemon serves (and has told systemd READY=1).
+func (d *Daemon) Ready() <-chan struct{} { return d.ready }
+
+// AdminAddr is the admin listener's address once Ready, or "" when
+// admin.address is not set.
+func (d *Daemon) AdminAddr() string {
+	d.adminMu.Lock()
+	defer d.adminMu.Unlock()
+	if d.adminLis == nil {
+		return ""
+	}
+	return d.adminLis.Addr().String()
+}
+
+// Metrics is the daemon's instrumentation.
+func (d *Daemon) Metrics() *metrics.Metrics { return d.metrics }
 
 // Close releases the store and the hardware.
 func (d *Daemon) Close() {

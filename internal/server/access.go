@@ -47,6 +47,24 @@ type tenantAccess struct {
 	limiter *rate.Limiter // nil: unlimited
 }
 
+// CarryOver makes a, built from a reloaded configuration, keep old's
+// signing buckets for the tenants whose quota did not change, so a reload
+// does not refill them.
+func (a *Access) CarryOver(old *Access) {
+	if old == nil {
+		return
+	}
+	for name, ta := range a.tenants {
+		prev, ok := old.tenants[name]
+		if !ok || ta.limiter == nil || prev.limiter == nil {
+			continue
+		}
+		if ta.limiter.Limit() == prev.limiter.Limit() && ta.limiter.Burst() == prev.limiter.Burst() {
+			ta.limiter = prev.limiter
+		}
+	}
+}
+
 // NewAccess checks the policies (identities unique across tenants).
 func NewAccess(policies []TenantPolicy) (*Access, error) {
 	a := &Access{tenants: map[string]*tenantAccess{}}

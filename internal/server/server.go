@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -35,21 +36,32 @@ type Auditor interface {
 	Write(ctx context.Context, r audit.Record) error
 }
 
+// Observer is told about every keybroker.v1 call once it is answered
+// (metrics). tenant is "" when the caller was not authenticated.
+type Observer interface {
+	ObserveRPC(method, tenant string, code codes.Code, latency time.Duration)
+	// AuditWriteFailed counts a record that could not be made durable
+	// (the call was answered UNAVAILABLE).
+	AuditWriteFailed()
+}
+
 // Options configure the service.
 type Options struct {
-	Ring   *keyring.Keyring
-	Access *Access
-	Audit  Auditor // nil: no audit log
-	Log    *slog.Logger
+	Ring     *keyring.Keyring
+	Access   *Access
+	Audit    Auditor  // nil: no audit log
+	Observer Observer // nil: none
+	Log      *slog.Logger
 }
 
 // Server implements kbv1.KeyBrokerServer.
 type Server struct {
 	kbv1.UnimplementedKeyBrokerServer
-	ring   *keyring.Keyring
-	access *Access
-	audit  Auditor
-	log    *slog.Logger
+	ring     *keyring.Keyring
+	access   atomic.Pointer[Access] // replaced as a whole on reload
+	audit    Auditor
+	observer Observer
+	log      *slog.Logger
 }
 
 // New returns the service.
@@ -57,8 +69,15 @@ func New(o Options) *Server {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{ring: o.Ring, access: o.Access, audit: o.Audit, log: o.Log}
+	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, log: o.Log}
+	s.access.Store(o.Access)
+	return s
 }
+
+// SetAccess replaces the tenants' access rules and quotas (configuration
+// reload). Calls already authorized finish under the old rules; the next
+// call sees the new ones.
+func (s *Server) SetAccess(a *Access) { s.access.Store(a) }
 
 // UnaryInterceptor wraps every keybroker.v1 call: request id, caller
 // authentication and authorization, signing quota, panic recovery, the one
@@ -84,8 +103,14 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 		rec := auditRecord(reqID, info.FullMethod, caller, req, resp, code, time.Since(start))
 		if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
 			log.Error("audit record not written; response withheld", "err", aerr)
-			return nil, status.Error(codes.Unavailable, "audit log unavailable, retry later")
+			resp, err = nil, status.Error(codes.Unavailable, "audit log unavailable, retry later")
+			if s.observer != nil {
+				s.observer.AuditWriteFailed()
+			}
 		}
+	}
+	if s.observer != nil {
+		s.observer.ObserveRPC(shortMethod(info.FullMethod), caller.Tenant, status.Code(err), time.Since(start))
 	}
 	return resp, err
 }
@@ -98,12 +123,13 @@ func (s *Server) call(ctx context.Context, req any, info *grpc.UnaryServerInfo, 
 			resp, err = nil, status.Error(codes.Internal, "internal error")
 		}
 	}()
-	caller, err = s.access.authorize(ctx, info.FullMethod)
+	access := s.access.Load()
+	caller, err = access.authorize(ctx, info.FullMethod)
 	if err != nil {
 		return caller, nil, err
 	}
 	if info.FullMethod == kbv1.KeyBroker_Sign_FullMethodName {
-		if err := s.access.allowSign(caller.Tenant); err != nil {
+		if err := access.allowSign(caller.Tenant); err != nil {
 			return caller, nil, err
 		}
 	}

@@ -57,6 +57,7 @@ func (c *counting) Destroy(ctx context.Context, p broker.Partition, h broker.Han
 
 // stack is a server on real SoftHSM2, reached over a unix socket.
 type stack struct {
+	svc     *Server
 	backend *counting
 	client  kbv1.KeyBrokerClient
 	conn    *grpc.ClientConn
@@ -138,7 +139,7 @@ func newStackOn(t testing.TB, tenants []TenantPolicy, backend broker.Backend) *s
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &stack{backend: b, client: kbv1.NewKeyBrokerClient(conn), conn: conn}
+	return &stack{svc: svc, backend: b, client: kbv1.NewKeyBrokerClient(conn), conn: conn}
 }
 
 func ctxT(t testing.TB) context.Context {

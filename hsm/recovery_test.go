@@ -1,0 +1,243 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/softhsm"
+)
+
+const p11kitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+
+// p11kitServer runs SoftHSM2 out of process behind `p11-kit server`.
+type p11kitServer struct {
+	t    *testing.T
+	tok  *softhsm.Token
+	sock string
+	cmd  *exec.Cmd
+}
+
+func startP11Kit(t *testing.T) *p11kitServer {
+	t.Helper()
+	if _, err := exec.LookPath("p11-kit"); err != nil {
+		t.Fatal("p11-kit is not installed: run scripts/install-deps.sh (apt-get install p11-kit)")
+	}
+	if _, err := os.Stat(p11kitClient); err != nil {
+		t.Fatalf("%s missing: run scripts/install-deps.sh (apt-get install p11-kit)", p11kitClient)
+	}
+	dir, err := os.MkdirTemp("", "p11k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "remote")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &p11kitServer{t: t, tok: tok, sock: filepath.Join(dir, "p11.sock")}
+	s.start()
+	t.Cleanup(s.kill)
+	return s
+}
+
+func (s *p11kitServer) start() {
+	s.t.Helper()
+	os.Remove(s.sock)
+	s.cmd = exec.Command("p11-kit", "server", "-f", "--provider", s.tok.ModulePath, "-n", s.sock, "pkcs11:token="+s.tok.Label)
+	s.cmd.Env = append(os.Environ(), s.tok.Env())
+	// Its own process group: the server forks a process per connection,
+	// and "the HSM died" means all of them.
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := s.cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(s.sock); err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.t.Fatal("p11-kit server did not create its socket")
+}
+
+func (s *p11kitServer) kill() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+		s.cmd.Wait()
+		s.cmd = nil
+	}
+}
+
+// TestRecoversFromHSMRestart: the HSM process is killed under load and
+// comes back 3 s later. Calls fail fast with ErrUnavailable meanwhile (none
+// blocks past its deadline), Probe reports the outage, and signing resumes
+// without reopening the Backend.
+func TestRecoversFromHSMRestart(t *testing.T) {
+	srv := startP11Kit(t)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+srv.sock)
+	b, err := Open(Config{ModulePath: p11kitClient, TokenLabel: srv.tok.Label, PIN: srv.tok.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
+	if err != nil {
+		t.Fatalf("Open through p11-kit: %v", err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	h, pub, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("x"))
+	const deadline = time.Second
+	var (
+		mu       sync.Mutex
+		lastOK   time.Time
+		slowest  time.Duration
+		badError error
+		failures atomic.Int64
+	)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				cctx, cancel := context.WithTimeout(ctx, deadline)
+				start := time.Now()
+				sig, err := b.Sign(cctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+				took := time.Since(start)
+				cancel()
+				mu.Lock()
+				slowest = max(slowest, took)
+				switch {
+				case err == nil:
+					if brokertest.Verify(pub, digest[:], sig, crypto.SHA256) != nil {
+						badError = errors.New("a signature does not verify")
+					}
+					lastOK = time.Now()
+				case errors.Is(err, broker.ErrUnavailable) || errors.Is(err, broker.ErrResourceExhausted):
+					failures.Add(1)
+				default:
+					badError = err
+				}
+				mu.Unlock()
+				if err != nil {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	srv.kill()
+	killed := time.Now()
+	// Probe reports the outage within a second.
+	var probeDown time.Duration
+	for time.Since(killed) < 2*time.Second {
+		if err := b.Probe(ctx); err != nil {
+			probeDown = time.Since(killed)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(3*time.Second - time.Since(killed))
+	srv.start()
+	restarted := time.Now()
+	for time.Since(restarted) < 10*time.Second {
+		mu.Lock()
+		back := lastOK.After(restarted)
+		mu.Unlock()
+		if back {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("probe down after %v; %d failed calls; slowest call %v; signing back %v after restart", probeDown, failures.Load(), slowest, lastOK.Sub(restarted))
+	if badError != nil {
+		t.Fatalf("unexpected error: %v", badError)
+	}
+	if probeDown == 0 || probeDown > time.Second {
+		t.Errorf("Probe did not report the outage within 1 s (took %v)", probeDown)
+	}
+	if failures.Load() == 0 {
+		t.Error("no call failed while the HSM was down")
+	}
+	if slowest > deadline+time.Second {
+		t.Errorf("a call took %v, past its %v deadline", slowest, deadline)
+	}
+	if !lastOK.After(restarted) || lastOK.Sub(restarted) > 5*time.Second {
+		t.Errorf("signing did not resume within 5 s of the restart (last success %v after)", lastOK.Sub(restarted))
+	}
+	if err := b.Probe(ctx); err != nil {
+		t.Errorf("Probe after recovery: %v", err)
+	}
+}
+
+// TestHungHSM: the HSM process stops answering (SIGSTOP). Calls return at
+// their deadline with ErrUnavailable, Probe fails, and everything works
+// again once it continues.
+func TestHungHSM(t *testing.T) {
+	srv := startP11Kit(t)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+srv.sock)
+	b, err := Open(Config{ModulePath: p11kitClient, TokenLabel: srv.tok.Label, PIN: srv.tok.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	h, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("x"))
+	pgid := -srv.cmd.Process.Pid
+	syscall.Kill(pgid, syscall.SIGSTOP)
+	defer syscall.Kill(pgid, syscall.SIGCONT)
+	const deadline = 500 * time.Millisecond
+	for i := 0; i < 3; i++ {
+		cctx, cancel := context.WithTimeout(ctx, deadline)
+		start := time.Now()
+		_, err := b.Sign(cctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+		took := time.Since(start)
+		cancel()
+		if !errors.Is(err, broker.ErrUnavailable) {
+			t.Fatalf("Sign to a hung HSM: %v, want ErrUnavailable", err)
+		}
+		if took > deadline+time.Second {
+			t.Fatalf("Sign to a hung HSM took %v with a %v deadline", took, deadline)
+		}
+	}
+	pctx, cancel := context.WithTimeout(ctx, deadline)
+	if err := b.Probe(pctx); err == nil {
+		t.Error("Probe of a hung HSM succeeded")
+	}
+	cancel()
+	syscall.Kill(pgid, syscall.SIGCONT)
+	var last error
+	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(50 * time.Millisecond) {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, last = b.Sign(cctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+		cancel()
+		if last == nil {
+			return
+		}
+	}
+	t.Fatalf("signing did not resume after SIGCONT: %v", last)
+}
