@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/miekg/pkcs11"
+	"github.com/thales-e-security/pool"
 
 	"github.com/keybroker/keybroker/internal/broker"
 )
@@ -55,9 +56,11 @@ func classify(op string, err error) error {
 	var kind error
 	var rv pkcs11.Error
 	switch {
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+	case errors.Is(err, pool.ErrTimeout), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		// crypto11's pool timed out waiting for a free session.
 		kind = broker.ErrResourceExhausted
+	case errors.Is(err, pool.ErrClosed):
+		kind = broker.ErrUnavailable
 	case closedContext(err):
 		// A call that raced with the retirement of its context.
 		kind = broker.ErrUnavailable

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
@@ -150,6 +151,10 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 			grpc.Creds(creds),
 			grpc.MaxRecvMsgSize(cfg.Limits.MaxRecvMsgSize),
 			grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
+			// Ping floods: clients may ping at most every 10 s, and only
+			// with calls in flight; idle connections are closed after 5 min.
+			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
+			grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 5 * time.Minute, Time: time.Minute, Timeout: 20 * time.Second}),
 			grpc.ChainUnaryInterceptor(deadline(cfg.Limits.CallTimeout), svc.UnaryInterceptor),
 		)
 		kbv1.RegisterKeyBrokerServer(g, svc)

@@ -147,3 +147,8 @@ func ctxT(t testing.TB) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// tenantsForTest is the single tenant of newStack: this process's uid.
+func (*stack) tenantsForTest() []TenantPolicy {
+	return []TenantPolicy{{Name: "t1", Identities: authn.Rule{UIDs: []uint32{uint32(os.Getuid())}}, Roles: RoleSigner | RoleAdmin}}
+}
