@@ -21,6 +21,7 @@ import (
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -61,6 +62,7 @@ type Daemon struct {
 	maxKeys  atomic.Pointer[map[string]int]
 	reloadMu sync.Mutex
 	healthy  atomic.Bool
+	probeNow chan struct{} // a call failed with UNAVAILABLE: probe at once
 	ready    chan struct{} // closed once READY=1 is sent
 	adminMu  sync.Mutex
 	adminLis net.Listener
@@ -143,7 +145,8 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		log.Error("applying due rotations at start; retrying on schedule", "err", err)
 	}
 
-	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: d.metrics, Log: log})
+	d.probeNow = make(chan struct{}, 1)
+	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: healthNudger{d.metrics, d}, Log: log})
 	d.svc = svc
 	d.health = health.NewServer()
 	newServer := func(creds credentials.TransportCredentials) *grpc.Server {
@@ -458,5 +461,25 @@ func deadline(max time.Duration) grpc.UnaryServerInterceptor {
 		ctx, cancel := context.WithTimeout(ctx, max)
 		defer cancel()
 		return handler(ctx, req)
+	}
+}
+
+// healthNudger passes calls to the metrics and asks the prober to probe at
+// once when a call fails with UNAVAILABLE while healthy, or succeeds while
+// unhealthy: health follows the hardware within a call, not at the next
+// scheduled probe.
+type healthNudger struct {
+	*metrics.Metrics
+	d *Daemon
+}
+
+func (h healthNudger) ObserveRPC(method, tenant string, code codes.Code, latency time.Duration) {
+	h.Metrics.ObserveRPC(method, tenant, code, latency)
+	healthy := h.d.healthy.Load()
+	if code == codes.Unavailable && healthy || code == codes.OK && !healthy {
+		select {
+		case h.d.probeNow <- struct{}{}:
+		default:
+		}
 	}
 }

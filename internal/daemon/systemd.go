@@ -53,6 +53,13 @@ func (d *Daemon) runProber(ctx context.Context, watchdog time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-d.probeNow:
+			if !t.Stop() {
+				select {
+				case <-t.C:
+				default:
+				}
+			}
 		}
 		if d.probe(ctx, d.probeInterval(watchdog)) && watchdog > 0 && ctx.Err() == nil {
 			d.notify(sdnotify.SdNotifyWatchdog)

@@ -3,17 +3,23 @@ package server
 import (
 	"context"
 	"errors"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/keybroker/keybroker/internal/broker"
 )
 
 // ErrorDomain is the google.rpc.ErrorInfo domain of keybroker's errors.
 const ErrorDomain = "keybroker.v1"
+
+// RetryDelay is the RetryInfo sent with UNAVAILABLE and RESOURCE_EXHAUSTED
+// (the HSM or TPM reconnects in about this time).
+const RetryDelay = time.Second
 
 // ErrorInfo reasons.
 const (
@@ -92,6 +98,10 @@ func toStatus(err error) error {
 		details = append(details, &errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
 			{Field: fe.Field, Description: fe.Reason},
 		}})
+	}
+	if code == codes.Unavailable || code == codes.ResourceExhausted {
+		// Worth retrying: say when (RetryInfo).
+		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(RetryDelay)})
 	}
 	if withDetails, derr := st.WithDetails(details...); derr == nil {
 		st = withDetails

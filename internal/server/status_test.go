@@ -123,12 +123,15 @@ func checkDetails(t *testing.T, st *status.Status, reason, field string, err err
 	t.Helper()
 	var infos []*errdetails.ErrorInfo
 	var bads []*errdetails.BadRequest
+	var retries []*errdetails.RetryInfo
 	for _, d := range st.Details() {
 		switch d := d.(type) {
 		case *errdetails.ErrorInfo:
 			infos = append(infos, d)
 		case *errdetails.BadRequest:
 			bads = append(bads, d)
+		case *errdetails.RetryInfo:
+			retries = append(retries, d)
 		case error:
 			t.Errorf("undecodable detail: %v", d)
 		default:
@@ -137,6 +140,14 @@ func checkDetails(t *testing.T, st *status.Status, reason, field string, err err
 	}
 	if len(infos) != 1 {
 		t.Fatalf("got %d ErrorInfo details, want 1", len(infos))
+	}
+	// Retryable codes say when to retry; others do not.
+	retryable := st.Code() == codes.Unavailable || st.Code() == codes.ResourceExhausted
+	if retryable && (len(retries) != 1 || retries[0].GetRetryDelay().AsDuration() != RetryDelay) {
+		t.Errorf("%v: RetryInfo %v, want one with %v", st.Code(), retries, RetryDelay)
+	}
+	if !retryable && len(retries) != 0 {
+		t.Errorf("%v carries RetryInfo %v", st.Code(), retries)
 	}
 	if infos[0].GetDomain() != ErrorDomain || infos[0].GetReason() != reason {
 		t.Errorf("ErrorInfo: got domain %q reason %q, want %q %q", infos[0].GetDomain(), infos[0].GetReason(), ErrorDomain, reason)
