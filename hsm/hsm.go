@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThalesGroup/crypto11"
@@ -66,7 +67,13 @@ type Backend struct {
 	keys    map[string]crypto11.Signer // by CKA_ID, of the current p11
 	closed  bool
 	rebuild chan struct{} // closed when the running rebuild ends
+
+	inUse atomic.Int64 // hardware calls in progress, each holding a session
 }
+
+// SessionsInUse is how many PKCS#11 sessions calls hold right now (for
+// the metrics endpoint).
+func (b *Backend) SessionsInUse() int { return int(b.inUse.Load()) }
 
 var _ broker.Backend = (*Backend)(nil)
 
@@ -417,7 +424,11 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	if len(digest) != opts.HashFunc().Size() {
 		return nil, &broker.FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d", len(digest), opts.HashFunc().Size())}
 	}
-	sig, err := bounded(ctx, func() ([]byte, error) { return signer.Sign(nil, digest, opts) })
+	sig, err := bounded(ctx, func() ([]byte, error) {
+		b.inUse.Add(1)
+		defer b.inUse.Add(-1)
+		return signer.Sign(nil, digest, opts)
+	})
 	if err != nil {
 		return nil, b.failed(p11, classify("sign", err))
 	}

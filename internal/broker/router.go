@@ -86,3 +86,22 @@ func (r *Router) List(ctx context.Context) ([]Object, error) {
 	}
 	return all, nil
 }
+
+// SessionsInUse sums the sessions in use of the backends that report them.
+func (r *Router) SessionsInUse() int {
+	n := 0
+	for _, b := range append([]Backend{r.Shared}, values(r.ByTenant)...) {
+		if s, ok := b.(interface{ SessionsInUse() int }); ok {
+			n += s.SessionsInUse()
+		}
+	}
+	return n
+}
+
+func values(m map[string]Backend) []Backend {
+	out := make([]Backend, 0, len(m))
+	for _, b := range m {
+		out = append(out, b)
+	}
+	return out
+}

@@ -20,6 +20,7 @@ import (
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -127,6 +128,12 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		return nil, fmt.Errorf("audit log: %w", err)
 	}
 	d.metrics = metrics.New(keySource{d}, tenantNames(cfg))
+	if sessions, ok := d.backend.(interface{ SessionsInUse() int }); ok {
+		d.metrics.Registry().MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "keybroker_backend_sessions_in_use",
+			Help: "PKCS#11 sessions held by calls in progress.",
+		}, func() float64 { return float64(sessions.SessionsInUse()) }))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
 	defer cancel()
 	start := time.Now()

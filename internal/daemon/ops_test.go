@@ -346,6 +346,7 @@ func TestMetrics(t *testing.T) {
 		`keybroker_rpc_duration_seconds_count{code="OK",method="Sign",tenant="default"} 3`,
 		`keybroker_rpc_duration_seconds_bucket{code="OK",method="Sign",tenant="default",le="+Inf"} 3`,
 		`keybroker_backend_up 1`,
+		`keybroker_backend_sessions_in_use 0`,
 		`keybroker_backend_probe_duration_seconds_count `,
 		`keybroker_key_versions{state="active"} 1`,
 		`keybroker_key_versions{state="retired"} 1`,
