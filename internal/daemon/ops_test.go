@@ -36,6 +36,14 @@ type flaky struct {
 	down atomic.Bool
 }
 
+// SessionsInUse passes the metric through the wrapper.
+func (f *flaky) SessionsInUse() int {
+	if s, ok := f.Backend.(interface{ SessionsInUse() int }); ok {
+		return s.SessionsInUse()
+	}
+	return -1
+}
+
 func (f *flaky) Probe(ctx context.Context) error {
 	if f.down.Load() {
 		return errors.New("test: backend unreachable")
