@@ -28,6 +28,24 @@ run: ## Dev mode: daemon in the foreground on SoftHSM2 (or BACKEND=tpm: swtpm) u
 test: deps check-proto vet ## Everything CI runs: deps, generated-code check, vet, all tests with -race on real SoftHSM2
 	$(GO) test -race -count=1 -timeout 15m ./...
 
+.PHONY: bench
+bench: build ## Benchmark matrix vs in-process hardware (SoftHSM2, swtpm, GetJWKS, many tenants), one table; BENCH_DURATION=5s per cell
+	scripts/bench.sh
+
+FUZZTIME ?= 60s
+
+.PHONY: fuzz
+fuzz: ## Run every fuzz target for FUZZTIME each (default 60s)
+	@set -e; for t in \
+	  "./internal/broker FuzzValidateName" "./internal/broker FuzzSignerOpts" \
+	  "./pop FuzzParseJWS" "./pop FuzzJWK" "./pop FuzzECDSADERToJOSE" \
+	  "./internal/store FuzzDecode" "./internal/config FuzzParse" "./internal/audit FuzzVerify"; do \
+	  set -- $$t; echo "== $$2"; $(GO) test -run '^$$' -fuzz "^$$2$$" -fuzztime $(FUZZTIME) $$1; done
+
+.PHONY: soak
+soak: ## Long resilience runs: 1,000-goroutine mixed load for 10 s, HSM and TPM restarts
+	KEYBROKER_SOAK=1 $(GO) test -race -count=1 -timeout 30m -run 'TestMixedLoad|TestRecoversFromHSMRestart|TestHungHSM|Restart|Hung' ./internal/server ./hsm ./tpm
+
 .PHONY: vet
 vet: ## gofmt check and go vet
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

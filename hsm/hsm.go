@@ -1,8 +1,9 @@
 // Package hsm is keybroker's PKCS#11 backend, built on crypto11 and
 // miekg/pkcs11. Keys are generated on the token with an explicit
 // non-extractable template and addressed by a random CKA_ID, which is the
-// broker.Handle the store persists. Only the daemon's wiring and tests import
-// it; everything else sees a broker.Backend.
+// broker.Handle the store persists. Only the daemon's wiring, tests and
+// `keybrokerctl bench --baseline` import it; everything else sees a
+// broker.Backend.
 package hsm
 
 import (

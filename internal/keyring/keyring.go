@@ -11,10 +11,9 @@ import (
 	"crypto"
 	"crypto/x509"
 	"encoding/json"
-
 	"fmt"
 	"log/slog"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,11 +36,12 @@ type Keyring struct {
 	maxKeys     func(tenant string) int
 
 	mu       sync.RWMutex
-	keys     map[keyID]*key    // immutable snapshots, replaced on change
-	creating map[keyID]bool    // names being generated right now
-	jwks     map[string][]byte // per tenant, built on demand
-	rotating map[keyID]*flight // RotateKey calls in progress
-	ops      sync.Map          // keyID → *sync.Mutex: one writer per key
+	keys     map[keyID]*key      // immutable snapshots, replaced on change
+	names    map[string][]string // per tenant, its key names sorted (keys are never removed)
+	creating map[keyID]bool      // names being generated right now
+	jwks     map[string][]byte   // per tenant, built on demand
+	rotating map[keyID]*flight   // RotateKey calls in progress
+	ops      sync.Map            // keyID → *sync.Mutex: one writer per key
 
 	stats stats
 }
@@ -87,6 +87,7 @@ func New(o Options) (*Keyring, error) {
 		failpoint:   o.Failpoint,
 		maxKeys:     o.MaxKeys,
 		keys:        make(map[keyID]*key),
+		names:       make(map[string][]string),
 		creating:    make(map[keyID]bool),
 		jwks:        make(map[string][]byte),
 		rotating:    make(map[keyID]*flight),
@@ -107,17 +108,29 @@ func New(o Options) (*Keyring, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := r.load(recs); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// load puts recs in memory and indexes them by tenant.
+func (r *Keyring) load(recs []store.Key) error {
 	for _, rec := range recs {
 		if err := rotation.Check(rec); err != nil {
-			return nil, fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
+			return fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
 		}
 		k, err := newKey(rec)
 		if err != nil {
-			return nil, fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
+			return fmt.Errorf("keyring: key %s/%s: %w", rec.Tenant, rec.Name, err)
 		}
 		r.keys[keyID{rec.Tenant, rec.Name}] = k
+		r.names[rec.Tenant] = append(r.names[rec.Tenant], rec.Name)
 	}
-	return r, nil
+	for _, names := range r.names {
+		slices.Sort(names)
+	}
+	return nil
 }
 
 func newKey(rec store.Key) (*key, error) {
@@ -244,12 +257,7 @@ const ReasonKeyQuota = "KEY_QUOTA_EXCEEDED"
 
 // countLocked counts the tenant's keys, including those being created.
 func (r *Keyring) countLocked(tenant string) int {
-	n := 0
-	for id := range r.keys {
-		if id.tenant == tenant {
-			n++
-		}
-	}
+	n := len(r.names[tenant])
 	for id := range r.creating {
 		if id.tenant == tenant {
 			n++
@@ -316,7 +324,13 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 		return nil, fmt.Errorf("record %s: %w", rec.Name, err)
 	}
 	r.mu.Lock()
-	r.keys[keyID{rec.Tenant, rec.Name}] = k
+	id := keyID{rec.Tenant, rec.Name}
+	if r.keys[id] == nil {
+		names := r.names[rec.Tenant]
+		i, _ := slices.BinarySearch(names, rec.Name)
+		r.names[rec.Tenant] = slices.Insert(names, i, rec.Name)
+	}
+	r.keys[id] = k
 	delete(r.jwks, rec.Tenant)
 	r.mu.Unlock()
 	return k, nil
@@ -370,13 +384,14 @@ func (r *Keyring) ListKeys(ctx context.Context, tenant, after string, limit int)
 		}
 	}
 	r.mu.RLock()
-	var names []string
-	for id := range r.keys {
-		if id.tenant == tenant && id.name > after {
-			names = append(names, id.name)
+	names := r.names[tenant]
+	if after != "" {
+		i, found := slices.BinarySearch(names, after)
+		if found {
+			i++
 		}
+		names = names[i:]
 	}
-	sort.Strings(names)
 	next := ""
 	if len(names) > limit {
 		names = names[:limit]
@@ -518,15 +533,8 @@ func (r *Keyring) JWKS(ctx context.Context, tenant string) ([]byte, error) {
 	if b, ok := r.jwks[tenant]; ok {
 		return b, nil
 	}
-	var names []string
-	for id := range r.keys {
-		if id.tenant == tenant {
-			names = append(names, id.name)
-		}
-	}
-	sort.Strings(names)
 	set := pop.JWKS{}
-	for _, n := range names {
+	for _, n := range r.names[tenant] {
 		for _, v := range r.keys[keyID{tenant, n}].versions {
 			if v.State.Published() {
 				set.Keys = append(set.Keys, v.jwk)

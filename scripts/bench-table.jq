@@ -1,0 +1,23 @@
+# Turns scripts/bench.sh's results (one JSON object per line, slurped) into
+# one Markdown table, with each issue 7 target and whether it was met.
+def n0: if . == null then "-" else (. | round | tostring) end;
+def n2: if . == null then "-" else ((. * 100 | round) / 100 | tostring) end;
+def yes($ok): if $ok then "met" else "**missed**" end;
+def target:
+  if .label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 16 then
+    "ratio ≥ 0.70: " + yes(.ratio >= 0.70)
+  elif .label == "SoftHSM2 Sign" and .daemon.algorithm == "RS256" and .daemon.concurrency == 16 then
+    "ratio ≥ 0.90: " + yes(.ratio >= 0.90)
+  elif .label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 4 then
+    "p99 ≤ 3 ms: " + yes(.daemon.p99_ms <= 3)
+  elif .label == "swtpm Sign" then
+    "ratio ≥ 0.90: " + yes(.ratio >= 0.90)
+  elif .label == "GetJWKS" then
+    "≥ 20,000/s: " + yes(.daemon.ops_per_sec >= 20000)
+  elif .ready_s != null then
+    ((.daemon.ops_per_sec / .single_key_ops_per_sec) as $r
+     | "ready \(.ready_s | n2) s (≤ 3: \(yes(.ready_s <= 3))); RSS \(.rss_kb / 1024 | n0) MB, peak \(.hwm_kb / 1024 | n0) MB (≤ 300: \(yes(.hwm_kb <= 300 * 1024))); vs single key \(.single_key_ops_per_sec | n0)/s: \($r | n2) (≥ 0.90: \(yes($r >= 0.90)))")
+  else "" end;
+"| case | alg | clients | in-process ops/s | daemon ops/s | daemon / in-process | daemon p50 / p95 / p99 ms | errors | target |",
+"|---|---|---:|---:|---:|---:|---|---:|---|",
+(.[] | "| \(.label) | \(.daemon.algorithm // "-") | \(.daemon.concurrency) | \(.baseline.ops_per_sec | n0) | \(.daemon.ops_per_sec | n0) | \(.ratio | n2) | \(.daemon.p50_ms) / \(.daemon.p95_ms) / \(.daemon.p99_ms) | \(.daemon.errors + (.baseline.errors // 0)) | \(target) |")

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# make bench: the standard benchmark matrix of issue 7, printed as one
+# Markdown table. Everything runs on this machine, client and daemon
+# together, under a temporary directory that is removed at the end:
+#
+#   SoftHSM2 ES256 and RS256-2048 Sign at 1, 4, 16 clients, each against
+#     the same token signed in-process (keybrokerctl bench --baseline);
+#   swtpm ES256 Sign at 1 and 4 clients (the daemon on one swtpm, the
+#     in-process baseline on a second one: a TPM serves one connection);
+#   GetJWKS at 16 clients;
+#   many keys across many tenants (scripts/benchsetup): start to ready,
+#     resident memory, Sign throughput on one key at 16 clients against
+#     the single-key figure. The issue asks for 10,000 keys across 1,000
+#     tenants, but on SoftHSM2 the daemon's start-up reconciliation
+#     (hsm.List, crypto11.FindAllKeyPairs) is quadratic in the number of
+#     keys: 1,000 keys take about 75 s to ready, 2,000 about 330 s, 10,000
+#     would take hours. So the default is BENCH_MT_TENANTS=100 ×
+#     BENCH_MT_KEYS=10; set them to 1000 and 10 for the full case. The
+#     keyring itself with 10,000 keys is measured in process by
+#     go test -bench . ./internal/keyring/.
+#
+# BENCH_DURATION (default 5s) is the length of each measurement; BENCH_KEEP=1
+# keeps the directory. Needs bin/ (make build), softhsm2, swtpm and jq.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dur=${BENCH_DURATION:-5s}
+ctl=bin/keybrokerctl
+kbd=bin/keybrokerd
+for tool in jq softhsm2-util; do
+	command -v "$tool" >/dev/null || { echo "bench: $tool is missing (make deps)" >&2; exit 1; }
+done
+[ -x "$ctl" ] && [ -x "$kbd" ] || { echo "bench: run make build first" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/kbbench.XXXXXX)
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do
+		kill "$p" 2>/dev/null || true
+		wait "$p" 2>/dev/null || true
+	done
+	if [ "${BENCH_KEEP:-0}" = 1 ]; then
+		echo "bench: kept $work" >&2
+	else
+		rm -rf "$work"
+	fi
+}
+trap cleanup EXIT
+results=$work/results.jsonl
+: >"$results"
+
+say() { echo "bench: $*" >&2; }
+
+# wait_ready SOCKET PID: poll health until SERVING; prints seconds waited.
+wait_ready() {
+	local sock=$1 pid=$2 t0 t1
+	t0=$(date +%s.%N)
+	while :; do
+		if "$ctl" --socket "$sock" --timeout 1s health >/dev/null 2>&1; then
+			t1=$(date +%s.%N)
+			awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}'
+			return 0
+		fi
+		kill -0 "$pid" 2>/dev/null || { echo "bench: keybrokerd exited; see $work" >&2; return 1; }
+		sleep 0.01
+	done
+}
+
+# start_daemon CONFIG LOG: starts keybrokerd, sets DAEMON_PID and READY_S
+# (seconds from exec to SERVING, measured from here).
+start_daemon() {
+	local cfg=$1 log=$2 sock t0
+	sock=$(awk '/^socket:/ {print $2}' "$cfg")
+	t0=$(date +%s.%N)
+	"$kbd" --config "$cfg" 2>"$log" &
+	DAEMON_PID=$!
+	pids+=("$DAEMON_PID")
+	wait_ready "$sock" "$DAEMON_PID" >/dev/null
+	READY_S=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b - a}')
+}
+
+# record LABEL JSON: appends one result with its label.
+record() { jq -c --arg l "$1" '. + {"label": $l}' <<<"$2" >>"$results"; }
+
+# start_swtpm DIR: starts swtpm with its unix socket at DIR/swtpm.sock.
+start_swtpm() {
+	local dir=$1
+	mkdir -p "$dir/state"
+	swtpm socket --tpm2 --tpmstate dir="$dir/state" \
+		--server type=unixio,path="$dir/swtpm.sock" --ctrl type=unixio,path="$dir/ctrl.sock" \
+		--flags not-need-init,startup-clear &
+	pids+=("$!")
+	for _ in $(seq 100); do
+		[ -S "$dir/swtpm.sock" ] && return 0
+		sleep 0.05
+	done
+	say "swtpm did not start"
+	return 1
+}
+
+# --- SoftHSM2 ---------------------------------------------------------------
+say "provisioning a SoftHSM2 token"
+eval "$(go run ./scripts/benchsetup token "$work/hsm" bench)"
+cat >"$work/pkcs11.yaml" <<EOF
+socket: $work/p11.sock
+state_dir: $work/p11-state
+backend: pkcs11
+pkcs11:
+  module: $MODULE
+  token_label: $LABEL
+  pin_file: $PIN_FILE
+  softhsm2_conf: $CONF
+log:
+  level: warn
+EOF
+start_daemon "$work/pkcs11.yaml" "$work/p11.log"
+p11=(--socket "$work/p11.sock" --timeout 30s)
+"$ctl" "${p11[@]}" keys create es --alg ES256 >/dev/null
+"$ctl" "${p11[@]}" keys create rs --alg RS256 --bits 2048 >/dev/null
+baseline=(--baseline --backend pkcs11 --pkcs11-module "$MODULE" --token-label "$LABEL" --pin-file "$PIN_FILE" --softhsm2-conf "$CONF")
+for key in es rs; do
+	for c in 1 4 16; do
+		say "SoftHSM2 $key, $c clients"
+		record "SoftHSM2 Sign" "$("$ctl" "${p11[@]}" -o json bench "$key" -c "$c" -d "$dur" "${baseline[@]}")"
+	done
+done
+say "GetJWKS, 16 clients"
+record "GetJWKS" "$("$ctl" "${p11[@]}" -o json bench --rpc jwks -c 16 -d "$dur")"
+single=$(jq -s 'map(select(.label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 16))[0].daemon.ops_per_sec' "$results")
+kill "$DAEMON_PID"
+wait "$DAEMON_PID" 2>/dev/null || true
+
+# --- swtpm ------------------------------------------------------------------
+if command -v swtpm >/dev/null; then
+	start_swtpm "$work/tpm-daemon"
+	start_swtpm "$work/tpm-baseline"
+	cat >"$work/tpm.yaml" <<EOF
+socket: $work/tpm.sock
+state_dir: $work/tpm-state
+backend: tpm
+tpm:
+  device: ""
+  socket: $work/tpm-daemon/swtpm.sock
+log:
+  level: warn
+EOF
+	start_daemon "$work/tpm.yaml" "$work/tpm.log"
+	tpmc=(--socket "$work/tpm.sock" --timeout 30s)
+	"$ctl" "${tpmc[@]}" keys create es --alg ES256 >/dev/null
+	for c in 1 4; do
+		say "swtpm ES256, $c clients"
+		record "swtpm Sign" "$("$ctl" "${tpmc[@]}" -o json bench es -c "$c" -d "$dur" --baseline --backend tpm --tpm-socket "$work/tpm-baseline/swtpm.sock")"
+	done
+	kill "$DAEMON_PID"
+	wait "$DAEMON_PID" 2>/dev/null || true
+else
+	say "swtpm is missing: no TPM rows (make deps)"
+fi
+
+# --- many keys across many tenants ---------------------------------------------
+mt_tenants=${BENCH_MT_TENANTS:-100}
+mt_keys=${BENCH_MT_KEYS:-10}
+mt_total=$((mt_tenants * mt_keys))
+say "creating $mt_total keys across $mt_tenants tenants, then starting keybrokerd on them (slow: see the top of this script)"
+go run ./scripts/benchsetup tenants "$work/mt" "$mt_tenants" "$mt_keys"
+start_daemon "$work/mt/keybroker.yaml" "$work/mt.log"
+mtc=(--socket "$work/mt/kb.sock" --timeout 30s)
+say "$mt_total keys: Sign on one key, 16 clients"
+mt=$("$ctl" "${mtc[@]}" -o json bench k05 -c 16 -d "$dur")
+rss_kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$DAEMON_PID/status")
+hwm_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$DAEMON_PID/status")
+record "$mt_total keys / $mt_tenants tenants" "$(jq -c --argjson ready "$READY_S" --argjson rss "$rss_kb" --argjson hwm "$hwm_kb" --argjson single "${single:-0}" \
+	'. + {ready_s: $ready, rss_kb: $rss, hwm_kb: $hwm, single_key_ops_per_sec: $single}' <<<"$mt")"
+kill "$DAEMON_PID"
+wait "$DAEMON_PID" 2>/dev/null || true
+
+# --- the table ----------------------------------------------------------------
+echo
+echo "keybroker bench — $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), ${dur} per cell"
+echo
+jq -rs -f scripts/bench-table.jq "$results"
