@@ -495,28 +495,99 @@ func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
 	if err != nil {
 		return nil, err
 	}
-	pairs, err := p11.FindAllKeyPairs()
+	found, err := listPrivateKeys(b.cfg)
 	if err != nil {
 		return nil, b.failed(p11, classify("list keys", err))
 	}
 	var objs []broker.Object
-	for _, signer := range pairs {
-		attrs, err := p11.GetAttributes(signer, []crypto11.AttributeType{pkcs11.CKA_ID, pkcs11.CKA_LABEL})
-		if err != nil {
-			return nil, b.failed(p11, classify("read key attributes", err))
-		}
-		id, label := attrs[pkcs11.CKA_ID], attrs[pkcs11.CKA_LABEL]
-		if id == nil || label == nil || len(id.Value) != IDLen {
+	for _, f := range found {
+		if len(f.id) != IDLen {
 			continue
 		}
-		rest, ok := strings.CutPrefix(string(label.Value), labelPrefix)
-		tenant, _, found := strings.Cut(rest, "/")
-		if !ok || !found {
+		rest, ok := strings.CutPrefix(f.label, labelPrefix)
+		tenant, _, hasSlash := strings.Cut(rest, "/")
+		if !ok || !hasSlash {
 			continue
 		}
-		objs = append(objs, broker.Object{Partition: broker.Partition{Tenant: tenant}, Handle: broker.Handle(id.Value)})
+		objs = append(objs, broker.Object{Partition: broker.Partition{Tenant: tenant}, Handle: broker.Handle(f.id)})
 	}
 	return objs, nil
+}
+
+type foundKey struct {
+	id    []byte
+	label string
+}
+
+// listPrivateKeys reads CKA_ID and CKA_LABEL of every private key on the
+// token in one C_FindObjects pass, on a session of its own. (crypto11's
+// FindAllKeyPairs looks up each key's public half with another search,
+// which makes listing quadratic in the number of keys: minutes at
+// start-up for a few thousand keys.) The module is already initialised and
+// logged in by crypto11 in this process; the new session shares the login.
+func listPrivateKeys(cfg Config) ([]foundKey, error) {
+	mod := pkcs11.New(cfg.ModulePath)
+	if mod == nil {
+		return nil, fmt.Errorf("cannot load the PKCS#11 module")
+	}
+	defer mod.Destroy()
+	if err := mod.Initialize(); err == nil {
+		defer mod.Finalize()
+	} else if !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		return nil, err
+	}
+	slots, err := mod.GetSlotList(true)
+	if err != nil {
+		return nil, err
+	}
+	for _, slot := range slots {
+		info, err := mod.GetTokenInfo(slot)
+		if err != nil || info.Label != cfg.TokenLabel {
+			continue
+		}
+		sess, err := mod.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+		if err != nil {
+			return nil, err
+		}
+		defer mod.CloseSession(sess)
+		if err := mod.FindObjectsInit(sess, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
+			return nil, err
+		}
+		var handles []pkcs11.ObjectHandle
+		for {
+			hs, _, err := mod.FindObjects(sess, 1024)
+			if err != nil {
+				mod.FindObjectsFinal(sess)
+				return nil, err
+			}
+			if len(hs) == 0 {
+				break
+			}
+			handles = append(handles, hs...)
+		}
+		if err := mod.FindObjectsFinal(sess); err != nil {
+			return nil, err
+		}
+		out := make([]foundKey, 0, len(handles))
+		for _, h := range handles {
+			attrs, err := mod.GetAttributeValue(sess, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil), pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+			if err != nil {
+				return nil, err
+			}
+			var f foundKey
+			for _, a := range attrs {
+				switch a.Type {
+				case pkcs11.CKA_ID:
+					f.id = a.Value
+				case pkcs11.CKA_LABEL:
+					f.label = string(a.Value)
+				}
+			}
+			out = append(out, f)
+		}
+		return out, nil
+	}
+	return nil, pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT)
 }
 
 var _ broker.Lister = (*Backend)(nil)
