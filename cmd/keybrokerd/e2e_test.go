@@ -302,3 +302,30 @@ func configDefaultForTest() config.Config {
 	cfg.StateDir = "/from/file"
 	return cfg
 }
+
+// TestWrongPIN: a wrong PIN at start is one login attempt, a clear error,
+// and a non-zero exit — never a retry loop (PIN counters lock).
+func TestWrongPIN(t *testing.T) {
+	daemon, _ := binaries(t)
+	tok, _, cfgPath := daemonConfig(t, "pin", "")
+	if err := os.WriteFile(tok.PINFile, []byte("not-the-pin-1234"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, daemon, "--config", cfgPath)
+	out, err := cmd.CombinedOutput()
+	ee, ok := err.(*exec.ExitError)
+	if !ok || ee.ExitCode() == 0 {
+		t.Fatalf("keybrokerd with a wrong PIN: %v, want a non-zero exit\n%s", err, out)
+	}
+	if ctx.Err() != nil {
+		t.Fatal("keybrokerd kept running with a wrong PIN")
+	}
+	if !strings.Contains(string(out), "CKR_PIN_INCORRECT") || strings.Count(string(out), "CKR_PIN_INCORRECT") != 1 {
+		t.Errorf("want exactly one login failure in the log:\n%s", out)
+	}
+	if strings.Contains(string(out), "not-the-pin-1234") {
+		t.Error("the log contains the PIN")
+	}
+}

@@ -96,9 +96,10 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	}
 	d = &Daemon{cfg: cfg, log: log, level: o.LogLevel, ready: make(chan struct{})}
 	d.live.Store(&cfg)
+	opened := d // `return nil, err` sets d to nil before this runs
 	defer func() {
 		if err != nil {
-			d.Close()
+			opened.Close()
 		}
 	}()
 	if d.backend, err = openBackend(cfg, log); err != nil {
