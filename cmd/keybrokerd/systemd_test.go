@@ -156,10 +156,21 @@ func TestSystemdNotify(t *testing.T) {
 	p.cmd.Process.Signal(syscall.SIGHUP)
 	waitNote(t, notes, "RELOADING=1", 5*time.Second)
 	waitNote(t, notes, "READY=1", 5*time.Second)
+	// The log line may land just after READY=1: give it a moment.
+	wants := []string{"configuration reload refused", "tenants[1] (mine).quota: values must not be negative", "log.level: got", "health.probe_interval: got 1ns"}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		all := true
+		for _, want := range wants {
+			all = all && strings.Contains(p.stderr.String(), want)
+		}
+		if all {
+			break
+		}
+	}
 	logged := p.stderr.String()
-	for _, want := range []string{"configuration reload refused", "tenants[1] (mine).quota: values must not be negative", "log.level: got", "health.probe_interval: got 1ns"} {
+	for _, want := range wants {
 		if !strings.Contains(logged, want) {
-			t.Errorf("log does not list %q", want)
+			t.Errorf("log does not list %q\n%s", want, logged)
 		}
 	}
 	if out := ctlRun(t, ctl, sock, "keys", "list"); !strings.Contains(out, "after-reload") {
