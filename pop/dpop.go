@@ -272,12 +272,8 @@ func VerifyDPoPProof(proof string, c DPoPCheck) (*DPoPClaims, error) {
 	if err != nil {
 		return nil, err
 	}
-	if typ, ok, err := stringMember(header, "typ"); err != nil {
-		return nil, &HeaderError{Member: "typ", Reason: reason(err)}
-	} else if !ok {
-		return nil, &HeaderError{Member: "typ", Reason: "missing"}
-	} else if typ != dpopTyp {
-		return nil, &HeaderError{Member: "typ", Reason: fmt.Sprintf("got %q, want %q", typ, dpopTyp)}
+	if err := requireTyp(header, dpopTyp); err != nil {
+		return nil, err
 	}
 	a, err := headerAlg(header)
 	if err != nil {

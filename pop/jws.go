@@ -545,3 +545,17 @@ func marshalJSON(v any) ([]byte, error) {
 	}
 	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
+
+// requireTyp checks the "typ" header member is exactly want.
+func requireTyp(header map[string]json.RawMessage, want string) error {
+	typ, ok, err := stringMember(header, "typ")
+	switch {
+	case err != nil:
+		return &HeaderError{Member: "typ", Reason: reason(err)}
+	case !ok:
+		return &HeaderError{Member: "typ", Reason: "missing"}
+	case typ != want:
+		return &HeaderError{Member: "typ", Reason: fmt.Sprintf("got %q, want %q", typ, want)}
+	}
+	return nil
+}

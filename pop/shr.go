@@ -319,12 +319,8 @@ func VerifySignedHTTPRequest(shr string, c SHRCheck) (*SHRClaims, error) {
 	if err != nil {
 		return nil, err
 	}
-	if typ, ok, err := stringMember(header, "typ"); err != nil {
-		return nil, &HeaderError{Member: "typ", Reason: reason(err)}
-	} else if !ok {
-		return nil, &HeaderError{Member: "typ", Reason: "missing"}
-	} else if typ != shrTyp {
-		return nil, &HeaderError{Member: "typ", Reason: fmt.Sprintf("got %q, want %q", typ, shrTyp)}
+	if err := requireTyp(header, shrTyp); err != nil {
+		return nil, err
 	}
 	claims, err := decodeObject(payload)
 	if err != nil {
