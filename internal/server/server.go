@@ -93,16 +93,22 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", reqID))
 	caller, resp, err := s.call(ctx, req, info, handler)
 	code := status.Code(err)
-	log := s.log.With("request_id", reqID, "method", shortMethod(info.FullMethod), "tenant", caller.Tenant)
+	// The logger with the call's fields is built only when a line is
+	// written: not on the hot path at the default level.
+	log := func() *slog.Logger {
+		return s.log.With("request_id", reqID, "method", shortMethod(info.FullMethod), "tenant", caller.Tenant)
+	}
 	level := slog.LevelDebug
 	if code == codes.Internal || code == codes.Unavailable || code == codes.Unknown {
 		level = slog.LevelWarn
 	}
-	log.Log(ctx, level, "rpc", "caller", caller.Identity, "code", code.String(), "latency", time.Since(start))
+	if s.log.Enabled(ctx, level) {
+		log().Log(ctx, level, "rpc", "caller", caller.Identity, "code", code.String(), "latency", time.Since(start))
+	}
 	if s.audit != nil {
 		rec := auditRecord(reqID, info.FullMethod, caller, req, resp, code, time.Since(start))
 		if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
-			log.Error("audit record not written; response withheld", "err", aerr)
+			log().Error("audit record not written; response withheld", "err", aerr)
 			resp, err = nil, status.Error(codes.Unavailable, "audit log unavailable, retry later")
 			if s.observer != nil {
 				s.observer.AuditWriteFailed()
