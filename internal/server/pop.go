@@ -41,16 +41,33 @@ func (s *Server) signer(ctx context.Context, req versionRequest) (*keyring.Versi
 }
 
 // inputError turns a pop builder's complaint about the request into an
-// INVALID_ARGUMENT naming field; errors from the keyring pass as they are.
-func inputError(field string, err error) error {
+// INVALID_ARGUMENT naming the request field: fields maps the claim or header
+// member the builder names to it, and field is used for any other. Errors
+// from the keyring pass as they are.
+func inputError(field string, fields map[string]string, err error) error {
 	for _, kind := range []error{broker.ErrInvalidArgument, broker.ErrNotFound, broker.ErrFailedPrecondition,
 		broker.ErrUnavailable, broker.ErrResourceExhausted, context.DeadlineExceeded, context.Canceled} {
 		if errors.Is(err, kind) {
 			return err
 		}
 	}
+	var ce *pop.ClaimError
+	var he *pop.HeaderError
+	switch {
+	case errors.As(err, &ce) && fields[ce.Claim] != "":
+		field = fields[ce.Claim]
+	case errors.As(err, &he) && fields[he.Member] != "":
+		field = fields[he.Member]
+	}
 	return &broker.FieldError{Field: field, Reason: err.Error()}
 }
+
+// The request fields behind the claims the pop builders check.
+var (
+	dpopFields = map[string]string{"htm": "htm", "htu": "htu", "ath": "ath", "nonce": "nonce"}
+	shrFields  = map[string]string{"at": "access_token", "m": "method", "u": "url", "p": "url", "q": "url",
+		"h": "headers", "b": "body", "nonce": "nonce"}
+)
 
 func (s *Server) GetConfirmation(ctx context.Context, req *kbv1.GetConfirmationRequest) (*kbv1.GetConfirmationResponse, error) {
 	vs, err := s.signer(ctx, req)
@@ -86,7 +103,7 @@ func (s *Server) SignJWS(ctx context.Context, req *kbv1.SignJWSRequest) (*kbv1.S
 	}
 	jws, err := pop.SignJWS(ctx, vs.JOSE(), req.GetPayload(), pop.JWSOptions{Header: header})
 	if err != nil {
-		return nil, inputError("header_json", err)
+		return nil, inputError("header_json", nil, err)
 	}
 	return &kbv1.SignJWSResponse{Jws: jws, Kid: vs.Kid(), Version: vs.Version()}, nil
 }
@@ -116,7 +133,7 @@ func (s *Server) CreateDPoPProof(ctx context.Context, req *kbv1.CreateDPoPProofR
 		Nonce: req.GetNonce(), Now: time.Now(), Extra: extra,
 	})
 	if err != nil {
-		return nil, inputError("extra_claims_json", err)
+		return nil, inputError("extra_claims_json", dpopFields, err)
 	}
 	return &kbv1.CreateDPoPProofResponse{Proof: proof, Kid: vs.Kid(), Version: vs.Version(), Jkt: vs.Kid()}, nil
 }
@@ -147,7 +164,7 @@ func (s *Server) CreateSignedHttpRequest(ctx context.Context, req *kbv1.CreateSi
 		Now: time.Now(), Headers: h, SignedHeaders: sortedNames(names), Body: req.GetBody(), HashBody: len(req.GetBody()) > 0,
 	})
 	if err != nil {
-		return nil, inputError("url", err)
+		return nil, inputError("url", shrFields, err)
 	}
 	return &kbv1.CreateSignedHttpRequestResponse{Shr: shr, Kid: vs.Kid(), Version: vs.Version()}, nil
 }
@@ -189,7 +206,7 @@ func (s *Server) CreateCertificateRequest(ctx context.Context, req *kbv1.CreateC
 		Subject: name, DNSNames: req.GetDnsNames(), URIs: uris, SignatureAlgorithm: sigAlg(vs),
 	}, vs.Crypto(ctx))
 	if err != nil {
-		return nil, inputError("dns_names", err)
+		return nil, inputError("dns_names", nil, err)
 	}
 	return &kbv1.CreateCertificateRequestResponse{
 		CsrDer: der, CsrPem: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})),
@@ -236,7 +253,7 @@ func (s *Server) CreateSelfSignedCertificate(ctx context.Context, req *kbv1.Crea
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, vs.Public(), vs.Crypto(ctx))
 	if err != nil {
-		return nil, inputError("dns_names", err)
+		return nil, inputError("dns_names", nil, err)
 	}
 	return &kbv1.CreateSelfSignedCertificateResponse{
 		CertificateDer: der, CertificatePem: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),

@@ -321,3 +321,41 @@ func TestAttestKeyNeedsTPM(t *testing.T) {
 		t.Errorf("AttestKey on PKCS#11: %v, want FailedPrecondition", err)
 	}
 }
+
+// TestPoPBadInputNamesField: a request the pop builders refuse gets
+// INVALID_ARGUMENT naming the request field, and no signature is made.
+func TestPoPBadInputNamesField(t *testing.T) {
+	s := newStack(t)
+	ctx := ctxT(t)
+	if _, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k", Algorithm: kbv1.Algorithm_ALGORITHM_ES256}); err != nil {
+		t.Fatal(err)
+	}
+	before := s.backend.calls.Load()
+	for field, call := range map[string]func() error{
+		"htm": func() error {
+			_, err := s.client.CreateDPoPProof(ctx, &kbv1.CreateDPoPProofRequest{Name: "k", Htm: "GE T", Htu: "https://a.example/"})
+			return err
+		},
+		"htu": func() error {
+			_, err := s.client.CreateDPoPProof(ctx, &kbv1.CreateDPoPProofRequest{Name: "k", Htm: "GET", Htu: "ftp://a.example/"})
+			return err
+		},
+		"headers": func() error {
+			_, err := s.client.CreateSignedHttpRequest(ctx, &kbv1.CreateSignedHttpRequestRequest{Name: "k", AccessToken: "t", Method: "GET",
+				Url: "https://a.example/", Headers: map[string]string{"Bad Name": "x"}})
+			return err
+		},
+		"method": func() error {
+			_, err := s.client.CreateSignedHttpRequest(ctx, &kbv1.CreateSignedHttpRequestRequest{Name: "k", AccessToken: "t", Method: "G E T", Url: "https://a.example/"})
+			return err
+		},
+	} {
+		st := status.Convert(call())
+		if st.Code() != codes.InvalidArgument || !strings.Contains(st.Message(), "invalid "+field+":") {
+			t.Errorf("%s: %v, want InvalidArgument naming %s", field, st.Err(), field)
+		}
+	}
+	if n := s.backend.calls.Load() - before; n != 0 {
+		t.Errorf("%d signatures made for refused requests", n)
+	}
+}
