@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -63,13 +64,17 @@ func (s *p11kitServer) start() {
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
 	}
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(s.sock); err == nil {
+	// Ready when a client sees the token through it (the socket exists a
+	// moment before the server serves).
+	for i := 0; i < 250; i++ {
+		probe := exec.Command("pkcs11-tool", "--module", p11kitClient, "-L")
+		probe.Env = append(os.Environ(), "P11_KIT_SERVER_ADDRESS=unix:path="+s.sock)
+		if out, err := probe.CombinedOutput(); err == nil && strings.Contains(string(out), s.tok.Label) {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	s.t.Fatal("p11-kit server did not create its socket")
+	s.t.Fatal("p11-kit server did not serve the token within 5 s")
 }
 
 func (s *p11kitServer) kill() {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -50,13 +51,16 @@ func TestHSMRestartHealth(t *testing.T) {
 		if err := srv.Start(); err != nil {
 			t.Fatalf("p11-kit server (scripts/install-deps.sh installs p11-kit): %v", err)
 		}
-		for i := 0; i < 100; i++ {
-			if _, err := os.Stat(p11sock); err == nil {
+		// Ready when a client sees the token through it.
+		for i := 0; i < 250; i++ {
+			probe := exec.Command("pkcs11-tool", "--module", p11kitClient, "-L")
+			probe.Env = append(os.Environ(), "P11_KIT_SERVER_ADDRESS=unix:path="+p11sock)
+			if out, err := probe.CombinedOutput(); err == nil && strings.Contains(string(out), tok.Label) {
 				return
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
-		t.Fatal("p11-kit server did not start")
+		t.Fatal("p11-kit server did not serve the token within 5 s")
 	}
 	killHSM := func() {
 		syscall.Kill(-srv.Process.Pid, syscall.SIGKILL)
