@@ -79,6 +79,9 @@ const maxQueuedBytes = 64 << 20
 // defaultTimeout is Options.Timeout when unset.
 const defaultTimeout = time.Second
 
+// defaultHeadEvery is Options.HeadEvery when unset.
+const defaultHeadEvery = 10 * time.Millisecond
+
 // ErrUnavailable is returned (wrapped) by Write when it could not make its
 // record durable: the sink failed, earlier or now, it did not finish within
 // Options.Timeout, the context ended, or the log is closed. It wraps
@@ -111,6 +114,10 @@ type Options struct {
 	Log *slog.Logger
 	// Now is the clock for Record.Time; default time.Now.
 	Now func() time.Time
+	// HeadEvery is the least time between two updates of the head file;
+	// default 10ms. The head follows the log in the background, so it can
+	// lag the last durable record by this much plus one update.
+	HeadEvery time.Duration
 }
 
 // Log is an open audit log. Its methods are safe for concurrent use. One
@@ -118,18 +125,24 @@ type Options struct {
 // break its chain.
 //
 // Writes are group-committed: a single goroutine takes every line waiting,
-// writes them with one write, syncs once, updates the head file, and then
-// acknowledges each of their Writes.
+// writes them with one write, syncs once, and acknowledges each of their
+// Writes; lines queued meanwhile make the next batch. A second goroutine
+// moves the head file after the log, at most once per Options.HeadEvery,
+// so its own syncs are on no caller's path.
 type Log struct {
-	sink     Sink
-	file     *os.File // nil with Options.Sink
-	headPath string   // "" with Options.Sink: no head file
-	timeout  time.Duration
-	now      func() time.Time
-	log      *slog.Logger
+	sink      Sink
+	file      *os.File // nil with Options.Sink
+	headPath  string   // "" with Options.Sink: no head file
+	timeout   time.Duration
+	headEvery time.Duration
+	now       func() time.Time
+	log       *slog.Logger
 
-	wake chan struct{} // cap 1: lines are queued, or the log is closing
-	done chan struct{} // closed when the writer goroutine returns
+	wake       chan struct{} // cap 1: lines are queued, or the log is closing
+	done       chan struct{} // closed when the writer goroutine returns
+	anchorWake chan struct{} // cap 1: durable moved
+	anchorDone chan struct{} // closed when the anchor goroutine returns
+	anchored   Head          // what the head file holds; anchor goroutine, then Close
 
 	mu      sync.Mutex
 	seq     uint64     // of the last line queued
@@ -162,17 +175,23 @@ type pending struct {
 // the head. Neither was ever acknowledged by Write.
 func Open(path string, o Options) (*Log, error) {
 	l := &Log{
-		sink:    o.Sink,
-		timeout: o.Timeout,
-		now:     o.Now,
-		log:     o.Log,
-		wake:    make(chan struct{}, 1),
-		done:    make(chan struct{}),
-		prev:    ZeroHash,
-		durable: Head{Hash: ZeroHash},
+		sink:       o.Sink,
+		timeout:    o.Timeout,
+		headEvery:  o.HeadEvery,
+		now:        o.Now,
+		log:        o.Log,
+		wake:       make(chan struct{}, 1),
+		done:       make(chan struct{}),
+		anchorWake: make(chan struct{}, 1),
+		anchorDone: make(chan struct{}),
+		prev:       ZeroHash,
+		durable:    Head{Hash: ZeroHash},
 	}
 	if l.timeout <= 0 {
 		l.timeout = defaultTimeout
+	}
+	if l.headEvery <= 0 {
+		l.headEvery = defaultHeadEvery
 	}
 	if l.now == nil {
 		l.now = time.Now
@@ -186,7 +205,10 @@ func Open(path string, o Options) (*Log, error) {
 			return nil, err
 		}
 		l.sink, l.file, l.headPath = f, f, path+".head"
-		l.seq, l.prev, l.durable = head.Seq, head.Hash, head
+		l.seq, l.prev, l.durable, l.anchored = head.Seq, head.Hash, head, head
+		go l.anchor()
+	} else {
+		close(l.anchorDone)
 	}
 	go l.run()
 	return l, nil
@@ -274,8 +296,8 @@ func (l *Log) Head() Head {
 	return l.durable
 }
 
-// Write appends r to the log and returns once it is durable: written,
-// synced and recorded in the head. It sets r.Seq and r.Prev, and r.Time to
+// Write appends r to the log and returns once it is durable: written and
+// synced (the head file follows within Options.HeadEvery). It sets r.Seq and r.Prev, and r.Time to
 // now when zero. When the record cannot be made durable within
 // Options.Timeout, or before ctx ends, it returns an error wrapping
 // ErrUnavailable; the line then stays queued and may still reach the file
@@ -348,16 +370,19 @@ func (l *Log) enqueue(r Record) (*pending, error) {
 }
 
 // run is the writer goroutine: it commits every line waiting as one batch,
-// until the log is closed and drained or the sink fails.
+// until the log is closed and drained or it fails.
 func (l *Log) run() {
 	defer close(l.done)
 	var buf []byte
 	for {
 		<-l.wake
 		l.mu.Lock()
-		batch, closing := l.queue, l.closed
+		batch, closing, failed := l.queue, l.closed, l.failed != nil
 		l.queue, l.queued = nil, 0
 		l.mu.Unlock()
+		if failed {
+			return // the anchor failed: fail has answered the queue
+		}
 
 		if len(batch) > 0 {
 			buf = buf[:0]
@@ -372,18 +397,15 @@ func (l *Log) run() {
 			l.mu.Lock()
 			l.durable = head
 			l.mu.Unlock()
-			// The records are on disk: answer their callers now, and move
-			// the head anchor after (its own two fsyncs are not on their
-			// path). A crash in between leaves records past the head,
-			// which Open accepts.
+			// The records are on disk: answer their callers. The head
+			// file follows (anchor); a crash before it does leaves
+			// records past the head, which Open accepts.
 			for _, p := range batch {
 				p.ack <- nil
 			}
-			if l.headPath != "" {
-				if err := writeHead(l.headPath, head); err != nil {
-					l.fail(fmt.Errorf("recording head seq %d: %w", head.Seq, err), nil)
-					return
-				}
+			select {
+			case l.anchorWake <- struct{}{}:
+			default:
 			}
 		}
 		if closing {
@@ -391,6 +413,45 @@ func (l *Log) run() {
 			return
 		}
 	}
+}
+
+// anchor is the head goroutine: it writes the durable head to the head
+// file when it moves, at most once per headEvery, until the writer
+// returns; Close writes the last one.
+func (l *Log) anchor() {
+	defer close(l.anchorDone)
+	pause := time.NewTimer(0)
+	defer pause.Stop()
+	for {
+		select {
+		case <-l.anchorWake:
+		case <-l.done:
+			return
+		}
+		if err := l.writeAnchor(); err != nil {
+			l.fail(err, nil)
+			return
+		}
+		pause.Reset(l.headEvery)
+		select {
+		case <-pause.C:
+		case <-l.done:
+			return
+		}
+	}
+}
+
+// writeAnchor writes the durable head to the head file if it moved.
+func (l *Log) writeAnchor() error {
+	head := l.Head()
+	if head == l.anchored {
+		return nil
+	}
+	if err := writeHead(l.headPath, head); err != nil {
+		return fmt.Errorf("recording head seq %d: %w", head.Seq, err)
+	}
+	l.anchored = head
+	return nil
 }
 
 // commit makes the lines b, seqs first to head.Seq, durable.
@@ -412,6 +473,13 @@ func (l *Log) commit(b []byte, first uint64, head Head) error {
 // queued since.
 func (l *Log) fail(err error, batch []*pending) {
 	l.mu.Lock()
+	if l.failed != nil {
+		l.mu.Unlock()
+		for _, p := range batch {
+			p.ack <- fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		return
+	}
 	l.failed = err
 	rest := l.queue
 	l.queue, l.queued = nil, 0
@@ -424,6 +492,28 @@ func (l *Log) fail(err error, batch []*pending) {
 	for _, p := range append(batch, rest...) {
 		p.ack <- werr
 	}
+	select {
+	case l.wake <- struct{}{}: // let the writer see it and return
+	default:
+	}
+}
+
+// closeAnchor reports a failed log, or writes the last head file; both
+// goroutines have returned.
+func (l *Log) closeAnchor() error {
+	l.mu.Lock()
+	failed := l.failed
+	l.mu.Unlock()
+	if failed != nil {
+		return fmt.Errorf("%w: %w", ErrUnavailable, failed)
+	}
+	if l.headPath == "" {
+		return nil
+	}
+	if err := l.writeAnchor(); err != nil {
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return nil
 }
 
 // Close stops accepting records, waits up to Options.Timeout for those
@@ -446,11 +536,14 @@ func (l *Log) Close() error {
 		defer timer.Stop()
 		select {
 		case <-l.done:
-			l.mu.Lock()
-			if l.failed != nil {
-				errs = append(errs, fmt.Errorf("%w: %w", ErrUnavailable, l.failed))
+			select {
+			case <-l.anchorDone:
+				if err := l.closeAnchor(); err != nil {
+					errs = append(errs, err)
+				}
+			case <-timer.C:
+				errs = append(errs, fmt.Errorf("%w: head file not written after %s", ErrUnavailable, l.timeout))
 			}
-			l.mu.Unlock()
 		case <-timer.C:
 			errs = append(errs, fmt.Errorf("%w: records still not durable after %s", ErrUnavailable, l.timeout))
 		}

@@ -803,3 +803,78 @@ func TestReadHead(t *testing.T) {
 		t.Errorf("ReadHead of a missing file: %v, want fs.ErrNotExist", err)
 	}
 }
+
+// waitHead polls the head file at path until its seq is want, failing t
+// after returnBound.
+func waitHead(t *testing.T, path string, want uint64) Head {
+	t.Helper()
+	deadline := time.Now().Add(returnBound)
+	for {
+		h, err := ReadHead(path)
+		if err == nil && h.Seq == want {
+			return h
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("head file %s = %+v, %v after %s; want seq %d", path, h, err, returnBound, want)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// The head file follows the log while it is open, not only at Close, and
+// records the hash of the last durable line.
+func TestHeadFollowsLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := openLog(t, path, Options{HeadEvery: time.Millisecond})
+	writeN(t, l, 0, 3)
+	if h := waitHead(t, path+".head", 3); h != l.Head() {
+		t.Errorf("head file %+v, Head() %+v", h, l.Head())
+	}
+	writeN(t, l, 3, 4)
+	waitHead(t, path+".head", 7)
+	writeN(t, l, 7, 1)
+	closeLog(t, l)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := checkChain(t, b, 8)
+	if h, err := ReadHead(path + ".head"); err != nil || h != want {
+		t.Errorf("head after Close = %+v, %v; want %+v", h, err, want)
+	}
+}
+
+// A head file that cannot be written fails the log like a failing sink:
+// an error logged once, later Writes and Close UNAVAILABLE, and the head
+// file still the last one written.
+func TestHeadWriteFails(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	logs := &countingHandler{counts: make(map[slog.Level]int)}
+	l := openLog(t, path, Options{HeadEvery: time.Millisecond, Log: slog.New(logs)})
+	writeN(t, l, 0, 2)
+	waitHead(t, path+".head", 2)
+	// writeHead writes path.head.tmp first: a directory there fails it.
+	if err := os.Mkdir(path+".head.tmp", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	deadline := time.Now().Add(returnBound)
+	for i := 2; err == nil; i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("Writes still succeed %s after the head file stopped being writable", returnBound)
+		}
+		err = l.Write(t.Context(), record(i))
+	}
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "recording head") {
+		t.Errorf("Write after the head failed: %v, want ErrUnavailable naming the head", err)
+	}
+	if err := l.Close(); !errors.Is(err, broker.ErrUnavailable) {
+		t.Errorf("Close: %v, want ErrUnavailable", err)
+	}
+	if n := logs.count(slog.LevelError); n != 1 {
+		t.Errorf("%d error logs, want 1", n)
+	}
+	if h, err := ReadHead(path + ".head"); err != nil || h.Seq != 2 {
+		t.Errorf("head file = %+v, %v; want seq 2 still", h, err)
+	}
+}
