@@ -8,13 +8,19 @@
 #   swtpm ES256 Sign at 1 and 4 clients (the daemon on one swtpm, the
 #     in-process baseline on a second one: a TPM serves one connection);
 #   GetJWKS at 16 clients;
+#   the gRPC floor: the health service's Check at 16 clients (no caller
+#     authorization, no audit record, no hardware);
 #   many keys across many tenants (scripts/benchsetup): start to ready,
 #     resident memory, Sign throughput on one key at 16 clients against
 #     the single-key figure: 10,000 keys across 1,000 tenants by default
 #     (BENCH_MT_TENANTS, BENCH_MT_KEYS).
 #
-# BENCH_DURATION (default 5s) is the length of each measurement; BENCH_KEEP=1
-# keeps the directory. Needs bin/ (make build), softhsm2, swtpm and jq.
+# The clients share one gRPC connection, as an application does
+# (keybrokerctl bench --conns). BENCH_DURATION (default 5s) is the length of
+# each measurement; BENCH_AUDIT_DIR puts the daemons' audit logs in that
+# directory (default: their state directories, on the disk of /tmp), e.g.
+# /dev/shm to see what the audit log's fsync costs; BENCH_KEEP=1 keeps the
+# directory. Needs bin/ (make build), softhsm2, swtpm and jq.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +43,9 @@ cleanup() {
 		echo "bench: kept $work" >&2
 	else
 		rm -rf "$work"
+		if [ -n "${BENCH_AUDIT_DIR:-}" ]; then
+			rm -f "$BENCH_AUDIT_DIR"/kbbench-*-$$.jsonl*
+		fi
 	fi
 }
 trap cleanup EXIT
@@ -44,6 +53,14 @@ results=$work/results.jsonl
 : >"$results"
 
 say() { echo "bench: $*" >&2; }
+
+# audit_conf NAME: the config lines that put NAME's audit log in
+# BENCH_AUDIT_DIR, if set.
+audit_conf() {
+	if [ -n "${BENCH_AUDIT_DIR:-}" ]; then
+		printf 'audit:\n  path: %s\n' "$BENCH_AUDIT_DIR/kbbench-$1-$$.jsonl"
+	fi
+}
 
 # wait_ready SOCKET PID: poll health until SERVING; prints seconds waited.
 wait_ready() {
@@ -104,6 +121,7 @@ pkcs11:
   token_label: $LABEL
   pin_file: $PIN_FILE
   softhsm2_conf: $CONF
+$(audit_conf pkcs11)
 log:
   level: warn
 EOF
@@ -120,6 +138,8 @@ for key in es rs; do
 done
 say "GetJWKS, 16 clients"
 record "GetJWKS" "$("$ctl" "${p11[@]}" -o json bench --rpc jwks -c 16 -d "$dur")"
+say "gRPC floor (health Check), 16 clients"
+record "gRPC floor: health Check" "$("$ctl" "${p11[@]}" -o json bench --rpc health -c 16 -d "$dur")"
 single=$(jq -s 'map(select(.label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 16))[0].daemon.ops_per_sec' "$results")
 kill "$DAEMON_PID"
 wait "$DAEMON_PID" 2>/dev/null || true
@@ -135,6 +155,7 @@ backend: tpm
 tpm:
   device: ""
   socket: $work/tpm-daemon/swtpm.sock
+$(audit_conf tpm)
 log:
   level: warn
 EOF

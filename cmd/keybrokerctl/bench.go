@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
@@ -31,7 +32,12 @@ import (
 const benchLong = `Measure keybrokerd: --concurrency clients call Sign with key NAME (or,
 with --rpc jwks, GetJWKS) as fast as they can for --duration, or until
 --count calls are done, and print the throughput, the p50/p95/p99 latency
-and the errors. Each client has its own connection (--conns sets fewer).
+and the errors. The clients share one connection, as an application's
+goroutines share one gRPC client; --conns N spreads them over N.
+
+--rpc health calls the gRPC health service's Check instead: no caller
+authorization, no audit record, no hardware. It measures the floor that
+gRPC itself sets on this machine, for comparison with the other calls.
 
 --baseline first measures the hardware itself, in this process, at the
 same concurrency: the same backend package the daemon uses (hsm or tpm)
@@ -111,9 +117,9 @@ func newBenchCmd(a *app) *cobra.Command {
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&f.rpc, "rpc", "sign", "`call` to measure: sign|jwks")
+	fs.StringVar(&f.rpc, "rpc", "sign", "`call` to measure: sign|jwks|health")
 	fs.IntVarP(&f.concurrency, "concurrency", "c", 1, "concurrent `clients`")
-	fs.IntVar(&f.conns, "conns", 0, "gRPC `connections` shared by the clients (default: one per client)")
+	fs.IntVar(&f.conns, "conns", 1, "gRPC `connections` the clients share")
 	fs.DurationVarP(&f.duration, "duration", "d", 5*time.Second, "how long to measure")
 	fs.Int64VarP(&f.count, "count", "n", 0, "measure this many calls instead of a --duration")
 	fs.StringVar(&f.format, "format", "der", "ECDSA signature `encoding` asked of the daemon: "+signatureFormats.String())
@@ -135,25 +141,23 @@ func (f *benchFlags) check(name string) error {
 		if name == "" {
 			return usageErrorf("bench --rpc sign: the key NAME is required")
 		}
-	case "jwks":
+	case "jwks", "health":
 		if name != "" {
-			return usageErrorf("bench --rpc jwks takes no NAME")
+			return usageErrorf("bench --rpc %s takes no NAME", f.rpc)
 		}
 		if f.baseline {
-			return usageErrorf("--baseline: only for --rpc sign (GetJWKS makes no hardware call)")
+			return usageErrorf("--baseline: only for --rpc sign (%s makes no hardware call)", f.rpc)
 		}
 	default:
-		return usageErrorf("--rpc: got %q, want sign or jwks", f.rpc)
+		return usageErrorf("--rpc: got %q, want sign, jwks or health", f.rpc)
 	}
 	if f.concurrency < 1 {
 		return usageErrorf("--concurrency: got %d, want at least 1", f.concurrency)
 	}
-	if f.conns < 0 {
+	if f.conns < 1 {
 		return usageErrorf("--conns: got %d, want at least 1", f.conns)
 	}
-	if f.conns == 0 || f.conns > f.concurrency {
-		f.conns = f.concurrency
-	}
+	f.conns = min(f.conns, f.concurrency)
 	if f.count < 0 {
 		return usageErrorf("--count: got %d, want at least 1", f.count)
 	}
@@ -201,6 +205,15 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 			c := kbv1.NewKeyBrokerClient(conns[w%len(conns)])
 			return func(ctx context.Context) error {
 				_, err := c.GetJWKS(ctx, &kbv1.GetJWKSRequest{})
+				return err
+			}
+		}
+	case "health":
+		out.Daemon = benchResult{RPC: "health.Check"}
+		newOp = func(w int) func(context.Context) error {
+			c := healthpb.NewHealthClient(conns[w%len(conns)])
+			return func(ctx context.Context) error {
+				_, err := c.Check(ctx, &healthpb.HealthCheckRequest{})
 				return err
 			}
 		}

@@ -43,6 +43,22 @@ func TestBenchJWKSText(t *testing.T) {
 	}
 }
 
+// --rpc health measures the gRPC floor: the health service's Check.
+func TestBenchHealthJSON(t *testing.T) {
+	socket, _ := startFake(t, newFakeBroker(t))
+	r := runAt(socket, "--output", "json", "bench", "--rpc", "health", "-c", "3", "--conns", "2", "-n", "30")
+	if r.code != exitOK {
+		t.Fatalf("exit code %d, stderr %q", r.code, r.stderr)
+	}
+	var out benchOutput
+	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil {
+		t.Fatalf("stdout %q: %v", r.stdout, err)
+	}
+	if d := out.Daemon; d.RPC != "health.Check" || d.Ops != 30 || d.Errors != 0 || d.Concurrency != 3 {
+		t.Errorf("daemon result = %+v, want 30 health.Check calls by 3 clients, no errors", d)
+	}
+}
+
 func TestBenchErrorsAreCounted(t *testing.T) {
 	fake := newFakeBroker(t)
 	socket, _ := startFake(t, fake)
@@ -75,6 +91,9 @@ func TestBenchUsage(t *testing.T) {
 	for _, args := range [][]string{
 		{"bench"},
 		{"bench", "--rpc", "jwks", "alpha"},
+		{"bench", "--rpc", "health", "alpha"},
+		{"bench", "alpha", "--conns", "0"},
+		{"bench", "--rpc", "health", "--baseline", "--pin-file", "x"},
 		{"bench", "--rpc", "verify", "alpha"},
 		{"bench", "alpha", "--concurrency", "0"},
 		{"bench", "alpha", "--count", "-1"},
