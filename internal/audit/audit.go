@@ -1,8 +1,10 @@
 // Package audit is keybroker's audit log: one JSON line per RPC, every line
 // carrying the SHA-256 of the line before it, so that an edited, removed,
 // duplicated or reordered record breaks the chain. A small head file next to
-// the log holds the seq and hash of the last durable line; it is what makes
-// the removal of whole trailing lines detectable.
+// the log holds the seq and hash of a durable line — the last one, give or
+// take Options.HeadEvery while the log is open, and exactly the last once
+// it is closed; it is what makes the removal of whole trailing lines
+// detectable.
 //
 // The gRPC server (internal/server) writes the log through a Log: Write
 // returns only once the record is on disk, and the server refuses the RPC

@@ -14,8 +14,9 @@ import (
 )
 
 // Head is the anchor of a log: the seq and hash of its last durable line.
-// The log at path keeps it in path+".head", rewritten after every batch of
-// records; an empty log has Head{0, ZeroHash}.
+// The log at path keeps it in path+".head", rewritten in the background at
+// most every Options.HeadEvery and at Close; an empty log has
+// Head{0, ZeroHash}.
 type Head struct {
 	Seq  uint64 `json:"seq"`
 	Hash string `json:"hash"` // hex SHA-256 of the last line, without its newline
