@@ -101,3 +101,11 @@ func isStaleHandle(err error) bool {
 	}
 	return false
 }
+
+// isStaleSession reports whether err says a session handle in the command's
+// authorization area is not loaded (TPM_RC_REFERENCE_S0..S6): a reusable
+// session someone flushed behind our back.
+func isStaleSession(err error) bool {
+	var rc tpm2.TPMRC
+	return errors.As(err, &rc) && rc >= tpm2.TPMRCReferenceS0 && rc <= tpm2.TPMRCReferenceS0+6
+}

@@ -50,7 +50,10 @@ type object struct {
 	public    *tpm2.TPMTPublic
 	publicRaw []byte
 	auth      []byte
-	elem      *list.Element
+	// sess is a signing key's reusable salted session (see keySession),
+	// or nil: it lives and dies with the loaded key.
+	sess tpm2.Session
+	elem *list.Element
 }
 
 // cached returns the loaded object id, marking it recently used, or nil.
@@ -70,15 +73,21 @@ func (b *Backend) forget(o *object) {
 }
 
 // forgetAll empties the cache without flushing: after a reconnect the
-// handles are gone (or flushed by the reconnect itself).
+// handles are gone (or flushed by the reconnect itself). The objects'
+// sessions go with them, so that no stale session handle is ever sent to
+// the TPM again.
 func (b *Backend) forgetAll() {
+	for _, o := range b.objs {
+		o.sess = nil
+	}
 	b.objs = make(map[string]*object)
 	b.lru = list.New()
 }
 
-// flush unloads o. A TPM error (the handle is already gone) only forgets
-// it; a transport error is returned.
+// flush unloads o and its session. A TPM error (the handle is already
+// gone) only forgets it; a transport error is returned.
 func (b *Backend) flush(l *link, o *object) error {
+	b.dropSession(l, o)
 	b.forget(o)
 	_, err := tpm2.FlushContext{FlushHandle: o.handle}.Execute(l)
 	var te *Error
@@ -450,6 +459,73 @@ func (b *Backend) ak(l *link, keep []*object) (*object, error) {
 		return nil, err
 	}
 	return o, nil
+}
+
+// maxKeySessions bounds the reusable sessions the backend keeps loaded. A
+// TPM holds at least 3 loaded sessions (TPM_PT_HR_LOADED_MIN on PC Client
+// TPMs and swtpm; the kernel resource manager allows 3 per connection):
+// one stays free for the one-use sessions of TPM2_Load, TPM2_Create and
+// TPM2_Certify.
+const maxKeySessions = 2
+
+// keySession returns the reusable session that authorizes TPM2_Sign with
+// the loaded key o, whose auth value is auth, starting one if o has none.
+// It is a saltedSession that stays loaded (continueSession), so that a
+// signature costs one TPM command instead of two: its session key still
+// comes from a salt only the pinned SRK can decrypt, it proves knowledge
+// of auth, and it encrypts the digest on the wire. srk must be loaded. At
+// most min(maxKeySessions, LoadedObjects-2) keys (those beyond the SRK and
+// a parent) hold a session: the least recently used key's session is
+// flushed to start another.
+//
+// The caller must dropSession(o) after any error of a command that used
+// it: the TPM may have run the command and rolled the session's nonce
+// while the response never reached us, and a session out of step fails
+// every later command.
+func (b *Backend) keySession(l *link, srk, o *object, auth []byte) (tpm2.Session, error) {
+	if o.sess != nil {
+		return o.sess, nil
+	}
+	limit := min(maxKeySessions, b.cfg.LoadedObjects-2)
+	n := 0
+	for e := b.lru.Front(); e != nil; e = e.Next() {
+		if p := e.Value.(*object); p.sess != nil {
+			// Past the limit, the least recently used go.
+			if n++; n >= limit {
+				b.dropSession(l, p)
+			}
+		}
+	}
+	s, _, err := tpm2.HMACSession(l, tpm2.TPMAlgSHA256, 16,
+		tpm2.Auth(auth),
+		tpm2.Salted(srk.handle, *srk.public),
+		tpm2.AESEncryption(128, tpm2.EncryptIn))
+	if err != nil {
+		return nil, err
+	}
+	o.sess = s
+	return s, nil
+}
+
+// dropSession flushes o's session, if it has one. It is best effort: a
+// session the TPM no longer has is gone anyway, and a transport error
+// drops the connection, and with it every session.
+func (b *Backend) dropSession(l *link, o *object) {
+	s := o.sess
+	if s == nil {
+		return
+	}
+	o.sess = nil
+	if b.conn != nil && s.Handle() != tpm2.TPMRHNull {
+		tpm2.FlushContext{FlushHandle: s.Handle()}.Execute(l)
+	}
+}
+
+// dropSessions flushes every reusable session, best effort.
+func (b *Backend) dropSessions(l *link) {
+	for e := b.lru.Front(); e != nil; e = e.Next() {
+		b.dropSession(l, e.Value.(*object))
+	}
 }
 
 // saltedSession is a one-use HMAC session salted with the SRK, so its

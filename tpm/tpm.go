@@ -409,7 +409,8 @@ func pssSaltLength(pub *rsa.PublicKey, hash crypto.Hash, sig []byte) int {
 	return -1
 }
 
-// shutdown flushes what the backend loaded and closes the connection.
+// shutdown flushes what the backend loaded (objects and their sessions)
+// and closes the connection.
 func (b *Backend) shutdown(l *link) error {
 	if b.conn == nil {
 		return nil
@@ -429,8 +430,8 @@ func (b *Backend) shutdown(l *link) error {
 	return err
 }
 
-// Close flushes the loaded objects and closes the connection. It waits for
-// the call in progress, if any. Safe to call more than once.
+// Close flushes the loaded objects and sessions and closes the connection.
+// It waits for the call in progress, if any. Safe to call more than once.
 func (b *Backend) Close() error {
 	b.sem <- struct{}{}
 	defer func() { <-b.sem }()
@@ -572,9 +573,10 @@ func attrBits(a tpm2.TPMAObject) uint32 {
 }
 
 // retry runs fn, and runs it again when the TPM asked to (TPM_RC_RETRY and
-// friends, for a command with sessions, which needs fresh ones), lost track
-// of objects the cache holds (someone flushed them), or ran out of session
-// slots: all the backend's business, never the client's.
+// friends, for a command with sessions, which needs fresh ones: fn drops a
+// reusable session that failed), lost track of objects or sessions the
+// cache holds (someone flushed them), or ran out of session slots: all the
+// backend's business, never the client's.
 func (b *Backend) retry(l *link, fn func() error) error {
 	backoff := firstBackoff
 	for attempt := 0; ; attempt++ {
@@ -597,9 +599,14 @@ func (b *Backend) retry(l *link, fn func() error) error {
 			}
 		case isRC(err, tpm2.TPMRCSessionMemory) && attempt < 2:
 			b.log.Warn("the TPM has no free session slot; flushing sessions", "err", err)
+			b.dropSessions(l)
 			if ferr := b.flushLeftovers(l, true); ferr != nil {
 				return ferr
 			}
+		case isStaleSession(err) && attempt < 2:
+			// A reusable session someone flushed; the command that
+			// used it dropped it, and the next run starts another.
+			b.log.Warn("a TPM session the backend had started is gone; starting another", "err", err)
 		default:
 			return err
 		}
@@ -625,7 +632,8 @@ func nullTicket() tpm2.TPMTTKHashCheck {
 // Sign signs digest with the key h: ECDSA signatures come back as ASN.1 DER,
 // RSA ones per opts (crypto.Hash for PKCS#1 v1.5, *rsa.PSSOptions with the
 // salt equal to the hash length for PSS). The digest is checked against the
-// hash before any TPM command, and travels encrypted in a salted session.
+// hash before any TPM command, and travels encrypted in a salted session,
+// the key's reusable one (see keySession).
 func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	if opts == nil {
 		return nil, &broker.FieldError{Field: "hash", Reason: "missing"}
@@ -680,12 +688,21 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 		if err != nil {
 			return err
 		}
+		sess, err := b.keySession(l, srk, o, k.auth)
+		if err != nil {
+			return err
+		}
 		rsp, err = tpm2.Sign{
-			KeyHandle:  tpm2.AuthHandle{Handle: o.handle, Name: o.name, Auth: b.saltedSession(srk, k.auth)},
+			KeyHandle:  tpm2.AuthHandle{Handle: o.handle, Name: o.name, Auth: sess},
 			Digest:     tpm2.TPM2BDigest{Buffer: digest},
 			InScheme:   scheme,
 			Validation: nullTicket(),
 		}.Execute(l)
+		if err != nil {
+			// Its nonces may be out of step with the TPM's: a retry
+			// starts a fresh one.
+			b.dropSession(l, o)
+		}
 		return err
 	})
 	if err != nil {
