@@ -178,6 +178,7 @@ mt_keys=${BENCH_MT_KEYS:-10}
 mt_total=$((mt_tenants * mt_keys))
 say "creating $mt_total keys across $mt_tenants tenants, then starting keybrokerd on them (slow: see the top of this script)"
 go run ./scripts/benchsetup tenants "$work/mt" "$mt_tenants" "$mt_keys"
+audit_conf mt >>"$work/mt/keybroker.yaml"
 start_daemon "$work/mt/keybroker.yaml" "$work/mt.log"
 mtc=(--socket "$work/mt/kb.sock" --timeout 30s)
 say "$mt_total keys: Sign on one key, 16 clients"
