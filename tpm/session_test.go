@@ -114,6 +114,28 @@ func signAndVerify(t *testing.T, b *Backend, p broker.Partition, h broker.Handle
 	}
 }
 
+// signWhenBack signs with h until the TPM answers again, within 5 s, and
+// verifies the signature; an error for which outage is false fails t at
+// once.
+func signWhenBack(t *testing.T, b *Backend, p broker.Partition, h broker.Handle, pub crypto.PublicKey, outage func(error) bool) {
+	t.Helper()
+	d := digest(t, crypto.SHA256)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		sig, err := b.Sign(context.Background(), p, h, d, crypto.SHA256)
+		if err == nil {
+			if err := brokertest.Verify(pub, d, sig, crypto.SHA256); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if !outage(err) || time.Now().After(deadline) {
+			t.Fatalf("Sign after the TPM came back: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // TestSessionReuse: many signatures with one key start one session, not
 // one each.
 func TestSessionReuse(t *testing.T) {
@@ -254,21 +276,7 @@ func TestSessionRestart(t *testing.T) {
 	for cycle := range 2 {
 		sim.Kill()
 		sim.Restart(t)
-		d := digest(t, crypto.SHA256)
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			sig, err := b.Sign(ctx, tenantA, h, d, crypto.SHA256)
-			if err == nil {
-				if err := brokertest.Verify(pub, d, sig, crypto.SHA256); err != nil {
-					t.Fatal(err)
-				}
-				break
-			}
-			if !errors.Is(err, broker.ErrUnavailable) || time.Now().After(deadline) {
-				t.Fatalf("cycle %d: Sign after the restart: %v", cycle, err)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		signWhenBack(t, b, tenantA, h, pub, func(err error) bool { return errors.Is(err, broker.ErrUnavailable) })
 		for range 5 {
 			signAndVerify(t, b, tenantA, h, pub)
 		}
