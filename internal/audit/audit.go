@@ -299,8 +299,8 @@ func (l *Log) Head() Head {
 }
 
 // Write appends r to the log and returns once it is durable: written and
-// synced (the head file follows within Options.HeadEvery). It sets r.Seq and r.Prev, and r.Time to
-// now when zero. When the record cannot be made durable within
+// synced (the head file follows within Options.HeadEvery). It sets r.Seq
+// and r.Prev, and r.Time to now when zero. When the record cannot be made durable within
 // Options.Timeout, or before ctx ends, it returns an error wrapping
 // ErrUnavailable; the line then stays queued and may still reach the file
 // later, so the chain has no gap. After a sink error every Write fails at
@@ -422,7 +422,7 @@ func (l *Log) run() {
 // returns; Close writes the last one.
 func (l *Log) anchor() {
 	defer close(l.anchorDone)
-	pause := time.NewTimer(0)
+	pause := time.NewTimer(l.headEvery)
 	defer pause.Stop()
 	for {
 		select {
