@@ -1,6 +1,7 @@
 package tpm
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -10,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"sync"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -134,6 +136,49 @@ func decodeHandle(h broker.Handle) (*key, error) {
 	}
 	k.pub = pub
 	return k, nil
+}
+
+// maxDecoded bounds handleCache: beyond it the cache starts again empty.
+const maxDecoded = 4096
+
+// handleCache keeps decoded handles for Sign. Decoding one (go-tpm's
+// reflective unmarshal and an elliptic-curve point check) costs more CPU
+// than everything else Sign does outside the TPM, and a handle never
+// changes, so a decoded one stays right. Its methods are safe for
+// concurrent use.
+type handleCache struct {
+	mu sync.Mutex
+	m  map[string]*key
+}
+
+// decode is decodeHandle(h), from the cache when h was decoded before.
+// The key returned is shared: callers must not modify it.
+func (c *handleCache) decode(h broker.Handle) (*key, error) {
+	c.mu.Lock()
+	k := c.m[string(h)]
+	c.mu.Unlock()
+	if k != nil {
+		return k, nil
+	}
+	// The key's parts alias the bytes decoded: give it its own copy.
+	k, err := decodeHandle(bytes.Clone(h))
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= maxDecoded {
+		c.m = make(map[string]*key)
+	}
+	c.m[string(h)] = k
+	c.mu.Unlock()
+	return k, nil
+}
+
+// forget drops h from the cache.
+func (c *handleCache) forget(h broker.Handle) {
+	c.mu.Lock()
+	delete(c.m, string(h))
+	c.mu.Unlock()
 }
 
 // PublicArea returns the TPM2B_PUBLIC of the key h (a size and the

@@ -131,6 +131,9 @@ type Backend struct {
 	parents   map[string]*parentFile
 	destroyed map[[sha256.Size]byte]bool
 
+	// decoded keeps Sign's decoded handles; it has its own lock.
+	decoded handleCache
+
 	// Set by Open, read-only after.
 	rsaBits map[int]bool
 	// pssHashSalt: the TPM's RSASSA-PSS salt is the hash length, as
@@ -650,7 +653,7 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	if isPSS && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != hash.Size() {
 		return nil, &broker.FieldError{Field: "padding", Reason: "PSS salt length must equal the hash length"}
 	}
-	k, err := decodeHandle(h)
+	k, err := b.decoded.decode(h)
 	if err != nil {
 		return nil, err
 	}
@@ -788,5 +791,6 @@ func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Hand
 		return err
 	}
 	b.destroyed[sha256.Sum256(h)] = true
+	b.decoded.forget(h)
 	return nil
 }

@@ -764,6 +764,72 @@ func TestDestroy(t *testing.T) {
 	if _, err := b.Attest(ctx, tenantA, h, nil); !errors.Is(err, broker.ErrNotFound) {
 		t.Errorf("Attest after Destroy: got %v, want ErrNotFound", err)
 	}
+	b.decoded.mu.Lock()
+	_, cached := b.decoded.m[string(h)]
+	b.decoded.mu.Unlock()
+	if cached {
+		t.Error("the destroyed key's handle is still in the decode cache")
+	}
+	// Sign had decoded h before Destroy: its cache does not outlive the key.
+	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("Sign after Destroy: got %v, want ErrNotFound", err)
+	}
+}
+
+func TestHandleCache(t *testing.T) {
+	b, _ := start(t)
+	h, _, err := b.Generate(context.Background(), tenantA, es256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c handleCache
+	mine := bytes.Clone(h)
+	k1, err := c.decode(mine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(k1.encode(), h) {
+		t.Fatal("the cached key does not encode to its handle")
+	}
+	// The caller's bytes are its own: changing them changes nothing cached.
+	for i := range mine {
+		mine[i] = 0
+	}
+	k2, err := c.decode(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2 != k1 {
+		t.Error("a second decode of the same handle did not come from the cache")
+	}
+	if !bytes.Equal(k2.encode(), h) {
+		t.Error("the cached key changed with the bytes it was decoded from")
+	}
+	// Errors are not cached, and a bad handle stays bad.
+	bad := append(bytes.Clone(h), 0)
+	for range 2 {
+		if _, err := c.decode(bad); !errors.Is(err, broker.ErrNotFound) {
+			t.Fatalf("decode of a handle with a trailing byte: got %v, want ErrNotFound", err)
+		}
+	}
+	if len(c.m) != 1 {
+		t.Errorf("cache holds %d handles, want 1", len(c.m))
+	}
+	c.forget(h)
+	if k3, err := c.decode(h); err != nil || k3 == k1 {
+		t.Errorf("decode after forget: got (%p, %v), want a fresh key (not %p)", k3, err, k1)
+	}
+	// Bounded: the cache starts again rather than grow past maxDecoded.
+	c.m = make(map[string]*key, maxDecoded)
+	for i := range maxDecoded {
+		c.m[fmt.Sprint(i)] = k1
+	}
+	if _, err := c.decode(h); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.m) != 1 {
+		t.Errorf("after overflowing: cache holds %d handles, want 1", len(c.m))
+	}
 }
 
 func TestHandleEncoding(t *testing.T) {
