@@ -467,7 +467,8 @@ type Signature struct {
 	Alg       broker.Algorithm
 }
 
-// Sign validates the request completely, then signs in hardware.
+// Sign validates the request completely, then signs in hardware (after
+// ctx's admission check, see WithAdmission).
 func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Signature, error) {
 	k, err := r.lookup(tenant, req.Name)
 	if err != nil {
@@ -482,6 +483,9 @@ func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Sig
 	}
 	opts, err := broker.SignerOpts(k.rec.Alg, req.Hash, req.Padding, req.Digest)
 	if err != nil {
+		return Signature{}, err
+	}
+	if err := admit(ctx); err != nil {
 		return Signature{}, err
 	}
 	sig, err := r.backend.Sign(ctx, broker.Partition{Tenant: tenant}, v.Handle, req.Digest, opts)

@@ -237,3 +237,72 @@ func TestSignJOSE(t *testing.T) {
 		}
 	}
 }
+
+// TestAdmission: a context's admission check runs once per hardware
+// signature (Sign, and the signers of Signer), after the request is valid;
+// its refusal is returned as it is and nothing is signed.
+func TestAdmission(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	b := openHSM(t, tok)
+	defer b.Close()
+	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	defer st.Close()
+	ring, _ := New(Options{Backend: b, Store: st})
+	if _, err := ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+		t.Fatal(err)
+	}
+	var calls int
+	refuse := errors.New("over quota")
+	var answer error
+	ctx := WithAdmission(context.Background(), func() error { calls++; return answer })
+	digest := make([]byte, 32)
+
+	// Invalid requests never reach the check.
+	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: digest[:31]}); err == nil {
+		t.Fatal("Sign with a short digest succeeded")
+	}
+	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "absent", Digest: digest}); !errors.Is(err, broker.ErrNotFound) {
+		t.Fatalf("Sign of an absent key: got %v, want ErrNotFound", err)
+	}
+	if _, err := ring.Sign(ctx, "other", SignRequest{Name: "k", Digest: digest}); !errors.Is(err, broker.ErrNotFound) {
+		t.Fatalf("Sign of another tenant's key: got %v, want ErrNotFound", err)
+	}
+	if calls != 0 {
+		t.Fatalf("admission checked %d times for requests refused before signing", calls)
+	}
+
+	// Admitted: one check per signature.
+	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: digest}); err != nil {
+		t.Fatal(err)
+	}
+	vs, err := ring.Signer(ctx, "t", "k", VersionRef{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vs.Crypto(ctx).Sign(nil, digest, crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	if calls != 2 {
+		t.Fatalf("admission checked %d times for 2 signatures", calls)
+	}
+
+	// Refused: the refusal itself comes back, marked as the signature's
+	// failure when a VersionSigner met it.
+	answer = refuse
+	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: digest}); err != refuse {
+		t.Fatalf("Sign refused admission: got %v, want the refusal itself", err)
+	}
+	_, err = vs.Crypto(ctx).Sign(nil, digest, crypto.SHA256)
+	var se *SignError
+	if !errors.As(err, &se) || se.Err != refuse {
+		t.Fatalf("VersionSigner refused admission: got %v, want a *SignError of the refusal", err)
+	}
+
+	// Without a check, signing is not limited here.
+	if _, err := ring.Sign(context.Background(), "t", SignRequest{Name: "k", Digest: digest}); err != nil {
+		t.Fatal(err)
+	}
+	if calls != 4 {
+		t.Fatalf("admission checked %d times, want 4", calls)
+	}
+}

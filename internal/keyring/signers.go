@@ -38,14 +38,24 @@ func (s *VersionSigner) Version() uint32             { return s.pub.Version }
 func (s *VersionSigner) Algorithm() broker.Algorithm { return s.pub.Alg }
 func (s *VersionSigner) Public() crypto.PublicKey    { return s.pub.Key }
 
-// SignDigest signs a digest with the pinned version.
+// SignDigest signs a digest with the pinned version. Its errors are
+// *SignError.
 func (s *VersionSigner) SignDigest(ctx context.Context, digest []byte, hash crypto.Hash, pad broker.Padding, jose bool) ([]byte, error) {
 	sig, err := s.r.Sign(ctx, s.tenant, SignRequest{Name: s.name, Ref: VersionRef{Kid: s.pub.Kid}, Digest: digest, Hash: hash, Padding: pad, JOSE: jose})
 	if err != nil {
-		return nil, err
+		return nil, &SignError{Err: err}
 	}
 	return sig.Signature, nil
 }
+
+// SignError is the failure of a signature a VersionSigner was asked for
+// (the hardware, the quota, the deadline): whoever used the signer to build
+// a token, a proof or a certificate can tell it from a fault of its own
+// input, which must not be reported the same way.
+type SignError struct{ Err error }
+
+func (e *SignError) Error() string { return "sign: " + e.Err.Error() }
+func (e *SignError) Unwrap() error { return e.Err }
 
 // JOSE is the version as a pop.Signer (JWS signatures: ECDSA r||s, PSS
 // with salt = hash length).
@@ -109,6 +119,9 @@ func (r *Keyring) Attest(ctx context.Context, tenant, name string, ref VersionRe
 	if !ok {
 		return broker.Attestation{}, PublicKey{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Reason: "ATTESTATION_UNSUPPORTED",
 			Msg: "this daemon's key backend cannot attest keys (attestation needs the TPM backend)"}
+	}
+	if err := admit(ctx); err != nil {
+		return broker.Attestation{}, PublicKey{}, err
 	}
 	a, err := at.AttestKey(ctx, broker.Partition{Tenant: tenant}, v.Handle, nonce)
 	if err != nil {

@@ -347,3 +347,86 @@ func TestAuditFailClosed(t *testing.T) {
 }
 
 func authnRule(uid uint32) authn.Rule { return authn.Rule{UIDs: []uint32{uid}} }
+
+// TestSignQuotaEverySignature: every RPC that signs in hardware draws on
+// the tenant's signing quota, and only once its request is valid: bad
+// input and unknown keys take nothing, reads need no quota.
+func TestSignQuotaEverySignature(t *testing.T) {
+	ctx := ctxT(t)
+	a := cnTenant("a", RoleSigner|RoleAdmin)
+	a.SignsPerSecond, a.Burst = 1.0/3600, 2 // two signatures, then none for an hour
+	s := newMTLSStack(t, stackOpts{tenants: []TenantPolicy{a}}, "client-a")
+	c := s.clients["client-a"]
+	if _, err := c.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k", Algorithm: kbv1.Algorithm_ALGORITHM_ES256}); err != nil {
+		t.Fatal(err)
+	}
+	// Refused before any signature: these must not empty the bucket.
+	for range 5 {
+		if _, err := c.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 31)}); status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("Sign with a short digest: got %v, want InvalidArgument", err)
+		}
+		if _, err := c.SignJWS(ctx, &kbv1.SignJWSRequest{Name: "absent", Payload: []byte("{}")}); status.Code(err) != codes.NotFound {
+			t.Fatalf("SignJWS of an absent key: got %v, want NotFound", err)
+		}
+		if _, err := c.CreateDPoPProof(ctx, &kbv1.CreateDPoPProofRequest{Name: "k", Htm: "GET", Htu: "not a url"}); status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("CreateDPoPProof with a bad htu: got %v, want InvalidArgument", err)
+		}
+	}
+	// The burst: two signatures, by two different RPCs.
+	if _, err := c.SignJWS(ctx, &kbv1.SignJWSRequest{Name: "k", Payload: []byte("{}")}); err != nil {
+		t.Fatalf("SignJWS within the quota: %v", err)
+	}
+	if _, err := c.CreateDPoPProof(ctx, &kbv1.CreateDPoPProofRequest{Name: "k", Htm: "GET", Htu: "https://a.example/x"}); err != nil {
+		t.Fatalf("CreateDPoPProof within the quota: %v", err)
+	}
+	// Now every signing RPC is refused, with a delay to retry after.
+	signing := map[string]func() error{
+		"Sign": func() error {
+			_, err := c.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 32)})
+			return err
+		},
+		"SignJWS": func() error {
+			_, err := c.SignJWS(ctx, &kbv1.SignJWSRequest{Name: "k", Payload: []byte("{}")})
+			return err
+		},
+		"CreateDPoPProof": func() error {
+			_, err := c.CreateDPoPProof(ctx, &kbv1.CreateDPoPProofRequest{Name: "k", Htm: "GET", Htu: "https://a.example/x"})
+			return err
+		},
+		"CreateSignedHttpRequest": func() error {
+			_, err := c.CreateSignedHttpRequest(ctx, &kbv1.CreateSignedHttpRequestRequest{Name: "k", AccessToken: "at", Method: "GET", Url: "https://a.example/x"})
+			return err
+		},
+		"CreateCertificateRequest": func() error {
+			_, err := c.CreateCertificateRequest(ctx, &kbv1.CreateCertificateRequestRequest{Name: "k", CommonName: "svc"})
+			return err
+		},
+		"CreateSelfSignedCertificate": func() error {
+			_, err := c.CreateSelfSignedCertificate(ctx, &kbv1.CreateSelfSignedCertificateRequest{Name: "k", CommonName: "svc"})
+			return err
+		},
+	}
+	for method, call := range signing {
+		st := status.Convert(call())
+		if st.Code() != codes.ResourceExhausted {
+			t.Errorf("%s over the quota: got %v %q, want ResourceExhausted", method, st.Code(), st.Message())
+			continue
+		}
+		retry := false
+		for _, det := range st.Details() {
+			if ri, ok := det.(*errdetails.RetryInfo); ok && ri.RetryDelay.AsDuration() > 0 {
+				retry = true
+			}
+		}
+		if !retry {
+			t.Errorf("%s over the quota: no RetryInfo delay", method)
+		}
+	}
+	// Reads sign nothing and need no quota.
+	if _, err := c.GetJWKS(ctx, &kbv1.GetJWKSRequest{}); err != nil {
+		t.Errorf("GetJWKS with the quota spent: %v", err)
+	}
+	if _, err := c.GetConfirmation(ctx, &kbv1.GetConfirmationRequest{Name: "k"}); err != nil {
+		t.Errorf("GetConfirmation with the quota spent: %v", err)
+	}
+}

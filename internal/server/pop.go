@@ -40,13 +40,20 @@ func (s *Server) signer(ctx context.Context, req versionRequest) (*keyring.Versi
 	return s.ring.Signer(ctx, tenant, req.GetName(), keyring.VersionRef{Version: req.GetVersion(), Kid: req.GetKid()})
 }
 
-// inputError turns a pop builder's complaint about the request into an
-// INVALID_ARGUMENT naming the request field: fields maps the claim or header
-// member the builder names to it, and field is used for any other. Errors
-// from the keyring pass as they are.
+// inputError turns a pop or x509 builder's complaint about the request into
+// an INVALID_ARGUMENT naming the request field: fields maps the claim or
+// header member the builder names to it, and field is used for any other.
+// The failure of the signature itself (keyring.SignError: the hardware, the
+// quota) and errors of the keyring pass as they are, to be mapped like any
+// other (toStatus): their text is not the client's to read.
 func inputError(field string, fields map[string]string, err error) error {
+	var se *keyring.SignError
+	if errors.As(err, &se) {
+		return se.Err
+	}
 	for _, kind := range []error{broker.ErrInvalidArgument, broker.ErrNotFound, broker.ErrFailedPrecondition,
-		broker.ErrUnavailable, broker.ErrResourceExhausted, context.DeadlineExceeded, context.Canceled} {
+		broker.ErrUnavailable, broker.ErrResourceExhausted, broker.ErrDataLoss, broker.ErrAlreadyExists,
+		context.DeadlineExceeded, context.Canceled} {
 		if errors.Is(err, kind) {
 			return err
 		}

@@ -134,11 +134,10 @@ func (s *Server) call(ctx context.Context, req any, info *grpc.UnaryServerInfo, 
 	if err != nil {
 		return caller, nil, err
 	}
-	if info.FullMethod == kbv1.KeyBroker_Sign_FullMethodName {
-		if err := access.allowSign(caller.Tenant); err != nil {
-			return caller, nil, err
-		}
-	}
+	// The signing quota is charged by each hardware signature the call
+	// makes (Sign, the PoP and certificate RPCs, AttestKey), once its
+	// request has passed validation: see keyring.WithAdmission.
+	ctx = keyring.WithAdmission(ctx, func() error { return access.allowSign(caller.Tenant) })
 	resp, err = handler(context.WithValue(ctx, callerKey{}, caller), req)
 	if err != nil {
 		if _, isStatus := err.(interface{ GRPCStatus() *status.Status }); !isStatus {

@@ -336,25 +336,56 @@ func TestNoHardwareDetailsLeak(t *testing.T) {
 	}
 	const pin = "1234-secret-pin"
 	secrets := []string{"CKR_", "0x", "/usr/lib", "/tmp", pin, "handle"}
-	for _, kind := range []error{broker.ErrUnavailable, broker.ErrResourceExhausted, nil} {
+	// Every RPC that signs in hardware, and CreateKey.
+	calls := map[string]func() error{
+		"Sign": func() error {
+			_, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 32)})
+			return err
+		},
+		"CreateKey": func() error {
+			_, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k2", Algorithm: kbv1.Algorithm_ALGORITHM_ES256})
+			return err
+		},
+		"SignJWS": func() error {
+			_, err := s.client.SignJWS(ctx, &kbv1.SignJWSRequest{Name: "k", Payload: []byte("{}")})
+			return err
+		},
+		"CreateDPoPProof": func() error {
+			_, err := s.client.CreateDPoPProof(ctx, &kbv1.CreateDPoPProofRequest{Name: "k", Htm: "GET", Htu: "https://a.example/x"})
+			return err
+		},
+		"CreateSignedHttpRequest": func() error {
+			_, err := s.client.CreateSignedHttpRequest(ctx, &kbv1.CreateSignedHttpRequestRequest{Name: "k", AccessToken: "at", Method: "GET", Url: "https://a.example/x"})
+			return err
+		},
+		"CreateCertificateRequest": func() error {
+			_, err := s.client.CreateCertificateRequest(ctx, &kbv1.CreateCertificateRequestRequest{Name: "k", CommonName: "svc"})
+			return err
+		},
+		"CreateSelfSignedCertificate": func() error {
+			_, err := s.client.CreateSelfSignedCertificate(ctx, &kbv1.CreateSelfSignedCertificateRequest{Name: "k", CommonName: "svc", DnsNames: []string{"svc.local"}})
+			return err
+		},
+	}
+	for _, kind := range []error{broker.ErrUnavailable, broker.ErrResourceExhausted, broker.ErrDataLoss, nil} {
 		var injected error = &hwErr{kind: kind, msg: "hsm: sign: pkcs11: 0x32: CKR_DEVICE_REMOVED handle=0xdeadbeef module=/usr/lib/softhsm/libsofthsm2.so pin=" + pin}
 		s.backend.fail.Store(&injected)
-		_, err1 := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 32)})
-		_, err2 := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k2", Algorithm: kbv1.Algorithm_ALGORITHM_ES256})
-		for _, err := range []error{err1, err2} {
-			st := status.Convert(err)
+		want := map[error]codes.Code{broker.ErrUnavailable: codes.Unavailable, broker.ErrResourceExhausted: codes.ResourceExhausted,
+			broker.ErrDataLoss: codes.DataLoss, nil: codes.Internal}[kind]
+		for method, call := range calls {
+			st := status.Convert(call())
 			if st.Code() == codes.OK {
-				t.Fatal("injected failure did not fail the call")
+				t.Fatalf("%s: the injected failure did not fail the call", method)
 			}
 			for _, sec := range secrets {
 				if strings.Contains(st.Message(), sec) || strings.Contains(strings.ToLower(st.Message()), strings.ToLower(sec)) {
-					t.Errorf("client message %q contains %q", st.Message(), sec)
+					t.Errorf("%s: client message %q contains %q", method, st.Message(), sec)
 				}
 			}
-		}
-		want := map[error]codes.Code{broker.ErrUnavailable: codes.Unavailable, broker.ErrResourceExhausted: codes.ResourceExhausted, nil: codes.Internal}[kind]
-		if got := status.Code(err1); got != want {
-			t.Errorf("Sign with %v: got %v, want %v", kind, got, want)
+			// The same failure is the same code whichever RPC met it.
+			if got := st.Code(); got != want {
+				t.Errorf("%s with %v: got %v %q, want %v", method, kind, got, st.Message(), want)
+			}
 		}
 	}
 	s.backend.fail.Store(nil)
