@@ -36,12 +36,12 @@ type Keyring struct {
 	maxKeys     func(tenant string) int
 
 	mu       sync.RWMutex
-	keys     map[keyID]*key      // immutable snapshots, replaced on change
-	names    map[string][]string // per tenant, its key names sorted (keys are never removed)
-	creating map[keyID]bool      // names being generated right now
-	jwks     map[string][]byte   // per tenant, built on demand
-	rotating map[keyID]*flight   // RotateKey calls in progress
-	ops      sync.Map            // keyID → *sync.Mutex: one writer per key
+	keys     map[keyID]*key        // immutable snapshots, replaced on change
+	names    map[string][]string   // per tenant, its key names sorted (keys are never removed)
+	creating map[keyID]bool        // names being generated right now
+	jwks     map[string][]byte     // per tenant, built on demand
+	rotating map[flightKey]*flight // RotateKey calls in progress
+	ops      sync.Map              // keyID → *sync.Mutex: one writer per key
 
 	stats stats
 }
@@ -90,7 +90,7 @@ func New(o Options) (*Keyring, error) {
 		names:       make(map[string][]string),
 		creating:    make(map[keyID]bool),
 		jwks:        make(map[string][]byte),
-		rotating:    make(map[keyID]*flight),
+		rotating:    make(map[flightKey]*flight),
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -255,11 +255,13 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 // ReasonKeyQuota is the ErrorInfo reason for a tenant at its key limit.
 const ReasonKeyQuota = "KEY_QUOTA_EXCEEDED"
 
-// countLocked counts the tenant's keys, including those being created.
+// countLocked counts the tenant's keys, including those being created. A
+// key just recorded is still marked as being created until CreateKey
+// returns: it counts once.
 func (r *Keyring) countLocked(tenant string) int {
 	n := len(r.names[tenant])
 	for id := range r.creating {
-		if id.tenant == tenant {
+		if id.tenant == tenant && r.keys[id] == nil {
 			n++
 		}
 	}

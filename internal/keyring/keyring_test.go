@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"errors"
+	"log/slog"
 	"math/big"
 	"path/filepath"
 	"sync"
@@ -304,5 +305,63 @@ func TestAdmission(t *testing.T) {
 	}
 	if calls != 4 {
 		t.Fatalf("admission checked %d times, want 4", calls)
+	}
+}
+
+// pauseAt is a log handler that holds the first goroutine logging msg until
+// released: a way to stop CreateKey between recording a key and returning.
+type pauseAt struct {
+	msg              string
+	paused           *atomic.Bool
+	reached, release chan struct{}
+}
+
+func (h pauseAt) Enabled(context.Context, slog.Level) bool { return true }
+func (h pauseAt) Handle(_ context.Context, r slog.Record) error {
+	if r.Message == h.msg && h.paused.CompareAndSwap(false, true) {
+		close(h.reached)
+		<-h.release
+	}
+	return nil
+}
+func (h pauseAt) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h pauseAt) WithGroup(string) slog.Handler      { return h }
+
+// TestKeyQuotaCountsANewKeyOnce: a key recorded by a CreateKey that has not
+// returned yet counts once against the quota, not twice (found by review:
+// a second key was refused while the tenant had one of two).
+func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
+	tok := softhsmtest.NewToken(t)
+	b := openHSM(t, tok)
+	defer b.Close()
+	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	defer st.Close()
+	h := pauseAt{msg: "key created", paused: new(atomic.Bool), reached: make(chan struct{}), release: make(chan struct{})}
+	r, err := New(Options{Backend: b, Store: st, Log: slog.New(h), MaxKeys: func(string) int { return 2 }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	first := make(chan error, 1)
+	go func() {
+		_, err := r.CreateKey(ctx, "t", "k1", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+		first <- err
+	}()
+	select {
+	case <-h.reached: // k1 is recorded; its CreateKey has not returned
+	case <-time.After(30 * time.Second):
+		t.Fatal("the first CreateKey did not record its key")
+	}
+	_, err = r.CreateKey(ctx, "t", "k2", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	close(h.release)
+	if e := <-first; e != nil {
+		t.Fatal(e)
+	}
+	if err != nil {
+		t.Errorf("the second of two allowed keys: %v", err)
+	}
+	// The quota still holds: a third key is refused.
+	if _, err := r.CreateKey(ctx, "t", "k3", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); !errors.Is(err, broker.ErrResourceExhausted) {
+		t.Errorf("a third key over a quota of 2: got %v, want ErrResourceExhausted", err)
 	}
 }

@@ -148,41 +148,58 @@ func versionOf(step rotation.Step, k store.Key) uint32 {
 	return step.Version
 }
 
-// flight is a RotateKey in progress; concurrent calls on the key wait for
-// it and share its result instead of rotating again.
+// flight is a RotateKey in progress; concurrent calls on the key with the
+// same guard wait for it and share its result instead of rotating again.
 type flight struct {
 	done chan struct{}
 	info KeyInfo
 	err  error
 }
 
+// flightKey names a flight: the key, and the guard (if_active_version, 0
+// for none) it was asked with. A call with another guard asks something
+// else: it does not join, it waits for the key lock and decides for itself.
+type flightKey struct {
+	id       keyID
+	ifActive uint32
+}
+
 // RotateKey rotates now: the PENDING version (or a new one) becomes ACTIVE
 // and the ACTIVE one RETIRED. ifActive, when not 0, makes the call
 // idempotent: the key is rotated only if ifActive is still the ACTIVE
-// version. Calls arriving while another rotation of the same key runs join
-// it. rotated reports whether this call rotated the key.
+// version. Calls with the same ifActive arriving while another rotation of
+// the same key runs join it; rotated reports whether this call rotated the
+// key.
 func (r *Keyring) RotateKey(ctx context.Context, tenant, name string, ifActive uint32) (info KeyInfo, rotated bool, err error) {
 	if _, err := r.lookup(tenant, name); err != nil {
 		return KeyInfo{}, false, err
 	}
 	id := keyID{tenant, name}
-	r.mu.Lock()
-	if f := r.rotating[id]; f != nil {
+	fk := flightKey{id, ifActive}
+	for {
+		r.mu.Lock()
+		f := r.rotating[fk]
+		if f == nil {
+			break // with r.mu held
+		}
 		r.mu.Unlock()
 		select {
 		case <-f.done:
+			if isContextErr(f.err) && ctx.Err() == nil {
+				continue // the leader's deadline or cancel, not ours: try again
+			}
 			return f.info, false, f.err
 		case <-ctx.Done():
 			return KeyInfo{}, false, ctx.Err()
 		}
 	}
 	f := &flight{done: make(chan struct{})}
-	r.rotating[id] = f
+	r.rotating[fk] = f
 	r.mu.Unlock()
 	defer func() {
 		f.info, f.err = info, err
 		r.mu.Lock()
-		delete(r.rotating, id)
+		delete(r.rotating, fk)
 		r.mu.Unlock()
 		close(f.done)
 	}()
@@ -331,4 +348,9 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 		r.log.Warn("hardware key missing for a recorded version", "version", which)
 	}
 	return removed, nil
+}
+
+// isContextErr tells a call's own cancel or deadline.
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }

@@ -308,7 +308,7 @@ func TestConcurrentRotateKeyCoalesces(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		f.ring.mu.RLock()
-		inFlight := f.ring.rotating[keyID{"t", "k"}] != nil
+		inFlight := f.ring.rotating[flightKey{keyID{"t", "k"}, 0}] != nil
 		f.ring.mu.RUnlock()
 		if inFlight || time.Now().After(deadline) {
 			break
@@ -321,6 +321,91 @@ func TestConcurrentRotateKeyCoalesces(t *testing.T) {
 	k, _ := f.ring.GetKey(ctx, "t", "k")
 	if rotated.Load() != 1 || len(k.Versions) != 2 {
 		t.Errorf("%d calls rotated, %d versions; want 1 and 2", rotated.Load(), len(k.Versions))
+	}
+}
+
+// waitFlight waits until a RotateKey of key k with guard ifActive is in
+// flight.
+func waitFlight(t *testing.T, r *Keyring, k string, ifActive uint32) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r.mu.RLock()
+		f := r.rotating[flightKey{keyID{"t", k}, ifActive}]
+		r.mu.RUnlock()
+		if f != nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no RotateKey of %s with guard %d in flight after 10 s", k, ifActive)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestRotateKeyJoinsOnlyItsOwnGuard: a call does not join a rotation asked
+// with another guard, which may decide not to rotate (found by review: a
+// correctly guarded call, or an unguarded one, was dropped when it met a
+// stale-guarded call in flight). Nor does it take the first caller's
+// cancel for its own.
+func TestRotateKeyJoinsOnlyItsOwnGuard(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	for _, name := range []string{"a", "b", "c"} {
+		if _, err := f.ring.CreateKey(ctx, "t", name, broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	type result struct {
+		rotated bool
+		err     error
+	}
+	rotate := func(ctx context.Context, name string, ifActive uint32) chan result {
+		ch := make(chan result, 1)
+		go func() {
+			_, rotated, err := f.ring.RotateKey(ctx, "t", name, ifActive)
+			ch <- result{rotated, err}
+		}()
+		return ch
+	}
+	for _, c := range []struct {
+		name  string
+		guard uint32 // of the second call; the first one's is stale (7)
+	}{{"a", 1}, {"b", 0}} {
+		unlock := f.ring.lockKey(keyID{"t", c.name}) // the scheduler, say, holds the key
+		stale := rotate(ctx, c.name, 7)
+		waitFlight(t, f.ring, c.name, 7)
+		second := rotate(ctx, c.name, c.guard)
+		waitFlight(t, f.ring, c.name, c.guard)
+		unlock()
+		if r := <-stale; r.err != nil || r.rotated {
+			t.Errorf("%s: the stale guard: rotated=%v err=%v, want no rotation", c.name, r.rotated, r.err)
+		}
+		if r := <-second; r.err != nil || !r.rotated {
+			t.Errorf("%s: guard %d: rotated=%v err=%v, want a rotation", c.name, c.guard, r.rotated, r.err)
+		}
+		if k, _ := f.ring.GetKey(ctx, "t", c.name); k.ActiveVersion != 2 {
+			t.Errorf("%s: active v%d, want v2", c.name, k.ActiveVersion)
+		}
+	}
+
+	// The first caller gives up; the one that joined it still rotates.
+	unlock := f.ring.lockKey(keyID{"t", "c"})
+	gone, cancel := context.WithCancel(ctx)
+	first := rotate(gone, "c", 1)
+	waitFlight(t, f.ring, "c", 1)
+	joined := rotate(ctx, "c", 1)
+	time.Sleep(20 * time.Millisecond) // let it find the flight
+	cancel()
+	unlock()
+	if r := <-first; !errors.Is(r.err, context.Canceled) {
+		t.Errorf("the canceled call: rotated=%v err=%v, want context.Canceled", r.rotated, r.err)
+	}
+	if r := <-joined; r.err != nil || !r.rotated {
+		t.Errorf("the call that joined it: rotated=%v err=%v, want its own rotation", r.rotated, r.err)
+	}
+	if k, _ := f.ring.GetKey(ctx, "t", "c"); k.ActiveVersion != 2 {
+		t.Errorf("c: active v%d, want v2", k.ActiveVersion)
 	}
 }
 
