@@ -39,26 +39,36 @@ type Identity struct {
 	// chain):
 
 	// SPIFFEID is the certificate's spiffe:// URI SAN if it has exactly
-	// one (SPIFFE X509-SVID, section 2), else empty.
+	// one and it is a valid SPIFFE ID (SPIFFE X509-SVID, section 2), else
+	// empty.
 	SPIFFEID string
+	// SPIFFEURIs are all the certificate's URI SANs with scheme spiffe,
+	// valid SPIFFE IDs or not, in certificate order. A certificate with
+	// any is identified by its SPIFFE ID alone (see [Resolver.Resolve]).
+	SPIFFEURIs []string
 	// DNSNames are the certificate's DNS SANs, in certificate order.
 	DNSNames []string
 	// CommonName is the certificate's subject CN.
 	CommonName string
 }
 
-// String names the identity for audit records and logs: "uid:1000
-// gid:1000 pid:42" for a unix peer, else the first of the SPIFFE ID
-// ("spiffe://example.org/a"), the first DNS SAN ("dns:a.example") and the
-// CN ("cn:a"), or "unknown". A name with spaces, quotes or non-printable
-// characters is quoted, so that a certificate cannot forge log fields.
-// It contains no secrets.
+// String names the identity for logs, and for the audit record of a
+// caller that maps to no tenant: "uid:1000 gid:1000 pid:42" for a unix
+// peer; for a certificate with a SPIFFE ID (a spiffe URI SAN), that ID
+// ("spiffe://example.org/a"), or its spiffe URIs joined by commas if it
+// has several or an invalid one; else the first DNS SAN ("dns:a.example"),
+// else the CN ("cn:a"), else "unknown". The name of a caller that maps
+// to a tenant is the identity that matched, from [Resolver.Resolve]. A
+// name with spaces, quotes or non-printable characters is quoted, so that
+// a certificate cannot forge log fields. It contains no secrets.
 func (id Identity) String() string {
 	switch {
 	case id.Unix:
 		return fmt.Sprintf("uid:%d gid:%d pid:%d", id.UID, id.GID, id.PID)
-	case id.SPIFFEID != "":
+	case id.SPIFFEID != "" && len(id.SPIFFEURIs) <= 1:
 		return logSafe(id.SPIFFEID)
+	case len(id.SPIFFEURIs) > 0:
+		return logSafe(strings.Join(id.SPIFFEURIs, ","))
 	case len(id.DNSNames) > 0:
 		return "dns:" + logSafe(id.DNSNames[0])
 	case id.CommonName != "":
@@ -106,6 +116,7 @@ func FromContext(ctx context.Context) (id Identity, ok bool) {
 func certIdentity(leaf *x509.Certificate) Identity {
 	return Identity{
 		SPIFFEID:   spiffeID(leaf.URIs),
+		SPIFFEURIs: spiffeURIs(leaf.URIs),
 		DNSNames:   slices.Clone(leaf.DNSNames),
 		CommonName: leaf.Subject.CommonName,
 	}
@@ -132,4 +143,16 @@ func spiffeID(uris []*url.URL) string {
 		return ""
 	}
 	return found.String()
+}
+
+// spiffeURIs returns the URIs among uris with scheme spiffe, as strings,
+// or nil if there are none.
+func spiffeURIs(uris []*url.URL) []string {
+	var out []string
+	for _, u := range uris {
+		if u != nil && u.Scheme == "spiffe" {
+			out = append(out, u.String())
+		}
+	}
+	return out
 }

@@ -39,7 +39,13 @@ func TestResolverTenant(t *testing.T) {
 		{"spiffe", authn.Identity{SPIFFEID: "spiffe://example.org/a"}, "spiffe", true},
 		{"spiffe before dns and cn", authn.Identity{SPIFFEID: "spiffe://example.org/a", DNSNames: []string{"a.example"}, CommonName: "svc-c"}, "spiffe", true},
 		{"spiffe exact", authn.Identity{SPIFFEID: "spiffe://example.org/A"}, "", false},
-		{"unknown spiffe falls to dns", authn.Identity{SPIFFEID: "spiffe://example.org/x", DNSNames: []string{"a.example"}}, "dns", true},
+		{"spiffe with its URI", authn.Identity{SPIFFEID: "spiffe://example.org/a", SPIFFEURIs: []string{"spiffe://example.org/a"}}, "spiffe", true},
+		// A certificate with a SPIFFE ID is decided by it alone.
+		{"unknown spiffe does not fall to dns", authn.Identity{SPIFFEID: "spiffe://example.org/x", SPIFFEURIs: []string{"spiffe://example.org/x"}, DNSNames: []string{"a.example"}}, "", false},
+		{"unknown spiffe does not fall to cn", authn.Identity{SPIFFEID: "spiffe://example.org/x", CommonName: "svc-c"}, "", false},
+		{"two spiffe IDs", authn.Identity{SPIFFEURIs: []string{"spiffe://example.org/a", "spiffe://example.org/b"}, DNSNames: []string{"a.example"}, CommonName: "svc-c"}, "", false},
+		{"two spiffe IDs, one listed", authn.Identity{SPIFFEID: "spiffe://example.org/a", SPIFFEURIs: []string{"spiffe://example.org/a", "spiffe://example.org/a"}}, "", false},
+		{"invalid spiffe ID", authn.Identity{SPIFFEURIs: []string{"spiffe://example.org:8443/a"}, DNSNames: []string{"a.example"}, CommonName: "svc-c"}, "", false},
 		{"dns case-insensitive", authn.Identity{DNSNames: []string{"a.EXAMPLE"}}, "dns", true},
 		{"dns in certificate order", authn.Identity{DNSNames: []string{"x.example", "b.example", "a.example"}}, "dns2", true},
 		{"dns in certificate order 2", authn.Identity{DNSNames: []string{"a.example", "b.example"}}, "dns", true},
@@ -84,6 +90,26 @@ func TestNewResolverErrors(t *testing.T) {
 			{`"a"`, `"b"`, `SPIFFE ID "spiffe://td/x"`},
 			{`"a"`, `"b"`, `DNS name "A.EXAMPLE"`},
 			{`"a"`, `"b"`, `common name "CN-A"`},
+		},
+	}, {
+		// A certificate with CN svc.example would map to a, one that
+		// also has it as a DNS SAN to b.
+		name: "common name of one tenant, DNS name of another",
+		rules: []authn.Rule{
+			{Tenant: "a", CommonNames: []string{"svc.example"}},
+			{Tenant: "b", DNSNames: []string{"SVC.example"}},
+		},
+		want: [][]string{{`"a"`, `"b"`, `DNS name "SVC.example"`, "common name"}},
+	}, {
+		name: "DNS name of one tenant, common name of another",
+		rules: []authn.Rule{
+			{Tenant: "a", DNSNames: []string{"svc.example"}},
+			{Tenant: "b", CommonNames: []string{"svc.EXAMPLE"}, DNSNames: []string{"b.example"}},
+			{Tenant: "c", CommonNames: []string{"b.example"}},
+		},
+		want: [][]string{
+			{`"a"`, `"b"`, `common name "svc.EXAMPLE"`, "DNS name"},
+			{`"b"`, `"c"`, `common name "b.example"`, "DNS name"},
 		},
 	}, {
 		name: "tenant names",
@@ -131,11 +157,11 @@ func TestNewResolverErrors(t *testing.T) {
 	}
 }
 
-// The same name twice for one tenant, in any case, is not a conflict;
-// no rules at all is valid (nobody is anyone).
+// The same name twice for one tenant, in any case and as a DNS name and
+// a CN, is not a conflict; no rules at all is valid (nobody is anyone).
 func TestNewResolverValid(t *testing.T) {
 	r, err := authn.NewResolver([]authn.Rule{
-		{Tenant: "a", UIDs: []uint32{1, 1}, DNSNames: []string{"a.example", "A.example"}},
+		{Tenant: "a", UIDs: []uint32{1, 1}, DNSNames: []string{"a.example", "A.example"}, CommonNames: []string{"A.EXAMPLE"}},
 	})
 	if err != nil {
 		t.Fatalf("NewResolver: %v", err)
@@ -149,6 +175,46 @@ func TestNewResolverValid(t *testing.T) {
 	}
 	if got, ok := r.Tenant(authn.Identity{Unix: true}); ok {
 		t.Errorf("Tenant with no rules = %q, true; want false", got)
+	}
+}
+
+// Resolve names the identity that matched, not the first name of the
+// certificate.
+func TestResolveName(t *testing.T) {
+	r, err := authn.NewResolver([]authn.Rule{
+		{Tenant: "uid", UIDs: []uint32{1000}},
+		{Tenant: "gid", GIDs: []uint32{2000}},
+		{Tenant: "spiffe", SPIFFEIDs: []string{"spiffe://example.org/a"}},
+		{Tenant: "dns", DNSNames: []string{"B.example"}},
+		{Tenant: "cn", CommonNames: []string{"svc-c", "svc c"}},
+	})
+	if err != nil {
+		t.Fatalf("NewResolver: %v", err)
+	}
+	for _, tc := range []struct {
+		name               string
+		id                 authn.Identity
+		wantTenant, wantID string
+		wantOK             bool
+	}{
+		{"uid", authn.Identity{Unix: true, UID: 1000, GID: 1, PID: 42}, "uid", "uid:1000 gid:1 pid:42", true},
+		{"gid", authn.Identity{Unix: true, UID: 1, GID: 2000, PID: 42}, "gid", "uid:1 gid:2000 pid:42", true},
+		{"spiffe", authn.Identity{SPIFFEID: "spiffe://example.org/a", SPIFFEURIs: []string{"spiffe://example.org/a"}, DNSNames: []string{"b.example"}, CommonName: "svc-c"}, "spiffe", "spiffe://example.org/a", true},
+		{"second DNS SAN", authn.Identity{DNSNames: []string{"x.example", "b.EXAMPLE"}, CommonName: "svc-c"}, "dns", "dns:b.EXAMPLE", true},
+		{"CN after unknown DNS SANs", authn.Identity{DNSNames: []string{"x.example"}, CommonName: "SVC-C"}, "cn", "cn:SVC-C", true},
+		{"CN quoted", authn.Identity{CommonName: "svc c"}, "cn", `cn:"svc c"`, true},
+		// Unmapped: the whole identity, as String names it.
+		{"unknown unix", authn.Identity{Unix: true, UID: 1, GID: 1, PID: 42}, "", "uid:1 gid:1 pid:42", false},
+		{"unknown spiffe", authn.Identity{SPIFFEID: "spiffe://example.org/x", SPIFFEURIs: []string{"spiffe://example.org/x"}, CommonName: "svc-c"}, "", "spiffe://example.org/x", false},
+		{"two spiffe IDs", authn.Identity{SPIFFEURIs: []string{"spiffe://example.org/a", "spiffe://example.org/b"}, CommonName: "svc-c"}, "", "spiffe://example.org/a,spiffe://example.org/b", false},
+		{"unknown cn", authn.Identity{DNSNames: []string{"x.example"}, CommonName: "x"}, "", "dns:x.example", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tenant, id, ok := r.Resolve(tc.id)
+			if tenant != tc.wantTenant || id != tc.wantID || ok != tc.wantOK {
+				t.Errorf("Resolve(%+v) = %q, %q, %v; want %q, %q, %v", tc.id, tenant, id, ok, tc.wantTenant, tc.wantID, tc.wantOK)
+			}
+		})
 	}
 }
 
@@ -168,6 +234,9 @@ func TestIdentityString(t *testing.T) {
 	}{
 		{authn.Identity{Unix: true, UID: 1000, GID: 1000, PID: 42}, "uid:1000 gid:1000 pid:42"},
 		{authn.Identity{SPIFFEID: "spiffe://example.org/a", DNSNames: []string{"a.example"}, CommonName: "a"}, "spiffe://example.org/a"},
+		{authn.Identity{SPIFFEID: "spiffe://example.org/a", SPIFFEURIs: []string{"spiffe://example.org/a"}, CommonName: "a"}, "spiffe://example.org/a"},
+		{authn.Identity{SPIFFEURIs: []string{"spiffe://example.org/a", "spiffe://example.org/b"}, DNSNames: []string{"a.example"}}, "spiffe://example.org/a,spiffe://example.org/b"},
+		{authn.Identity{SPIFFEURIs: []string{"spiffe://example.org:1/a"}, CommonName: "a"}, "spiffe://example.org:1/a"},
 		{authn.Identity{DNSNames: []string{"a.example", "b.example"}, CommonName: "a"}, "dns:a.example"},
 		{authn.Identity{CommonName: "a"}, "cn:a"},
 		{authn.Identity{CommonName: "a\nlevel=ERROR"}, `cn:"a\nlevel=ERROR"`},

@@ -54,7 +54,7 @@ func TestMTLS(t *testing.T) {
 				URIs:     []*url.URL{mustURL(t, "spiffe://example.org/ns/a/sa/b"), mustURL(t, "https://example.org/not-spiffe")},
 				DNSNames: []string{"a.example"},
 			},
-			want: authn.Identity{SPIFFEID: "spiffe://example.org/ns/a/sa/b", DNSNames: []string{"a.example"}, CommonName: "workload-a"},
+			want: authn.Identity{SPIFFEID: "spiffe://example.org/ns/a/sa/b", SPIFFEURIs: []string{"spiffe://example.org/ns/a/sa/b"}, DNSNames: []string{"a.example"}, CommonName: "workload-a"},
 		}, {
 			name: "DNS",
 			tmpl: &x509.Certificate{DNSNames: []string{"B.example", "c.example"}},
@@ -70,7 +70,14 @@ func TestMTLS(t *testing.T) {
 				Subject: pkix.Name{CommonName: "ambiguous"},
 				URIs:    []*url.URL{mustURL(t, "spiffe://example.org/a"), mustURL(t, "spiffe://example.org/b")},
 			},
-			want: authn.Identity{CommonName: "ambiguous"},
+			want: authn.Identity{SPIFFEURIs: []string{"spiffe://example.org/a", "spiffe://example.org/b"}, CommonName: "ambiguous"},
+		}, {
+			name: "invalid SPIFFE ID",
+			tmpl: &x509.Certificate{
+				Subject: pkix.Name{CommonName: "bad"},
+				URIs:    []*url.URL{mustURL(t, "spiffe://example.org:8443/a")},
+			},
+			want: authn.Identity{SPIFFEURIs: []string{"spiffe://example.org:8443/a"}, CommonName: "bad"},
 		}} {
 			t.Run(tc.name, func(t *testing.T) {
 				l := ca.issue(t, tc.tmpl, true)
@@ -83,6 +90,84 @@ func TestMTLS(t *testing.T) {
 				}
 				if !sameIdentity(c.id, tc.want) {
 					t.Errorf("FromContext = %+v, want %+v", c.id, tc.want)
+				}
+			})
+		}
+	})
+
+	// The identity of a real handshake resolves to the tenant of its
+	// SPIFFE ID alone if it has one, and is named by what matched.
+	t.Run("resolve", func(t *testing.T) {
+		r, err := authn.NewResolver([]authn.Rule{
+			{Tenant: "spiffe", SPIFFEIDs: []string{"spiffe://example.org/w"}},
+			{Tenant: "svc", DNSNames: []string{"w.example"}, CommonNames: []string{"workload"}},
+		})
+		if err != nil {
+			t.Fatalf("NewResolver: %v", err)
+		}
+		for _, tc := range []struct {
+			name               string
+			tmpl               *x509.Certificate
+			wantTenant, wantID string
+			wantOK             bool
+		}{{
+			name: "SPIFFE ID",
+			tmpl: &x509.Certificate{
+				Subject:  pkix.Name{CommonName: "workload"},
+				URIs:     []*url.URL{mustURL(t, "spiffe://example.org/w")},
+				DNSNames: []string{"w.example"},
+			},
+			wantTenant: "spiffe", wantID: "spiffe://example.org/w", wantOK: true,
+		}, {
+			name: "unmapped SPIFFE ID",
+			tmpl: &x509.Certificate{
+				Subject:  pkix.Name{CommonName: "workload"},
+				URIs:     []*url.URL{mustURL(t, "spiffe://example.org/other")},
+				DNSNames: []string{"w.example"},
+			},
+			wantID: "spiffe://example.org/other",
+		}, {
+			name: "two SPIFFE IDs",
+			tmpl: &x509.Certificate{
+				Subject: pkix.Name{CommonName: "workload"},
+				URIs:    []*url.URL{mustURL(t, "spiffe://example.org/w"), mustURL(t, "spiffe://example.org/x")},
+			},
+			wantID: "spiffe://example.org/w,spiffe://example.org/x",
+		}, {
+			name: "invalid SPIFFE ID",
+			tmpl: &x509.Certificate{
+				Subject: pkix.Name{CommonName: "workload"},
+				URIs:    []*url.URL{mustURL(t, "spiffe://example.org:8443/w")},
+			},
+			wantID: "spiffe://example.org:8443/w",
+		}, {
+			name: "second DNS SAN",
+			tmpl: &x509.Certificate{
+				Subject:  pkix.Name{CommonName: "workload"},
+				URIs:     []*url.URL{mustURL(t, "https://example.org/w")},
+				DNSNames: []string{"x.example", "W.example"},
+			},
+			wantTenant: "svc", wantID: "dns:W.example", wantOK: true,
+		}, {
+			name: "CN",
+			tmpl: &x509.Certificate{
+				Subject:  pkix.Name{CommonName: "workload"},
+				DNSNames: []string{"x.example"},
+			},
+			wantTenant: "svc", wantID: "cn:workload", wantOK: true,
+		}} {
+			t.Run(tc.name, func(t *testing.T) {
+				l := ca.issue(t, tc.tmpl, true)
+				if err := check(t, target, client(l.tls())); err != nil {
+					t.Fatalf("Check: %v", err)
+				}
+				c := rec.last(t)
+				if !c.ok {
+					t.Fatal("FromContext: ok = false, want true")
+				}
+				tenant, id, ok := r.Resolve(c.id)
+				if tenant != tc.wantTenant || id != tc.wantID || ok != tc.wantOK {
+					t.Errorf("Resolve(%+v) = %q, %q, %v; want %q, %q, %v", c.id, tenant, id, ok, tc.wantTenant, tc.wantID, tc.wantOK)
 				}
 			})
 		}
@@ -214,5 +299,6 @@ func TestServerTLSErrors(t *testing.T) {
 
 func sameIdentity(a, b authn.Identity) bool {
 	return a.Unix == b.Unix && a.UID == b.UID && a.GID == b.GID && a.PID == b.PID &&
-		a.SPIFFEID == b.SPIFFEID && slices.Equal(a.DNSNames, b.DNSNames) && a.CommonName == b.CommonName
+		a.SPIFFEID == b.SPIFFEID && slices.Equal(a.SPIFFEURIs, b.SPIFFEURIs) &&
+		slices.Equal(a.DNSNames, b.DNSNames) && a.CommonName == b.CommonName
 }

@@ -139,11 +139,13 @@ func (a *Access) authorize(ctx context.Context, method string) (Caller, error) {
 	if !ok {
 		return Caller{}, status.Error(codes.Unauthenticated, "unauthenticated: no verified peer identity")
 	}
-	tenant, ok := a.resolver.Tenant(id)
+	// The caller is named by the identity that chose its tenant (a
+	// certificate's DNS SAN or CN, say), which is what the audit log records.
+	tenant, name, ok := a.resolver.Resolve(id)
 	if !ok {
-		return Caller{Identity: id.String()}, status.Error(codes.Unauthenticated, "unauthenticated: this identity is not mapped to a tenant")
+		return Caller{Identity: name}, status.Error(codes.Unauthenticated, "unauthenticated: this identity is not mapped to a tenant")
 	}
-	c := Caller{Tenant: tenant, Identity: id.String()}
+	c := Caller{Tenant: tenant, Identity: name}
 	need, known := methodRoles[method]
 	if !known || a.tenants[tenant].roles&need == 0 {
 		return c, status.Errorf(codes.PermissionDenied, "permission denied: %s needs the %s role", shortMethod(method), roleNames(need))

@@ -2,16 +2,21 @@ package server
 
 import (
 	"crypto/rand"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
@@ -428,5 +433,60 @@ func TestSignQuotaEverySignature(t *testing.T) {
 	}
 	if _, err := c.GetConfirmation(ctx, &kbv1.GetConfirmationRequest{Name: "k"}); err != nil {
 		t.Errorf("GetConfirmation with the quota spent: %v", err)
+	}
+}
+
+// TestAuditCallerIsTheMatchedIdentity: the audit record names the caller
+// by the identity that chose its tenant — the CN, when the certificate
+// also carries a DNS SAN no tenant lists — and an unknown caller by its
+// certificate.
+func TestAuditCallerIsTheMatchedIdentity(t *testing.T) {
+	ctx := ctxT(t)
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	log, err := audit.Open(path, audit.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newMTLSStack(t, stackOpts{tenants: []TenantPolicy{cnTenant("a", RoleSigner)}, audit: log})
+	call := func(l testpki.Leaf) {
+		cert, _, _ := s.ca.Issue(t, l)
+		creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: s.ca.Pool(), ServerName: "localhost"})
+		conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(creds))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		kbv1.NewKeyBrokerClient(conn).GetJWKS(ctx, &kbv1.GetJWKSRequest{})
+	}
+	call(testpki.Leaf{CommonName: "client-a", DNSNames: []string{"elsewhere.example"}})
+	call(testpki.Leaf{CommonName: "client-a", URIs: []string{"spiffe://example.org/unlisted"}})
+	if err := log.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []audit.Record
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var r audit.Record
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r)
+	}
+	want := []struct{ tenant, caller, code string }{
+		{"a", "cn:client-a", "OK"},
+		// A certificate with a SPIFFE ID is that ID, listed or not: no
+		// falling back to its CN.
+		{"", "spiffe://example.org/unlisted", "UNAUTHENTICATED"},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d records, want %d", len(got), len(want))
+	}
+	for i, w := range want {
+		if got[i].Tenant != w.tenant || got[i].Caller != w.caller || got[i].Code != w.code {
+			t.Errorf("record %d: tenant %q caller %q code %s, want %q %q %s", i+1, got[i].Tenant, got[i].Caller, got[i].Code, w.tenant, w.caller, w.code)
+		}
 	}
 }
