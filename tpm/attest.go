@@ -120,8 +120,10 @@ var ErrAttestation = errors.New("tpm: attestation does not verify")
 // be that key) over
 // SHA-256(Attest), Attest is a TPM-made TPM_ST_ATTEST_CERTIFY structure, its
 // extraData is nonce, and the Name it certifies is the Name of keyPublic
-// (the certified key's TPM2B_PUBLIC, from PublicArea). Whether to trust
-// CertifyingPublic is the caller's decision.
+// (the certified key's TPM2B_PUBLIC, from PublicArea), whose attributes
+// are those of a keybroker signing key: generated in the TPM, fixed to it
+// and to its parent. Whether to trust CertifyingPublic is the caller's
+// decision.
 func VerifyAttestation(a *Attestation, keyPublic []byte, nonce []byte) error {
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s", ErrAttestation, fmt.Sprintf(format, args...))
@@ -184,6 +186,18 @@ func VerifyAttestation(a *Attestation, keyPublic []byte, nonce []byte) error {
 	}
 	if !bytes.Equal(info.Name.Buffer, name) {
 		return fail("the certified Name is not the key's")
+	}
+	// The Name binds the key's attributes: they must say that the TPM made
+	// the key and never lets it out. The certifying key signs whatever the
+	// TPM holds, including a software key loaded with TPM2_LoadExternal,
+	// whose private half is known outside; the TPM refuses fixedTPM,
+	// fixedParent and sensitiveDataOrigin to such a key.
+	key, err := tpm2.Unmarshal[tpm2.TPMTPublic](keyArea)
+	if err != nil {
+		return fail("key public area: %v", err)
+	}
+	if key.ObjectAttributes != signingKeyAttributes {
+		return fail("the certified key is not a signing key generated in the TPM that cannot leave it (fixedTPM, fixedParent, sensitiveDataOrigin)")
 	}
 	return nil
 }

@@ -679,6 +679,7 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	}
 	defer unlock()
 	if err := b.checkUsable(h); err != nil {
+		b.decoded.forget(h) // decoded above: a destroyed key's handle is not kept
 		return nil, err
 	}
 	var rsp *tpm2.SignResponse

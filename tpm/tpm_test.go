@@ -770,9 +770,15 @@ func TestDestroy(t *testing.T) {
 	if cached {
 		t.Error("the destroyed key's handle is still in the decode cache")
 	}
-	// Sign had decoded h before Destroy: its cache does not outlive the key.
+	// A Sign after Destroy decodes h again, is refused, and does not keep it.
 	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256); !errors.Is(err, broker.ErrNotFound) {
 		t.Errorf("Sign after Destroy: got %v, want ErrNotFound", err)
+	}
+	b.decoded.mu.Lock()
+	_, cached = b.decoded.m[string(h)]
+	b.decoded.mu.Unlock()
+	if cached {
+		t.Error("a Sign after Destroy put the destroyed key's handle back in the decode cache")
 	}
 }
 
