@@ -2,9 +2,12 @@ package server
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -488,5 +492,53 @@ func TestAuditCallerIsTheMatchedIdentity(t *testing.T) {
 		if got[i].Tenant != w.tenant || got[i].Caller != w.caller || got[i].Code != w.code {
 			t.Errorf("record %d: tenant %q caller %q code %s, want %q %q %s", i+1, got[i].Tenant, got[i].Caller, got[i].Code, w.tenant, w.caller, w.code)
 		}
+	}
+}
+
+// TestAuditRecordsHugeFields: a request whose fields would not fit an
+// audit line (here a 200,000-character key name, which JSON escapes to
+// 1.2 MB) is still refused and recorded: the record holds the field's
+// first bytes and the length and SHA-256 of the whole (found by review:
+// such a call left no record at all).
+func TestAuditRecordsHugeFields(t *testing.T) {
+	ctx := ctxT(t)
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	log, err := audit.Open(path, audit.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newMTLSStack(t, stackOpts{tenants: []TenantPolicy{cnTenant("a", RoleSigner)}, audit: log}, "client-a")
+	name := strings.Repeat("<", 200_000)
+	_, err = s.clients["client-a"].Sign(ctx, &kbv1.SignRequest{Name: name, Digest: make([]byte, 32)})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("Sign with a 200,000-character name: got %v, want InvalidArgument", err)
+	}
+	if err := log.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 1 {
+		t.Fatalf("%d records for 1 call", len(lines))
+	}
+	var r audit.Record
+	if err := json.Unmarshal([]byte(lines[0]), &r); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(name))
+	want := fmt.Sprintf("%s…[200000 bytes, sha256:%s]", name[:128], hex.EncodeToString(sum[:]))
+	if r.Key != want || r.Code != "INVALID_ARGUMENT" {
+		t.Errorf("record: key %q (%d bytes), code %s; want %q, INVALID_ARGUMENT", r.Key[:min(len(r.Key), 200)], len(r.Key), r.Code, want[:200])
+	}
+	// Short fields are recorded as they are.
+	if got := boundField("k1"); got != "k1" {
+		t.Errorf("boundField(%q) = %q", "k1", got)
+	}
+	// A cut never splits a UTF-8 character.
+	if got := boundField(strings.Repeat("é", 200)); !utf8.ValidString(got) || !strings.HasPrefix(got, strings.Repeat("é", 64)+"…[400 bytes") {
+		t.Errorf("boundField of 200 × é = %q", got)
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 
@@ -60,7 +62,28 @@ func auditRecord(reqID, method string, c Caller, req, resp any, code codes.Code,
 	if m, ok := resp.(*kbv1.SignResponse); ok {
 		r.Alg = algName(m.GetAlgorithm())
 	}
+	// Request fields are whatever the caller sent, up to the message size
+	// limit: bound them, so that every call's record fits a line.
+	r.Key, r.Kid, r.Caller = boundField(r.Key), boundField(r.Kid), boundField(r.Caller)
 	return r
+}
+
+// maxField bounds a string field of an audit record; longer values are cut
+// to their first bytes and the length and SHA-256 of the whole.
+const maxField = 256
+
+// boundField returns s, or for s longer than maxField its first bytes
+// (whole UTF-8 characters) and "…[N bytes, sha256:HEX]".
+func boundField(s string) string {
+	if len(s) <= maxField {
+		return s
+	}
+	n := 128
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	sum := sha256.Sum256([]byte(s))
+	return fmt.Sprintf("%s…[%d bytes, sha256:%s]", s[:n], len(s), hex.EncodeToString(sum[:]))
 }
 
 func algName(a kbv1.Algorithm) string {
