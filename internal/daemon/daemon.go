@@ -158,7 +158,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	d.svc = svc
 	d.health = health.NewServer()
 	newServer := func(creds credentials.TransportCredentials) *grpc.Server {
-		g := grpc.NewServer(
+		g := grpc.NewServer(append(svc.ServerOptions(),
 			grpc.Creds(creds),
 			grpc.MaxRecvMsgSize(cfg.Limits.MaxRecvMsgSize),
 			grpc.MaxConcurrentStreams(cfg.Limits.MaxConcurrentStreams),
@@ -167,7 +167,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
 			grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 5 * time.Minute, Time: time.Minute, Timeout: 20 * time.Second}),
 			grpc.ChainUnaryInterceptor(deadline(cfg.Limits.CallTimeout), svc.UnaryInterceptor),
-		)
+		)...)
 		kbv1.RegisterKeyBrokerServer(g, svc)
 		healthpb.RegisterHealthServer(g, d.health)
 		reflection.Register(g)

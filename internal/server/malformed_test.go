@@ -1,15 +1,26 @@
 package server
 
 import (
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"maps"
 	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/audit"
+	"github.com/keybroker/keybroker/internal/testpki"
 )
 
 // rawCodec sends bytes as they are, so a test can put any wire bytes in a
@@ -80,5 +91,97 @@ func TestMalformedMessages(t *testing.T) {
 	}
 	if _, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 32)}); err != nil {
 		t.Fatalf("a good Sign after the malformed ones: %v", err)
+	}
+}
+
+// TestCallsRefusedByGRPCAreAudited: calls that gRPC itself refuses before
+// the interceptor — a request that does not decode, one over the size
+// limit, a method that does not exist — are one audit record each, with
+// the caller's tenant when it has one; a request that does not decode is
+// INVALID_ARGUMENT after authentication, not INTERNAL (found by review:
+// none of these were recorded).
+func TestCallsRefusedByGRPCAreAudited(t *testing.T) {
+	ctx := ctxT(t)
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	log, err := audit.Open(path, audit.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newMTLSStack(t, stackOpts{tenants: []TenantPolicy{cnTenant("a", RoleSigner)}, audit: log})
+	dial := func(cn string) *grpc.ClientConn {
+		cert, _, _ := s.ca.Issue(t, testpki.Leaf{CommonName: cn})
+		creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: s.ca.Pool(), ServerName: "localhost"})
+		conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(creds))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	known, stranger := dial("client-a"), dial("stranger")
+	garbage := []byte{0x0a, 0xff, 0xff, 0xff} // a length past the end
+	calls := []struct {
+		conn   *grpc.ClientConn
+		method string
+		body   []byte
+		tenant string
+		code   codes.Code
+	}{
+		{known, kbv1.KeyBroker_Sign_FullMethodName, garbage, "a", codes.InvalidArgument},
+		{stranger, kbv1.KeyBroker_Sign_FullMethodName, garbage, "", codes.Unauthenticated},
+		{known, "/keybroker.v1.KeyBroker/DeleteAllKeys", nil, "a", codes.Unimplemented},
+		{stranger, "/keybroker.v1.KeyBroker/DeleteAllKeys", nil, "", codes.Unauthenticated},
+		{known, kbv1.KeyBroker_Sign_FullMethodName, make([]byte, 5<<20), "a", codes.ResourceExhausted},
+		{known, kbv1.KeyBroker_GetJWKS_FullMethodName, nil, "a", codes.OK}, // for comparison
+	}
+	want := map[string]int{}
+	for i, c := range calls {
+		var out []byte
+		err := c.conn.Invoke(ctx, c.method, c.body, &out, grpc.ForceCodec(rawCodec{}))
+		if status.Code(err) != c.code {
+			t.Errorf("call %d (%s): got %v, want %v", i+1, c.method, err, c.code)
+		}
+		want[fmt.Sprintf("%s %s %s", c.method, c.tenant, codeName(c.code))]++
+	}
+	// The health service is not a KeyBroker call: no record.
+	var out []byte
+	stranger.Invoke(ctx, "/grpc.health.v1.Health/Check", nil, &out, grpc.ForceCodec(rawCodec{}))
+
+	// Calls that never reached the interceptor are recorded as they end,
+	// after their response: wait for them.
+	var lines []string
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines = strings.Split(strings.TrimSpace(string(b)), "\n")
+		if len(lines) >= len(calls) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // a stray extra record would show now
+	if err := log.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines = strings.Split(strings.TrimSpace(string(b)), "\n")
+	got := map[string]int{}
+	for _, line := range lines {
+		var r audit.Record
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatal(err)
+		}
+		got[fmt.Sprintf("%s %s %s", r.Method, r.Tenant, r.Code)]++
+		if r.Caller == "" {
+			t.Errorf("record %s has no caller", line)
+		}
+	}
+	if len(lines) != len(calls) || !maps.Equal(got, want) {
+		t.Errorf("%d records for %d calls:\n got %v\nwant %v", len(lines), len(calls), got, want)
 	}
 }

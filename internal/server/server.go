@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,6 +63,8 @@ type Server struct {
 	audit    Auditor
 	observer Observer
 	log      *slog.Logger
+
+	malformed sync.Map // requests that did not decode (malformedCodec)
 }
 
 // New returns the service.
@@ -85,13 +88,15 @@ func (s *Server) SetAccess(a *Access) { s.access.Store(a) }
 // durable before the response (or the response is withheld: UNAVAILABLE).
 // Other services (health, reflection) pass through.
 func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	markSeen(ctx)
+	malformed := s.takeMalformed(req)
 	if !strings.HasPrefix(info.FullMethod, "/"+kbv1.KeyBroker_ServiceDesc.ServiceName+"/") {
 		return handler(ctx, req)
 	}
 	start := time.Now()
 	reqID := newRequestID()
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", reqID))
-	caller, resp, err := s.call(ctx, req, info, handler)
+	caller, resp, err := s.call(ctx, req, malformed, info, handler)
 	code := status.Code(err)
 	// The logger with the call's fields is built only when a line is
 	// written: not on the hot path at the default level.
@@ -122,7 +127,7 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 }
 
 // call authenticates, authorizes, applies the quota and runs the handler.
-func (s *Server) call(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (caller Caller, resp any, err error) {
+func (s *Server) call(ctx context.Context, req any, malformed bool, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (caller Caller, resp any, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
@@ -133,6 +138,9 @@ func (s *Server) call(ctx context.Context, req any, info *grpc.UnaryServerInfo, 
 	caller, err = access.authorize(ctx, info.FullMethod)
 	if err != nil {
 		return caller, nil, err
+	}
+	if malformed {
+		return caller, nil, status.Error(codes.InvalidArgument, "malformed request: the message does not decode")
 	}
 	// The signing quota is charged by each hardware signature the call
 	// makes (Sign, the PoP and certificate RPCs, AttestKey), once its

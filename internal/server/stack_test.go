@@ -118,7 +118,7 @@ func newStackOn(t testing.TB, tenants []TenantPolicy, backend broker.Backend) *s
 		t.Fatal(err)
 	}
 	svc := New(Options{Ring: ring, Access: access})
-	g := grpc.NewServer(grpc.Creds(authn.UnixCredentials()), grpc.UnaryInterceptor(svc.UnaryInterceptor))
+	g := grpc.NewServer(append(svc.ServerOptions(), grpc.Creds(authn.UnixCredentials()), grpc.UnaryInterceptor(svc.UnaryInterceptor))...)
 	kbv1.RegisterKeyBrokerServer(g, svc)
 
 	// Unix socket paths are limited to 107 bytes; t.TempDir can be longer.

@@ -80,7 +80,7 @@ func newMTLSStack(t *testing.T, o stackOpts, clientCNs ...string) *mtlsStack {
 		t.Fatal(err)
 	}
 	svc := New(Options{Ring: s.ring, Access: access, Audit: o.audit})
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg)), grpc.UnaryInterceptor(svc.UnaryInterceptor))
+	g := grpc.NewServer(append(svc.ServerOptions(), grpc.Creds(credentials.NewTLS(tlsCfg)), grpc.UnaryInterceptor(svc.UnaryInterceptor))...)
 	kbv1.RegisterKeyBrokerServer(g, svc)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
