@@ -5,6 +5,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -30,11 +31,11 @@ import (
 //     INVALID_ARGUMENT (gRPC alone would say INTERNAL) and recorded like any
 //     bad input, durable before the response.
 //   - A method that does not exist is answered UNAUTHENTICATED for an
-//     unknown caller, else UNIMPLEMENTED.
-//   - Whatever the interceptor did not see — a request over the size limit,
-//     an unknown method — is recorded by a stats handler when the call ends:
-//     after its response, as gRPC answered before any of this code ran.
-//     Nothing was done for such a call, so there is nothing to withhold.
+//     unknown caller, else UNIMPLEMENTED, and recorded before the answer.
+//   - Whatever else the interceptor did not see — a request over the size
+//     limit — is recorded by a stats handler when the call ends: after its
+//     response, as gRPC answered before any of this code ran. Nothing was
+//     done for such a call, so there is nothing to withhold.
 //
 // The health and reflection services are not KeyBroker calls and are not
 // recorded, as in the interceptor.
@@ -86,16 +87,51 @@ func (s *Server) takeMalformed(req any) bool {
 	return bad
 }
 
-// unknownMethod answers a call of a method no service has.
+// unknownMethod answers a call of a method no service has, and records it.
 func (s *Server) unknownMethod(_ any, stream grpc.ServerStream) error {
-	id, ok := authn.FromContext(stream.Context())
+	ctx := stream.Context()
+	markSeen(ctx)
+	start := time.Now()
+	method, _ := grpc.MethodFromServerStream(stream)
+	var caller Caller
+	id, ok := authn.FromContext(ctx)
 	if ok {
-		_, _, ok = s.access.Load().resolver.Resolve(id)
+		caller.Tenant, caller.Identity, ok = s.access.Load().resolver.Resolve(id)
 	}
+	err := status.Error(codes.Unimplemented, "unknown method")
 	if !ok {
-		return status.Error(codes.Unauthenticated, "unauthenticated: this identity is not mapped to a tenant")
+		err = status.Error(codes.Unauthenticated, "unauthenticated: this identity is not mapped to a tenant")
 	}
-	return status.Error(codes.Unimplemented, "unknown method")
+	if notRecorded(method) || s.audit == nil {
+		return err
+	}
+	rec := gapRecord(method, caller, status.Code(err), time.Since(start))
+	if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
+		s.auditFailed(rec, aerr)
+		return status.Error(codes.Unavailable, "audit log unavailable, retry later")
+	}
+	return err
+}
+
+// gapRecord is the audit record of a call no handler ran.
+func gapRecord(method string, caller Caller, code codes.Code, latency time.Duration) audit.Record {
+	return audit.Record{
+		RequestID: newRequestID(),
+		Tenant:    caller.Tenant,
+		Caller:    boundField(caller.Identity),
+		Method:    boundField(method),
+		Code:      codeName(code),
+		LatencyMS: float64(latency.Microseconds()) / 1000,
+	}
+}
+
+// auditFailed logs and counts a record of a call refused by gRPC that could
+// not be written.
+func (s *Server) auditFailed(rec audit.Record, err error) {
+	s.log.Error("audit record of a call refused by gRPC not written", "method", rec.Method, "err", err)
+	if s.observer != nil {
+		s.observer.AuditWriteFailed()
+	}
 }
 
 // rpcMark follows one call from the stats handler's tag to its end: seen
@@ -135,19 +171,9 @@ func (g gapRecorder) HandleRPC(ctx context.Context, st stats.RPCStats) {
 	if id, ok := authn.FromContext(ctx); ok {
 		caller.Tenant, caller.Identity, _ = g.s.access.Load().resolver.Resolve(id)
 	}
-	rec := audit.Record{
-		RequestID: newRequestID(),
-		Tenant:    caller.Tenant,
-		Caller:    boundField(caller.Identity),
-		Method:    boundField(m.method),
-		Code:      codeName(status.Code(end.Error)),
-		LatencyMS: float64(end.EndTime.Sub(end.BeginTime).Microseconds()) / 1000,
-	}
+	rec := gapRecord(m.method, caller, status.Code(end.Error), end.EndTime.Sub(end.BeginTime))
 	if err := g.s.audit.Write(context.WithoutCancel(ctx), rec); err != nil {
-		g.s.log.Error("audit record of a call refused by gRPC not written", "method", rec.Method, "err", err)
-		if g.s.observer != nil {
-			g.s.observer.AuditWriteFailed()
-		}
+		g.s.auditFailed(rec, err)
 	}
 }
 
