@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"syscall"
 	"time"
 
@@ -45,32 +46,58 @@ const (
 // conn is one connection to the TPM. It is not safe for concurrent use: the
 // Backend serialises every command.
 type conn interface {
-	// roundTrip sends one command and reads its response. It gives up at
-	// deadline or when ctx is done; the connection is then unusable (a
-	// response may still be on its way) and must be closed.
-	roundTrip(ctx context.Context, cmd []byte, deadline time.Time) ([]byte, error)
+	// roundTrip sends one command and reads its response, giving up at
+	// deadline; after an error the connection is unusable (a response may
+	// still be on its way) and must be closed. Nothing else interrupts it:
+	// a caller's cancellation never lands in the middle of a command (see
+	// link.Send), so the connection stays in step with the TPM.
+	roundTrip(cmd []byte, deadline time.Time) ([]byte, error)
 	Close() error
 }
 
-// dial opens the connection cfg names.
+// Dial retries while a unix socket's listen backlog is full.
+const (
+	firstDialBackoff = time.Millisecond
+	maxDialBackoff   = 50 * time.Millisecond
+)
+
+// dial opens the connection cfg names, giving up at deadline or when ctx is
+// done.
 func dial(ctx context.Context, cfg Config, deadline time.Time) (conn, error) {
 	switch {
 	case cfg.Socket != "":
-		d := net.Dialer{Deadline: deadline}
-		c, err := d.DialContext(ctx, "unix", cfg.Socket)
-		if err != nil {
-			return nil, err
-		}
-		return &sockConn{c: c}, nil
+		return dialSocket(ctx, "unix", cfg.Socket, deadline)
 	case cfg.Address != "":
-		d := net.Dialer{Deadline: deadline}
-		c, err := d.DialContext(ctx, "tcp", cfg.Address)
-		if err != nil {
-			return nil, err
-		}
-		return &sockConn{c: c}, nil
+		return dialSocket(ctx, "tcp", cfg.Address, deadline)
 	default:
 		return openDevice(cfg.Device)
+	}
+}
+
+// dialSocket connects to a TPM server. swtpm accepts one connection at a
+// time, and Go connects unix sockets non-blocking: while swtpm's listen
+// backlog is full the connect fails at once with EAGAIN ("resource
+// temporarily unavailable") instead of waiting its turn, so EAGAIN is
+// retried with a short backoff until deadline.
+func dialSocket(ctx context.Context, network, addr string, deadline time.Time) (conn, error) {
+	d := net.Dialer{Deadline: deadline}
+	backoff := firstDialBackoff
+	for {
+		c, err := d.DialContext(ctx, network, addr)
+		if err == nil {
+			return &sockConn{c: c}, nil
+		}
+		left := time.Until(deadline)
+		if !errors.Is(err, syscall.EAGAIN) || left <= 0 {
+			return nil, err
+		}
+		if serr := sleep(ctx, min(backoff, left)); serr != nil {
+			return nil, fmt.Errorf("%w: %w", serr, err)
+		}
+		if !time.Now().Before(deadline) {
+			return nil, err
+		}
+		backoff = min(2*backoff, maxDialBackoff)
 	}
 }
 
@@ -81,14 +108,10 @@ type sockConn struct {
 	c net.Conn
 }
 
-func (s *sockConn) roundTrip(ctx context.Context, cmd []byte, deadline time.Time) ([]byte, error) {
+func (s *sockConn) roundTrip(cmd []byte, deadline time.Time) ([]byte, error) {
 	if err := s.c.SetDeadline(deadline); err != nil {
 		return nil, err
 	}
-	// A canceled ctx interrupts a blocked read by moving the deadline to
-	// the past.
-	stop := context.AfterFunc(ctx, func() { s.c.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
 	if _, err := s.c.Write(cmd); err != nil {
 		return nil, err
 	}
@@ -118,7 +141,7 @@ func openDevice(path string) (conn, error) {
 	return &devConn{f: os.NewFile(uintptr(fd), path)}, nil
 }
 
-func (d *devConn) roundTrip(ctx context.Context, cmd []byte, deadline time.Time) ([]byte, error) {
+func (d *devConn) roundTrip(cmd []byte, deadline time.Time) ([]byte, error) {
 	type result struct {
 		rsp []byte
 		err error
@@ -139,8 +162,6 @@ func (d *devConn) roundTrip(ctx context.Context, cmd []byte, deadline time.Time)
 		return r.rsp, r.err
 	case <-timer.C:
 		return nil, os.ErrDeadlineExceeded
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 }
 
@@ -188,9 +209,19 @@ func readResponse(r io.Reader) ([]byte, error) {
 }
 
 // link is the transport.TPM that go-tpm's commands run on during one
-// backend call: it bounds each command by the call's context and the
+// backend call: it bounds each command by the call's deadline and the
 // per-command timeout, retries the TPM's "try again" warnings, and drops
 // the connection when it fails, so that the next call reconnects.
+//
+// The call's context is checked between commands, never during one: a
+// command sent before the caller gave up is answered and its response read
+// (within the deadline), so that one caller's cancellation never leaves the
+// connection out of step for the next. The cancellation is reported by the
+// next command of the call, which is not sent; a call whose last command
+// was already sent completes. Cleanup commands (TPM2_FlushContext) are sent
+// whatever the call's context says, bounded by the per-command timeout, so
+// that a cancelled call leaves nothing loaded that the backend does not
+// know of.
 type link struct {
 	b   *Backend
 	ctx context.Context
@@ -204,29 +235,41 @@ func (l *link) Send(cmd []byte) ([]byte, error) {
 	if c == nil {
 		return nil, &Error{Op: commandName(cmd), Kind: broker.ErrUnavailable, Err: errors.New("not connected")}
 	}
+	ctx := l.ctx
+	if commandCode(cmd) == tpm2.TPMCCFlushContext {
+		ctx = context.WithoutCancel(ctx)
+	}
 	backoff := firstBackoff
 	for attempt := 0; ; attempt++ {
-		if err := l.ctx.Err(); err != nil {
+		if err := ctx.Err(); err != nil {
 			// Nothing is in flight: the connection stays usable.
+			// Sessions started for this command are flushed when the
+			// call ends (Backend.flushPending).
 			return nil, &Error{Op: commandName(cmd), Kind: broker.ErrUnavailable, Err: err}
 		}
 		deadline := time.Now().Add(l.timeout)
-		if d, ok := l.ctx.Deadline(); ok && d.Before(deadline) {
-			deadline = d
+		callerDeadline := false
+		if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+			deadline, callerDeadline = d, true
 		}
-		rsp, err := c.roundTrip(l.ctx, cmd, deadline)
+		rsp, err := c.roundTrip(cmd, deadline)
 		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && l.ctx.Err() == nil {
-				err = fmt.Errorf("no response within %v: %w", l.timeout, err)
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				if callerDeadline {
+					err = fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
+				} else {
+					err = fmt.Errorf("no response within %v: %w", l.timeout, err)
+				}
 			}
 			return nil, l.fail(cmd, err)
 		}
 		rc := tpm2.TPMRC(binary.BigEndian.Uint32(rsp[6:]))
 		if !retryable[rc] || attempt == maxRetries || hasSessions(cmd) {
+			l.b.track(cmd, rsp)
 			return rsp, nil
 		}
 		l.b.log.Debug("TPM asked to retry", "command", commandName(cmd), "rc", fmt.Sprintf("0x%x", uint32(rc)), "attempt", attempt+1)
-		if err := sleep(l.ctx, backoff); err != nil {
+		if err := sleep(ctx, backoff); err != nil {
 			return nil, &Error{Op: commandName(cmd), Kind: broker.ErrUnavailable, Err: err}
 		}
 		backoff *= 2
@@ -237,10 +280,50 @@ func (l *link) Send(cmd []byte) ([]byte, error) {
 // for the caller.
 func (l *link) fail(cmd []byte, err error) error {
 	l.b.dropConn(err)
-	if ctxErr := l.ctx.Err(); ctxErr != nil && !errors.Is(err, ctxErr) {
-		err = fmt.Errorf("%w: %w", ctxErr, err)
-	}
 	return &Error{Op: commandName(cmd), Kind: broker.ErrUnavailable, Err: err}
+}
+
+// track keeps Backend.pending, the sessions started for a command that is
+// not sent yet: go-tpm starts a command's sessions (TPM2_StartAuthSession)
+// right before sending it, and flushes a one-use session when the TPM
+// refuses the command, but not when the command is never sent.
+func (b *Backend) track(cmd, rsp []byte) {
+	switch commandCode(cmd) {
+	case tpm2.TPMCCStartAuthSession:
+		// TPM2_StartAuthSession's response carries the session handle
+		// after the header (Part 3 §11.1).
+		if tpm2.TPMRC(binary.BigEndian.Uint32(rsp[6:])) == tpm2.TPMRCSuccess && len(rsp) >= headerSize+4 {
+			b.pending = append(b.pending, tpm2.TPMHandle(binary.BigEndian.Uint32(rsp[headerSize:])))
+		}
+	case tpm2.TPMCCFlushContext:
+		// The handle is the command's only parameter; whatever the
+		// answer, it is not loaded now.
+		if len(cmd) >= headerSize+4 {
+			b.adopt(tpm2.TPMHandle(binary.BigEndian.Uint32(cmd[headerSize:])))
+		}
+	default:
+		// The command the sessions were started for was sent: from
+		// here go-tpm (or the backend, for a reusable session) owns
+		// them.
+		b.pending = b.pending[:0]
+	}
+}
+
+// adopt takes the session h off the pending list: the caller owns it.
+func (b *Backend) adopt(h tpm2.TPMHandle) {
+	b.pending = slices.DeleteFunc(b.pending, func(p tpm2.TPMHandle) bool { return p == h })
+}
+
+// flushPending flushes the sessions started for a command that was never
+// sent, because the call's context ended in between.
+func (b *Backend) flushPending(l *link) {
+	for len(b.pending) > 0 && b.conn != nil {
+		h := b.pending[0]
+		tpm2.FlushContext{FlushHandle: h}.Execute(l)
+		// track took h off the list, or the connection is gone.
+		b.adopt(h)
+	}
+	b.pending = nil
 }
 
 // commandNames names the commands this package sends, for errors and logs.
@@ -260,11 +343,19 @@ var commandNames = map[tpm2.TPMCC]string{
 	tpm2.TPMCCStartup:          "TPM2_Startup",
 }
 
+// commandCode returns cmd's command code, 0 for a malformed command.
+func commandCode(cmd []byte) tpm2.TPMCC {
+	if len(cmd) < headerSize {
+		return 0
+	}
+	return tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:]))
+}
+
 func commandName(cmd []byte) string {
 	if len(cmd) < headerSize {
 		return "TPM command"
 	}
-	cc := tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:]))
+	cc := commandCode(cmd)
 	if name, ok := commandNames[cc]; ok {
 		return name
 	}

@@ -84,16 +84,19 @@ func (b *Backend) forgetAll() {
 	b.lru = list.New()
 }
 
-// flush unloads o and its session. A TPM error (the handle is already
-// gone) only forgets it; a transport error is returned.
+// flush unloads o and its session, and then forgets them. A TPM error (the
+// handle is already gone) only forgets it; a transport error, which drops
+// the connection and forgets everything with it, is returned. The flush is
+// sent even when the call's context is done (see link), so an object is
+// never forgotten while the TPM still holds it.
 func (b *Backend) flush(l *link, o *object) error {
 	b.dropSession(l, o)
-	b.forget(o)
 	_, err := tpm2.FlushContext{FlushHandle: o.handle}.Execute(l)
 	var te *Error
 	if errors.As(err, &te) {
 		return err
 	}
+	b.forget(o)
 	return nil
 }
 
@@ -503,22 +506,24 @@ func (b *Backend) keySession(l *link, srk, o *object, auth []byte) (tpm2.Session
 	if err != nil {
 		return nil, err
 	}
+	b.adopt(s.Handle())
 	o.sess = s
 	return s, nil
 }
 
-// dropSession flushes o's session, if it has one. It is best effort: a
-// session the TPM no longer has is gone anyway, and a transport error
+// dropSession flushes o's session, if it has one, and then forgets it. The
+// flush is sent even when the call's context is done (see link). A session
+// the TPM no longer has (a TPM error) is gone anyway, and a transport error
 // drops the connection, and with it every session.
 func (b *Backend) dropSession(l *link, o *object) {
 	s := o.sess
 	if s == nil {
 		return
 	}
-	o.sess = nil
 	if b.conn != nil && s.Handle() != tpm2.TPMRHNull {
 		tpm2.FlushContext{FlushHandle: s.Handle()}.Execute(l)
 	}
+	o.sess = nil
 }
 
 // dropSessions flushes every reusable session, best effort.

@@ -29,9 +29,9 @@ type spyConn struct {
 	failRC tpm2.TPMRC
 }
 
-func (s *spyConn) roundTrip(ctx context.Context, cmd []byte, deadline time.Time) ([]byte, error) {
+func (s *spyConn) roundTrip(cmd []byte, deadline time.Time) ([]byte, error) {
 	cc := tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:]))
-	rsp, err := s.conn.roundTrip(ctx, cmd, deadline)
+	rsp, err := s.conn.roundTrip(cmd, deadline)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.counts[cc]++

@@ -122,7 +122,11 @@ type Backend struct {
 	// channel so that waiting for it honours the caller's context.
 	sem chan struct{}
 
-	conn      conn
+	conn conn
+	// ready is set once the TPM behind conn is initialised (initTPM); a
+	// call cancelled during the initialisation keeps the connection for
+	// the next call to finish.
+	ready     bool
 	closed    bool
 	pin       []byte // the pinned SRK Name
 	dataLoss  bool
@@ -130,6 +134,9 @@ type Backend struct {
 	lru       *list.List
 	parents   map[string]*parentFile
 	destroyed map[[sha256.Size]byte]bool
+	// pending are sessions started for a command not sent yet (see
+	// link.track).
+	pending []tpm2.TPMHandle
 
 	// decoded keeps Sign's decoded handles; it has its own lock.
 	decoded handleCache
@@ -202,12 +209,15 @@ func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
 	case <-ctx.Done():
 		return nil, nil, &Error{Op: "wait for the TPM", Kind: broker.ErrUnavailable, Err: ctx.Err()}
 	}
-	unlock := func() { <-b.sem }
 	if b.closed {
-		unlock()
+		<-b.sem
 		return nil, nil, &Error{Op: "use the TPM", Kind: broker.ErrUnavailable, Err: errors.New("backend closed")}
 	}
 	l := &link{b: b, ctx: ctx, timeout: b.cfg.Timeout}
+	unlock := func() {
+		b.flushPending(l)
+		<-b.sem
+	}
 	if err := b.connect(l); err != nil {
 		unlock()
 		return nil, nil, err
@@ -216,25 +226,32 @@ func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
 }
 
 // connect opens the connection if there is none, and makes the TPM ready:
-// started, no leftover handles, the SRK checked.
+// started, no leftover handles, the SRK checked. A failure drops the
+// connection, unless the call's context ended between two commands: the
+// connection is then in step, and the next call initialises the TPM again.
 func (b *Backend) connect(l *link) error {
-	if b.conn != nil {
+	if b.conn == nil {
+		deadline := time.Now().Add(b.cfg.Timeout)
+		if d, ok := l.ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d
+		}
+		c, err := dial(l.ctx, b.cfg, deadline)
+		if err != nil {
+			return &Error{Op: "connect", Kind: broker.ErrUnavailable, Err: err}
+		}
+		b.conn, b.ready = c, false
+	}
+	if b.ready {
 		return nil
 	}
-	deadline := time.Now().Add(b.cfg.Timeout)
-	if d, ok := l.ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	c, err := dial(l.ctx, b.cfg, deadline)
-	if err != nil {
-		return &Error{Op: "connect", Kind: broker.ErrUnavailable, Err: err}
-	}
-	b.conn = c
 	b.forgetAll()
 	if err := b.initTPM(l); err != nil {
-		b.dropConn(nil)
+		if l.ctx.Err() == nil {
+			b.dropConn(nil)
+		}
 		return err
 	}
+	b.ready = true
 	return nil
 }
 
@@ -267,7 +284,7 @@ func (b *Backend) dropConn(cause error) {
 		return
 	}
 	b.conn.Close()
-	b.conn = nil
+	b.conn, b.ready, b.pending = nil, false, nil
 	b.forgetAll()
 	if cause != nil {
 		b.log.Warn("TPM connection lost; reconnecting on the next call", "err", cause)
@@ -428,7 +445,7 @@ func (b *Backend) shutdown(l *link) error {
 	var err error
 	if b.conn != nil {
 		err = b.conn.Close()
-		b.conn = nil
+		b.conn, b.ready, b.pending = nil, false, nil
 	}
 	return err
 }
