@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 
@@ -53,28 +54,39 @@ func newAuditVerifyCmd(a *app) *cobra.Command {
 		Short: "Verify the hash chain of an audit log",
 		Long: `Verify the audit log FILE locally, without keybrokerd: every line must be
 a valid record, seqs must go 1, 2, 3, ..., and each record must hold the
-SHA-256 of the line before it. The last seq and hash must match the head
-file (--head, default FILE.head), which detects trailing records removed
-and an edit of the last record; --no-head skips that check.
+SHA-256 of the line before it. The record at the seq of the head file
+(--head, default FILE.head) must be there and have its hash, which detects
+trailing records removed and an edit of the last record; --no-head skips
+that check.
 
-It prints "ok: N records, last seq S", or, with --output json,
-{"records":N,"last_seq":S,"head_checked":true|false}. A log that fails
-prints the first line found wrong and why: an edited, missing,
-duplicated or reordered record, or a truncated file.
+The log may be in use: the head file is read first, then FILE up to its
+size at that time. While keybrokerd runs, the head lags the log by up to
+10ms, and it is exact once keybrokerd has stopped cleanly. Records after
+the head that chain on, and an incomplete last line after the head (a
+record being written, or torn by a crash), are not tampering but an
+unanchored tail: they could be cut without detection. The log then
+verifies, with a warning on stderr.
+
+It prints "ok: N records, last seq S" (and ", head at seq H" when records
+follow the head), or, with --output json,
+{"records":N,"last_seq":S,"head_checked":true|false}, plus "after_head":K
+and "torn_last_line":true when they apply. A log that fails prints the
+first line found wrong and why: an edited, missing, duplicated or
+reordered record, or a truncated file.
 
 Exit codes:
-  0  the log verifies
+  0  the log verifies (with a warning for an unanchored tail)
   1  the log fails verification (tampered, truncated or damaged), or it
      cannot be read
   2  usage error
   3  FILE or the head file does not exist`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(_ *cobra.Command, args []string) error {
+		RunE: func(cmd *cobra.Command, args []string) error {
 			head, err := f.headPath(args[0])
 			if err != nil {
 				return err
 			}
-			return a.auditVerify(args[0], head)
+			return a.auditVerify(args[0], head, cmd.ErrOrStderr())
 		},
 	}
 	cmd.Flags().StringVar(&f.head, "head", "", "`path` of the head file (default FILE.head)")
@@ -83,8 +95,11 @@ Exit codes:
 }
 
 // auditVerify verifies the log at file against the head file at headPath
-// ("" for none) and prints the result.
-func (a *app) auditVerify(file, headPath string) error {
+// ("" for none), prints the result, and warns on stderr of records after
+// the head.
+func (a *app) auditVerify(file, headPath string, stderr io.Writer) error {
+	// The head first, then the log: every record the head names is in
+	// the file by then, whatever keybrokerd writes meanwhile.
 	var head *audit.Head
 	if headPath != "" {
 		h, err := audit.ReadHead(headPath)
@@ -98,7 +113,16 @@ func (a *app) auditVerify(file, headPath string) error {
 		return notFoundAsStatus(err, "audit log "+file)
 	}
 	defer f.Close()
-	n, err := audit.Verify(f, head)
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", file, err)
+	}
+	var r io.Reader = f
+	if fi.Mode().IsRegular() {
+		// A live log grows while it is read: stop at its size now.
+		r = io.LimitReader(f, fi.Size())
+	}
+	res, err := audit.VerifyLog(r, head)
 	if err != nil {
 		var verr *audit.VerifyError
 		if errors.As(err, &verr) {
@@ -106,20 +130,49 @@ func (a *app) auditVerify(file, headPath string) error {
 		}
 		return fmt.Errorf("reading %s: %w", file, err)
 	}
+	if res.Unanchored() {
+		fmt.Fprintf(stderr, "keybrokerctl: warning: %s: %s\n", file, unanchoredWarning(res, *head))
+	}
+	// Seqs go 1, 2, ...: the last seq is the number of records.
+	n := res.Records
 	if a.jsonOutput() {
 		b, err := json.Marshal(struct {
-			Records     int  `json:"records"`
-			LastSeq     int  `json:"last_seq"`
-			HeadChecked bool `json:"head_checked"`
-		}{n, n, head != nil})
+			Records      int  `json:"records"`
+			LastSeq      int  `json:"last_seq"`
+			HeadChecked  bool `json:"head_checked"`
+			AfterHead    int  `json:"after_head,omitempty"`
+			TornLastLine bool `json:"torn_last_line,omitempty"`
+		}{n, n, head != nil, res.AfterHead, res.Torn})
 		if err != nil {
 			return err
 		}
 		return a.printJSON(b, false)
 	}
-	// Seqs go 1, 2, ...: the last seq is the number of records.
-	_, err = fmt.Fprintf(a.stdout, "ok: %d records, last seq %d\n", n, n)
+	if res.AfterHead > 0 {
+		_, err = fmt.Fprintf(a.stdout, "ok: %d records, last seq %d, head at seq %d\n", n, n, head.Seq)
+	} else {
+		_, err = fmt.Fprintf(a.stdout, "ok: %d records, last seq %d\n", n, n)
+	}
 	return err
+}
+
+// unanchoredWarning describes the unanchored tail of a log that verified
+// against head with res.
+func unanchoredWarning(res audit.Result, head audit.Head) string {
+	const why = "the log is open or was not closed cleanly"
+	const torn = "its last line is incomplete (a record being written, or torn by a crash) and was not checked"
+	if res.AfterHead == 0 {
+		return fmt.Sprintf("after the head (seq %d), %s: %s", head.Seq, torn, why)
+	}
+	s := fmt.Sprintf("%d records after the head (seq %d): %s; they chain, but could be cut without detection",
+		res.AfterHead, head.Seq, why)
+	if res.AfterHead == 1 {
+		s = fmt.Sprintf("1 record after the head (seq %d): %s; it chains, but could be cut without detection", head.Seq, why)
+	}
+	if res.Torn {
+		s += "; and " + torn
+	}
+	return s
 }
 
 // notFoundAsStatus returns err, as a NOT_FOUND status (exit code 3) when

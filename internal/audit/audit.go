@@ -4,7 +4,8 @@
 // the log holds the seq and hash of a durable line — the last one, give or
 // take Options.HeadEvery while the log is open, and exactly the last once
 // it is closed; it is what makes the removal of whole trailing lines
-// detectable.
+// detectable. Lines after the head (a log open, or not closed cleanly) are
+// not: VerifyLog reports them as an unanchored tail, apart from tampering.
 //
 // The gRPC server (internal/server) writes the log through a Log: Write
 // returns only once the record is on disk, and the server refuses the RPC
@@ -74,9 +75,14 @@ const ZeroHash = "00000000000000000000000000000000000000000000000000000000000000
 // cannot make the verifier read without bound.
 const MaxLineBytes = 1 << 20
 
-// maxQueuedBytes bounds the lines waiting for the writer. When the sink is
-// stuck, Writes beyond it fail at once instead of piling up in memory.
+// maxQueuedBytes bounds the lines queued or being committed: from Write
+// until their sync returns. When the sink is stuck, Writes beyond it fail
+// at once instead of piling up in memory.
 const maxQueuedBytes = 64 << 20
+
+// maxKeptBuf is the largest batch buffer the writer keeps for the next
+// batch; a bigger one, from a burst, goes after its commit.
+const maxKeptBuf = 1 << 20
 
 // defaultTimeout is Options.Timeout when unset.
 const defaultTimeout = time.Second
@@ -140,20 +146,24 @@ type Log struct {
 	now       func() time.Time
 	log       *slog.Logger
 
+	maxQueued  int           // bound of queued; maxQueuedBytes but in tests
 	wake       chan struct{} // cap 1: lines are queued, or the log is closing
 	done       chan struct{} // closed when the writer goroutine returns
 	anchorWake chan struct{} // cap 1: durable moved
+	closing    chan struct{} // closed by Close: the anchor writes the last head
 	anchorDone chan struct{} // closed when the anchor goroutine returns
-	anchored   Head          // what the head file holds; anchor goroutine, then Close
+	anchored   Head          // what the head file holds; anchor goroutine only
+	finalErr   error         // why the last head was not written; read after anchorDone
 
-	mu      sync.Mutex
-	seq     uint64     // of the last line queued
-	prev    string     // hash of the last line queued
-	queue   []*pending // lines waiting for the writer, in seq order
-	queued  int        // bytes in queue
-	durable Head       // the last line synced
-	failed  error      // why the sink failed; set once, then every Write fails
-	closed  bool
+	mu        sync.Mutex
+	seq       uint64     // of the last line queued
+	prev      string     // hash of the last line queued
+	queue     []*pending // lines waiting for the writer, in seq order
+	queued    int        // bytes of the lines queued or being committed
+	durable   Head       // the last line synced
+	failed    error      // why the sink or head file failed; set once, then every Write fails
+	closed    bool
+	abandoned bool // Close gave up waiting for the writer: no last head
 
 	closeOnce sync.Once
 	closeErr  error
@@ -172,9 +182,9 @@ type pending struct {
 // fails that check (see Verify): tampering is noticed at start.
 //
 // Two states a crash can leave are repaired, and logged: records after the
-// head (the log was synced, the head not yet updated) are kept, and a last
-// line without its newline (a torn write) is cut, provided it lies after
-// the head. Neither was ever acknowledged by Write.
+// head (synced, and maybe acknowledged by Write, before the head file
+// caught up) are kept, and a last line without its newline (a torn write,
+// never acknowledged) is cut, provided it lies after the head.
 func Open(path string, o Options) (*Log, error) {
 	l := &Log{
 		sink:       o.Sink,
@@ -182,9 +192,11 @@ func Open(path string, o Options) (*Log, error) {
 		headEvery:  o.HeadEvery,
 		now:        o.Now,
 		log:        o.Log,
+		maxQueued:  maxQueuedBytes,
 		wake:       make(chan struct{}, 1),
 		done:       make(chan struct{}),
 		anchorWake: make(chan struct{}, 1),
+		closing:    make(chan struct{}),
 		anchorDone: make(chan struct{}),
 		prev:       ZeroHash,
 		durable:    Head{Hash: ZeroHash},
@@ -260,15 +272,13 @@ func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog
 		if c.lines > 0 || c.torn {
 			return refuse(fmt.Errorf("its head file %s is missing", path+".head"))
 		}
-	case c.seq > head.Seq:
-		if c.hashAt != head.Hash {
-			return refuse(headHashError(int(head.Seq), head.Seq, c.hashAt, head.Hash))
-		}
-		log.Warn("audit log has records after its head, synced but never acknowledged; keeping them",
-			"path", path, "head_seq", head.Seq, "last_seq", c.seq)
 	default:
-		if err := c.checkHead(head); err != nil {
+		if err := c.checkAnchor(head); err != nil {
 			return refuse(err)
+		}
+		if c.seq > head.Seq {
+			log.Warn("audit log has records after its head (synced, the head not yet updated); keeping them",
+				"path", path, "head_seq", head.Seq, "last_seq", c.seq)
 		}
 	}
 	if c.torn {
@@ -290,8 +300,10 @@ func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog
 	return now, nil
 }
 
-// Head returns the seq and hash of the last durable line: what the head
-// file holds, and the head to pass to Verify when the log has a Sink.
+// Head returns the seq and hash of the last durable line. While the log is
+// open the head file lags it (by up to Options.HeadEvery); once Close has
+// returned nil, the head file holds it too. With a Sink, it is the head to
+// pass to Verify.
 func (l *Log) Head() Head {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -352,7 +364,7 @@ func (l *Log) enqueue(r Record) (*pending, error) {
 	if len(line) > MaxLineBytes {
 		return nil, fmt.Errorf("audit: record: got %d bytes, want at most %d", len(line), MaxLineBytes)
 	}
-	if l.queued+len(line) >= maxQueuedBytes {
+	if l.queued+len(line) >= l.maxQueued {
 		return nil, fmt.Errorf("%w: %d bytes of records already wait for the sink", ErrUnavailable, l.queued)
 	}
 	sum := sha256.Sum256(line)
@@ -380,7 +392,7 @@ func (l *Log) run() {
 		<-l.wake
 		l.mu.Lock()
 		batch, closing, failed := l.queue, l.closed, l.failed != nil
-		l.queue, l.queued = nil, 0
+		l.queue = nil // its bytes stay in queued until committed
 		l.mu.Unlock()
 		if failed {
 			return // the anchor failed: fail has answered the queue
@@ -391,13 +403,18 @@ func (l *Log) run() {
 			for _, p := range batch {
 				buf = append(buf, p.line...)
 			}
+			n := len(buf)
 			head := batch[len(batch)-1].head
 			if err := l.commit(buf, batch[0].head.Seq, head); err != nil {
 				l.fail(err, batch)
 				return
 			}
+			if cap(buf) > maxKeptBuf {
+				buf = nil // a burst's buffer is not kept for good
+			}
 			l.mu.Lock()
 			l.durable = head
+			l.queued -= n
 			l.mu.Unlock()
 			// The records are on disk: answer their callers. The head
 			// file follows (anchor); a crash before it does leaves
@@ -418,8 +435,9 @@ func (l *Log) run() {
 }
 
 // anchor is the head goroutine: it writes the durable head to the head
-// file when it moves, at most once per headEvery, until the writer
-// returns; Close writes the last one.
+// file when it moves, at most once per headEvery, and the last one when
+// Close asks (see lastAnchor). A head file that cannot be written fails
+// the log, and ends the goroutine: there is no last head then.
 func (l *Log) anchor() {
 	defer close(l.anchorDone)
 	pause := time.NewTimer(l.headEvery)
@@ -427,7 +445,8 @@ func (l *Log) anchor() {
 	for {
 		select {
 		case <-l.anchorWake:
-		case <-l.done:
+		case <-l.closing:
+			l.lastAnchor()
 			return
 		}
 		if err := l.writeAnchor(); err != nil {
@@ -437,10 +456,28 @@ func (l *Log) anchor() {
 		pause.Reset(l.headEvery)
 		select {
 		case <-pause.C:
-		case <-l.done:
+		case <-l.closing:
+			l.lastAnchor()
 			return
 		}
 	}
+}
+
+// lastAnchor writes the last head at Close, once the writer has returned:
+// the last durable line, also after a failure of the sink, whose records
+// acknowledged before it are as durable as any. Close waits for it up to
+// Options.Timeout and reports finalErr.
+func (l *Log) lastAnchor() {
+	<-l.done
+	l.mu.Lock()
+	abandoned := l.abandoned
+	l.mu.Unlock()
+	if abandoned {
+		// Close returned before the writer did: a head written now
+		// could land after the next Open of the file.
+		return
+	}
+	l.finalErr = l.writeAnchor()
 }
 
 // writeAnchor writes the durable head to the head file if it moved.
@@ -484,7 +521,7 @@ func (l *Log) fail(err error, batch []*pending) {
 	}
 	l.failed = err
 	rest := l.queue
-	l.queue, l.queued = nil, 0
+	l.queue = nil // queued no longer matters: nothing is queued after this
 	durable := l.durable
 	l.mu.Unlock()
 
@@ -500,29 +537,14 @@ func (l *Log) fail(err error, batch []*pending) {
 	}
 }
 
-// closeAnchor reports a failed log, or writes the last head file; both
-// goroutines have returned.
-func (l *Log) closeAnchor() error {
-	l.mu.Lock()
-	failed := l.failed
-	l.mu.Unlock()
-	if failed != nil {
-		return fmt.Errorf("%w: %w", ErrUnavailable, failed)
-	}
-	if l.headPath == "" {
-		return nil
-	}
-	if err := l.writeAnchor(); err != nil {
-		return fmt.Errorf("%w: %w", ErrUnavailable, err)
-	}
-	return nil
-}
-
-// Close stops accepting records, waits up to Options.Timeout for those
-// queued to become durable, and closes the file (not a Sink given in
-// Options). It returns an error wrapping ErrUnavailable when some record
-// did not become durable or the sink had failed. Calling it again returns
-// the same.
+// Close stops accepting records, waits up to Options.Timeout (in all) for
+// those queued to become durable and for the head file to record the last
+// durable one, and closes the file (not a Sink given in Options). After a
+// failure of the sink, the head file still records the last record
+// acknowledged; after a failure of the head file, it is left as it is. It
+// returns an error wrapping ErrUnavailable when some record did not become
+// durable, the head file was not written in time or failed, or the sink
+// had failed. Calling it again returns the same.
 func (l *Log) Close() error {
 	l.closeOnce.Do(func() {
 		l.mu.Lock()
@@ -532,6 +554,7 @@ func (l *Log) Close() error {
 		case l.wake <- struct{}{}:
 		default:
 		}
+		close(l.closing)
 
 		var errs []error
 		timer := time.NewTimer(l.timeout)
@@ -540,14 +563,23 @@ func (l *Log) Close() error {
 		case <-l.done:
 			select {
 			case <-l.anchorDone:
-				if err := l.closeAnchor(); err != nil {
-					errs = append(errs, err)
+				if l.finalErr != nil {
+					errs = append(errs, fmt.Errorf("%w: %w", ErrUnavailable, l.finalErr))
 				}
 			case <-timer.C:
 				errs = append(errs, fmt.Errorf("%w: head file not written after %s", ErrUnavailable, l.timeout))
 			}
 		case <-timer.C:
+			l.mu.Lock()
+			l.abandoned = true
+			l.mu.Unlock()
 			errs = append(errs, fmt.Errorf("%w: records still not durable after %s", ErrUnavailable, l.timeout))
+		}
+		l.mu.Lock()
+		failed := l.failed
+		l.mu.Unlock()
+		if failed != nil {
+			errs = append([]error{fmt.Errorf("%w: %w", ErrUnavailable, failed)}, errs...)
 		}
 		if l.file != nil {
 			if err := l.file.Close(); err != nil {

@@ -212,6 +212,11 @@ func TestRoundTrip(t *testing.T) {
 	if writes != syncs {
 		t.Errorf("%d writes but %d syncs, want one write per sync", writes, syncs)
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.queued != 0 {
+		t.Errorf("%d bytes still counted as queued after Close", l.queued)
+	}
 }
 
 // TestConcurrentFile is TestRoundTrip on a real file, with its head file.
@@ -876,5 +881,121 @@ func TestHeadWriteFails(t *testing.T) {
 	}
 	if h, err := ReadHead(path + ".head"); err != nil || h.Seq != 2 {
 		t.Errorf("head file = %+v, %v; want seq 2 still", h, err)
+	}
+}
+
+// switchSink writes to f until fail is set, then fails.
+type switchSink struct {
+	f    *os.File
+	fail atomic.Bool
+}
+
+func (s *switchSink) Write(b []byte) (int, error) {
+	if s.fail.Load() {
+		return 0, errors.New("no space left on device")
+	}
+	return s.f.Write(b)
+}
+
+func (s *switchSink) Sync() error { return s.f.Sync() }
+
+// TestCloseAnchorsAfterSinkFailure checks that after a failure of the
+// sink, Close still moves the head file up to the last record
+// acknowledged, and still reports the failure: the log of a daemon
+// stopped cleanly verifies.
+func TestCloseAnchorsAfterSinkFailure(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	// A HeadEvery longer than the test: only Close moves the head past 1.
+	l := openLog(t, path, Options{HeadEvery: time.Hour})
+	s := &switchSink{f: l.file}
+	l.sink = s // before any Write, which orders it before the writer's use
+	writeN(t, l, 0, 1)
+	waitHead(t, path+".head", 1)
+	writeN(t, l, 1, 3) // acknowledged: durable, but not in the head file
+	s.fail.Store(true)
+	if err := l.Write(t.Context(), record(4)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Write to a failed sink: %v, want ErrUnavailable", err)
+	}
+	if err := l.Close(); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "no space left") {
+		t.Errorf("Close after a sink failure: %v, want ErrUnavailable with the cause", err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := checkChain(t, b, 4)
+	head, err := ReadHead(path + ".head")
+	if err != nil || head != want {
+		t.Fatalf("head file = %+v, %v; want %+v, the last record acknowledged", head, err, want)
+	}
+	if res, err := VerifyLog(bytes.NewReader(b), &head); err != nil || res != (Result{Records: 4}) {
+		t.Errorf("VerifyLog = %+v, %v; want 4 records, none after the head", res, err)
+	}
+}
+
+// TestCloseWritesLastHead checks that Close writes the last head at once,
+// also while the anchor goroutine waits out HeadEvery.
+func TestCloseWritesLastHead(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := openLog(t, path, Options{HeadEvery: time.Hour})
+	writeN(t, l, 0, 1)
+	waitHead(t, path+".head", 1)
+	writeN(t, l, 1, 2)
+	start := time.Now()
+	closeLog(t, l)
+	if took := time.Since(start); took > returnBound {
+		t.Errorf("Close took %s", took)
+	}
+	verifyFile(t, path, 3)
+	if h, err := ReadHead(path + ".head"); err != nil || h.Seq != 3 {
+		t.Errorf("head file after Close = %+v, %v; want seq 3", h, err)
+	}
+}
+
+// TestQueueBoundCountsBatchInFlight checks that the bound on queued bytes
+// counts the batch the writer is committing, not only the lines waiting
+// behind it: a stuck writer holds its batch too.
+func TestQueueBoundCountsBatchInFlight(t *testing.T) {
+	sink := &blockedSink{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	l := openLog(t, "", Options{Sink: sink, Timeout: 20 * time.Millisecond, Now: func() time.Time { return now }})
+	t.Cleanup(func() { close(sink.release) }) // runs before openLog's cleanup
+
+	r := record(0)
+	r.RequestID = strings.Repeat("x", 4000)
+	r.Time, r.Seq, r.Prev = now, 1, ZeroHash
+	line, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lineLen := len(line) + 1 // the same for seqs 1 to 9
+	const fit = 3
+	bound := fit*lineLen + lineLen/2
+	l.mu.Lock()
+	l.maxQueued = bound
+	l.mu.Unlock()
+
+	// The first record: the writer takes it and is stuck writing it.
+	if err := writeAsync(t, l, r); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "not durable") {
+		t.Fatalf("Write 1: %v, want not durable in time", err)
+	}
+	<-sink.entered
+	accepted := 1
+	for i := 2; ; i++ {
+		if i > 9 {
+			t.Fatalf("%d records of %d bytes accepted with a bound of %d", accepted, lineLen, bound)
+		}
+		err := writeAsync(t, l, r)
+		if err != nil && strings.Contains(err.Error(), "already wait") {
+			break
+		}
+		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "not durable") {
+			t.Fatalf("Write %d: %v, want not durable in time", i, err)
+		}
+		accepted++
+	}
+	if accepted != fit {
+		t.Errorf("%d records of %d bytes held (1 being written) with a bound of %d bytes, want %d",
+			accepted, lineLen, bound, fit)
 	}
 }

@@ -105,34 +105,74 @@ func (e *VerifyError) Error() string {
 	return fmt.Sprintf("line %d (seq %d): %s", e.Line, e.Seq, e.Reason)
 }
 
-// Verify reads a log from r and checks its chain: every line is a Record in
-// JSON with no unknown fields; seqs go 1, 2, 3, ...; each Prev is the hash
-// of the line before (ZeroHash for the first); the last line ends with a
-// newline. With head, the last seq and hash must also be the head's, which
-// detects whole trailing lines removed, and an edit of the last line.
-// Without head neither can be detected.
-//
-// It returns the number of records read (valid ones, up to an error). What
-// is wrong is reported as a *VerifyError; reading errors as they are.
+// Verify is VerifyLog, returning only the number of records: a log with
+// an unanchored tail verifies. Use VerifyLog to tell it apart.
 func Verify(r io.Reader, head *Head) (records int, err error) {
+	res, err := VerifyLog(r, head)
+	return res.Records, err
+}
+
+// Result is what VerifyLog found in a log.
+type Result struct {
+	// Records is the number of complete, valid records, those after the
+	// head included; it is also the last seq.
+	Records int
+	// AfterHead is the number of those records after the head's seq. They
+	// chain on, but the head does not vouch for them: removing some of
+	// them goes unnoticed.
+	AfterHead int
+	// Torn is set when the log ends, after the head, inside a line
+	// without its newline: a record being written, or one torn by a
+	// crash. That line is not checked.
+	Torn bool
+}
+
+// Unanchored reports whether the log goes on after its head: it is open
+// (the head lags the log by up to Options.HeadEvery, and a line may be
+// being written), or was not closed cleanly.
+func (r Result) Unanchored() bool { return r.AfterHead > 0 || r.Torn }
+
+// VerifyLog reads a log from r and checks its chain: every line is a Record
+// in JSON with no unknown fields; seqs go 1, 2, 3, ...; each Prev is the
+// hash of the line before (ZeroHash for the first); the last line ends
+// with a newline. With head, the line at the head's seq must also be there
+// and have its hash, which detects whole trailing lines removed and an
+// edit of the last line.
+//
+// Lines after the head are no error: the head file follows the log, so a
+// log being written, or one whose writer crashed, has some. Those that
+// chain on are counted in AfterHead, and a last line without newline after
+// the head sets Torn (see Result). Without head nothing of this can be
+// detected, and a last line without newline is an error.
+//
+// A log being written grows while it is read: read it only up to its size
+// when the head was read (io.LimitReader), the head first.
+//
+// It returns the Result (its records counting the valid ones up to an
+// error). What is wrong is reported as a *VerifyError; reading errors as
+// they are.
+func VerifyLog(r io.Reader, head *Head) (Result, error) {
 	var at uint64
 	if head != nil {
 		at = head.Seq
 	}
 	c, err := walk(r, at)
+	res := Result{Records: c.lines}
 	if err != nil {
-		return c.lines, err
+		return res, err
 	}
-	if c.torn {
-		return c.lines, &VerifyError{Line: c.lines + 1, Seq: c.seq + 1,
+	if c.torn && (head == nil || c.seq < head.Seq) {
+		return res, &VerifyError{Line: c.lines + 1, Seq: c.seq + 1,
 			Reason: "truncated record: the file ends inside this line, without its newline"}
 	}
-	if head != nil {
-		if err := c.checkHead(*head); err != nil {
-			return c.lines, err
-		}
+	if head == nil {
+		return res, nil
 	}
-	return c.lines, nil
+	if err := c.checkAnchor(*head); err != nil {
+		return res, err
+	}
+	res.AfterHead, res.Torn = int(c.seq-head.Seq), c.torn
+	return res, nil
 }
 
 // chain is what walk found: the valid prefix of a log.
@@ -141,21 +181,19 @@ type chain struct {
 	seq    uint64 // seq of the last of them (= lines)
 	hash   string // hash of the last of them, ZeroHash for none
 	end    int64  // offset just after the last of them
-	hashAt string // hash of the line whose seq walk was asked about, if seen
+	hashAt string // hash of the line whose seq walk was asked about, "" if not seen
 	torn   bool   // after them comes a last line without newline, unchecked
 }
 
-// checkHead reports whether the chain ends at h.
-func (c chain) checkHead(h Head) error {
+// checkAnchor reports whether the chain holds h: the line with h.Seq is
+// there, and its hash is h.Hash. Lines after it may follow.
+func (c chain) checkAnchor(h Head) error {
 	switch {
 	case c.seq < h.Seq:
 		return &VerifyError{Line: c.lines + 1, Seq: c.seq + 1, Reason: fmt.Sprintf(
 			"missing: the log ends after seq %d but its head is at seq %d (trailing records removed)", c.seq, h.Seq)}
-	case c.seq > h.Seq:
-		return &VerifyError{Line: int(h.Seq) + 1, Seq: h.Seq + 1, Reason: fmt.Sprintf(
-			"after the head: the head is at seq %d but the log goes on to seq %d", h.Seq, c.seq)}
-	case c.hash != h.Hash:
-		return headHashError(c.lines, c.seq, c.hash, h.Hash)
+	case c.hashAt != h.Hash:
+		return headHashError(int(h.Seq), h.Seq, c.hashAt, h.Hash)
 	}
 	return nil
 }

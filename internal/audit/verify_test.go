@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // sampleLog writes n records to a new log and returns its bytes and head.
@@ -155,8 +159,6 @@ func TestVerifyDetectsMutations(t *testing.T) {
 func TestVerifyErrors(t *testing.T) {
 	orig, head := sampleLog(t, 5)
 	ls := lines(t, orig)
-	// The log with a sixth record, chained on: valid, but past head.
-	six, _ := sampleLog(t, 6)
 
 	edit := func(i int, from, to string) []byte {
 		c := slices.Clone(ls)
@@ -194,7 +196,8 @@ func TestVerifyErrors(t *testing.T) {
 		{"trailing lines removed", join(ls[:3]), false, 4, 4, "missing: the log ends after seq 3 but its head is at seq 5", 3},
 		{"trailing lines removed, no head", join(ls[:3]), true, 0, 0, "", 3},
 		{"emptied", nil, false, 1, 1, "missing: the log ends after seq 0", 0},
-		{"appended", six, false, 6, 6, "after the head: the head is at seq 5 but the log goes on to seq 6", 6},
+		// Another log's head at the same seq: same seqs, other hashes.
+		{"another log's head", orig, false, 5, 5, "hash mismatch with the head", 5},
 		{"not JSON", edit(1, `{`, `[`), false, 2, 2, "not a valid record: not a JSON object", 1},
 		{"broken JSON", edit(1, `"seq":2,`, `"seq":2`), false, 2, 2, "not a valid record: invalid character", 1},
 		{"unknown field", edit(1, `"seq":2,`, `"seq":2,"pin":"1234",`), false, 2, 2, `unknown field "pin"`, 1},
@@ -202,11 +205,15 @@ func TestVerifyErrors(t *testing.T) {
 		{"empty line", join([][]byte{ls[0], []byte("\n"), ls[1]}), false, 2, 2, "not a JSON object", 1},
 		{"CRLF", edit(0, "}\n", "}\r\n"), false, 2, 2, "prev hash mismatch", 1},
 	}
+	_, otherHead := sampleLog(t, 5)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := &head
 			if tt.noHead {
 				h = nil
+			}
+			if tt.name == "another log's head" {
+				h = &otherHead
 			}
 			n, err := Verify(bytes.NewReader(tt.log), h)
 			if n != tt.wantN {
@@ -261,4 +268,138 @@ func TestVerifyReadError(t *testing.T) {
 	if n != 2 {
 		t.Errorf("Verify of a failing reader counted %d records, want 2", n)
 	}
+}
+
+// TestVerifyUnanchoredTail checks what follows the head: records that chain
+// on and a torn last line are an unanchored tail, not an error; anything
+// else wrong, at the head or after it, still is.
+func TestVerifyUnanchoredTail(t *testing.T) {
+	b, _ := sampleLog(t, 8)
+	ls := lines(t, b)
+	// The head as it was when the log had 5 records.
+	head := Head{Seq: 5, Hash: lineHash(ls[4])}
+	cut := func(line []byte, n int) []byte { return slices.Clone(line[:n]) }
+	edit := func(i int, from, to string) [][]byte {
+		c := slices.Clone(ls)
+		c[i] = []byte(strings.Replace(string(c[i]), from, to, 1))
+		if bytes.Equal(c[i], ls[i]) {
+			t.Fatalf("edit of line %d: no %q", i+1, from)
+		}
+		return c
+	}
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+
+	tests := []struct {
+		name     string
+		log      []byte
+		head     *Head
+		want     Result
+		wantErr  string // in the VerifyError; "" for none
+		wantLine int
+	}{
+		{"nothing after the head", join(ls[:5]), &head, Result{Records: 5}, "", 0},
+		{"one record after the head", join(ls[:6]), &head, Result{Records: 6, AfterHead: 1}, "", 0},
+		{"records after the head", b, &head, Result{Records: 8, AfterHead: 3}, "", 0},
+		{"torn line right after the head", cat(join(ls[:5]), cut(ls[5], 30)), &head, Result{Records: 5, Torn: true}, "", 0},
+		{"records then a torn line", cat(join(ls[:7]), cut(ls[7], len(ls[7])-1)), &head, Result{Records: 7, AfterHead: 2, Torn: true}, "", 0},
+		{"records after an empty log's head", b, &Head{0, ZeroHash}, Result{Records: 8, AfterHead: 8}, "", 0},
+		{"no head: torn line", cat(join(ls[:7]), cut(ls[7], 30)), nil, Result{Records: 7}, "truncated record", 8},
+		{"no head: records", b, nil, Result{Records: 8}, "", 0},
+
+		{"head line edited, records after", join(edit(4, `"globex"`, `"globey"`)), &head, Result{Records: 5}, "prev hash mismatch", 6},
+		{"head line edited, torn line after", cat(join(edit(4, `"globex"`, `"globey"`)[:5]), cut(ls[5], 30)), &head, Result{Records: 5}, "hash mismatch with the head", 5},
+		{"head hash wrong", b, &Head{5, strings.Repeat("ab", 32)}, Result{Records: 8}, "hash mismatch with the head", 5},
+		{"record after the head edited", join(edit(6, `"acme"`, `"acne"`)), &head, Result{Records: 7}, "prev hash mismatch", 8},
+		{"record after the head removed", join(slices.Delete(slices.Clone(ls), 5, 6)), &head, Result{Records: 5}, "seq: got 7, want 6", 6},
+		{"not a record after the head", cat(join(ls[:6]), []byte("garbage\n")), &head, Result{Records: 6}, "not a valid record", 7},
+		{"torn line before the head", cat(join(ls[:3]), cut(ls[3], 30)), &head, Result{Records: 3}, "truncated record", 4},
+		{"head line's newline removed", cat(join(ls[:4]), cut(ls[4], len(ls[4])-1)), &head, Result{Records: 4}, "truncated record", 5},
+		{"cut before the head", join(ls[:4]), &head, Result{Records: 4}, "missing", 5},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res, err := VerifyLog(bytes.NewReader(tt.log), tt.head)
+			if res != tt.want {
+				t.Errorf("VerifyLog = %+v, want %+v", res, tt.want)
+			}
+			if n, verr := Verify(bytes.NewReader(tt.log), tt.head); n != tt.want.Records || (verr == nil) != (err == nil) {
+				t.Errorf("Verify = %d, %v; want VerifyLog's %d, %v", n, verr, tt.want.Records, err)
+			}
+			if unanchored := tt.want.AfterHead > 0 || tt.want.Torn; res.Unanchored() != unanchored {
+				t.Errorf("Unanchored() = %t, want %t", res.Unanchored(), unanchored)
+			}
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Errorf("VerifyLog: %v, want nil", err)
+				}
+				return
+			}
+			var verr *VerifyError
+			if !errors.As(err, &verr) || verr.Line != tt.wantLine || !strings.Contains(verr.Reason, tt.wantErr) {
+				t.Errorf("VerifyLog: %v; want a VerifyError at line %d, %q", err, tt.wantLine, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestVerifyLiveLog verifies a log while it is written, as keybrokerctl
+// does: the head file first, then the log up to its size at that time.
+// Records past the head and a line being written are an unanchored tail,
+// not tampering.
+func TestVerifyLiveLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l := openLog(t, path, Options{})
+	// Writers paced so that the log stays small: Verify reads all of it
+	// each time, much slower than records are written.
+	const writers, perWriter, verifications = 4, 500, 20
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := w * perWriter; i < (w+1)*perWriter; i++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(time.Millisecond):
+				}
+				if err := l.Write(t.Context(), record(i)); err != nil {
+					t.Errorf("Write: %v", err)
+					return
+				}
+			}
+		})
+	}
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+	unanchored, lastRecords := 0, 0
+	for i := range verifications {
+		time.Sleep(2 * time.Millisecond)
+		head, err := ReadHead(path + ".head")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := VerifyLog(io.LimitReader(f, fi.Size()), &head)
+		f.Close()
+		if err != nil {
+			t.Fatalf("verification %d of a live, untampered log: %v", i, err)
+		}
+		if res.Records < int(head.Seq) || res.AfterHead != res.Records-int(head.Seq) {
+			t.Fatalf("verification %d: %+v with the head at seq %d", i, res, head.Seq)
+		}
+		if res.Unanchored() {
+			unanchored++
+		}
+		lastRecords = res.Records
+	}
+	t.Logf("%d of %d verifications found records after the head (last: %d records)", unanchored, verifications, lastRecords)
 }
