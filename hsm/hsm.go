@@ -27,8 +27,9 @@ import (
 	"github.com/keybroker/keybroker/internal/broker"
 )
 
-// IDLen is the length of the random CKA_ID of each key.
-const IDLen = 16
+// IDLen is the length of the random CKA_ID of each key (the caller's
+// KeySpec.ID, or one chosen here).
+const IDLen = broker.ObjectIDLen
 
 // labelPrefix starts the CKA_LABEL of every key the daemon creates:
 // "keybroker/<tenant>/<spec label>". List only reports such objects, so keys
@@ -265,9 +266,15 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 	if err := ctx.Err(); err != nil {
 		return nil, nil, err
 	}
-	id := make([]byte, IDLen)
-	if _, err := rand.Read(id); err != nil {
-		return nil, nil, err
+	id := []byte(spec.ID)
+	switch {
+	case len(id) == 0:
+		id = make([]byte, IDLen)
+		if _, err := rand.Read(id); err != nil {
+			return nil, nil, err
+		}
+	case len(id) != IDLen:
+		return nil, nil, fmt.Errorf("hsm: key ID: got %d bytes, want %d", len(id), IDLen)
 	}
 	label := []byte(labelPrefix + p.Tenant + "/" + spec.Label)
 	p11, err := b.context()

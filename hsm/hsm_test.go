@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"errors"
@@ -148,5 +149,34 @@ func TestOpenErrors(t *testing.T) {
 	}
 	if _, err := Open(Config{ModulePath: tok.ModulePath, TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 1}, nil); err == nil {
 		t.Fatal("Open with one session succeeded")
+	}
+}
+
+// TestGenerateWithChosenID: a caller may choose the key's CKA_ID (to record
+// its intent before the object exists); a wrong length is refused before
+// anything is generated.
+func TestGenerateWithChosenID(t *testing.T) {
+	b := open(t)
+	ctx := context.Background()
+	id := bytes.Repeat([]byte{0xa5}, IDLen)
+	h, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1", ID: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(h, id) {
+		t.Errorf("handle %x, want the chosen ID %x", h, id)
+	}
+	if _, err := b.Sign(ctx, broker.Partition{Tenant: "t"}, h, make([]byte, 32), crypto.SHA256); err != nil {
+		t.Errorf("Sign with the chosen-ID key: %v", err)
+	}
+	if _, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v2", ID: id[:5]}); err == nil {
+		t.Error("Generate with a 5-byte ID succeeded")
+	}
+	objs, err := b.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(objs) != 1 {
+		t.Errorf("%d objects on the token, want 1", len(objs))
 	}
 }

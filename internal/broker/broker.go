@@ -49,7 +49,15 @@ type KeySpec struct {
 	Bits int
 	// Label is a human-readable hardware label (PKCS#11 CKA_LABEL).
 	Label string
+	// ID, when set, is the object ID to create the key under (PKCS#11
+	// CKA_ID, ObjectIDLen bytes): the caller chooses it so that it can
+	// record its intent before the object exists (see Lister). Backends
+	// whose handles are not IDs (the TPM's are key blobs) ignore it.
+	ID Handle
 }
+
+// ObjectIDLen is the length of KeySpec.ID.
+const ObjectIDLen = 16
 
 // Validate checks the spec and fills in the default RSA size.
 func (s KeySpec) Validate() (KeySpec, error) {

@@ -9,6 +9,7 @@ package keyring
 import (
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
@@ -274,6 +275,19 @@ func (r *Keyring) countLocked(tenant string) int {
 func (r *Keyring) generate(ctx context.Context, rec store.Key) (store.Version, error) {
 	spec := broker.KeySpec{Alg: rec.Alg, Bits: rec.Bits, Label: fmt.Sprintf("%s/v%d", rec.Name, rec.NextVersion())}
 	p := broker.Partition{Tenant: rec.Tenant}
+	if _, ok := r.backend.(broker.Lister); ok {
+		// The object's ID is chosen and recorded before it exists, so
+		// that Reconcile removes it after a crash before its commit, and
+		// only it: other objects on the token may be another store's.
+		spec.ID = make(broker.Handle, broker.ObjectIDLen)
+		if _, err := rand.Read(spec.ID); err != nil {
+			return store.Version{}, err
+		}
+		in := store.Intent{Tenant: rec.Tenant, Handle: spec.ID, Label: spec.Label, Created: r.now().UTC()}
+		if err := r.store.PutIntent(in); err != nil {
+			return store.Version{}, fmt.Errorf("generate %s: %w", rec.Name, err)
+		}
+	}
 	r.failpoint("before-generate")
 	h, pub, err := r.backend.Generate(ctx, p, spec)
 	if err != nil {
@@ -335,12 +349,29 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 	r.keys[id] = k
 	delete(r.jwks, rec.Tenant)
 	r.mu.Unlock()
+	if nv != nil {
+		r.dropIntent(rec.Tenant, nv.Handle)
+	}
 	return k, nil
 }
 
 func (r *Keyring) destroyOrphan(ctx context.Context, p broker.Partition, h broker.Handle) {
 	if err := r.backend.Destroy(context.WithoutCancel(ctx), p, h); err != nil {
 		r.log.Error("removing a hardware key that could not be recorded", "tenant", p.Tenant, "err", err)
+		return
+	}
+	r.dropIntent(p.Tenant, h)
+}
+
+// dropIntent removes the intent of an object now recorded or destroyed. A
+// failure leaves it for Reconcile, which finds the object recorded (and
+// keeps it) or gone.
+func (r *Keyring) dropIntent(tenant string, h broker.Handle) {
+	if _, ok := r.backend.(broker.Lister); !ok {
+		return
+	}
+	if err := r.store.DeleteIntent(tenant, h); err != nil {
+		r.log.Warn("removing a creation intent from the store; it is cleared at the next start", "tenant", tenant, "err", err)
 	}
 }
 

@@ -307,10 +307,14 @@ func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update 
 }
 
 // Reconcile compares the hardware with the records, when the backend can
-// list its objects: objects with no record, or whose version is DESTROYED,
-// are left-overs of a crash and are destroyed, with a log line; versions
-// whose object is missing are reported. It returns the number of objects
-// removed.
+// list its objects. Objects of this store that should not exist are left-
+// overs of a crash and are destroyed, with a log line: an object whose
+// creation was recorded as an intent but never committed, and the object
+// of a DESTROYED version. Any other object with no record is left alone
+// and reported: it may be another daemon's key on a shared token, or this
+// daemon's own from before its state directory was lost — never a reason
+// to destroy a key. Versions whose object is missing are reported. It
+// returns the number of objects removed.
 func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	lister, ok := r.backend.(broker.Lister)
 	if !ok {
@@ -320,27 +324,55 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	live := map[string]string{} // handle → "tenant/name vN" of versions that should exist
+	intents, err := r.store.Intents()
+	if err != nil {
+		return 0, err
+	}
+	objKey := func(tenant string, h broker.Handle) string { return tenant + "\x00" + string(h) }
+	mine := map[string]bool{} // objects of this store that should not exist
+	for _, in := range intents {
+		mine[objKey(in.Tenant, in.Handle)] = true
+	}
+	live := map[string]string{} // objects that should exist → "tenant/name vN STATE"
 	r.mu.RLock()
 	for _, k := range r.keys {
 		for _, v := range k.rec.Versions {
+			key := objKey(k.rec.Tenant, v.Handle)
 			if v.State != broker.StateDestroyed {
-				live[string(v.Handle)] = fmt.Sprintf("%s/%s v%d %v", k.rec.Tenant, k.rec.Name, v.Version, v.State)
+				live[key] = fmt.Sprintf("%s/%s v%d %v", k.rec.Tenant, k.rec.Name, v.Version, v.State)
+			} else {
+				mine[key] = true
 			}
 		}
 	}
 	r.mu.RUnlock()
-	removed := 0
+	removed, foreign := 0, 0
 	for _, o := range objs {
-		if _, ok := live[string(o.Handle)]; ok {
-			delete(live, string(o.Handle))
+		key := objKey(o.Partition.Tenant, o.Handle)
+		if _, ok := live[key]; ok {
+			delete(live, key)
+			continue
+		}
+		if !mine[key] {
+			foreign++
 			continue
 		}
 		if err := r.backend.Destroy(ctx, o.Partition, o.Handle); err != nil && !errors.Is(err, broker.ErrNotFound) {
 			return removed, fmt.Errorf("removing an unrecorded hardware key: %w", err)
 		}
 		removed++
-		r.log.Warn("removed a hardware key with no live record (left by an interrupted operation)", "tenant", o.Partition.Tenant)
+		r.log.Warn("removed a hardware key whose creation was interrupted, or whose version is destroyed", "tenant", o.Partition.Tenant)
+	}
+	// Every intent is settled now: its object recorded, removed, or
+	// never made.
+	for _, in := range intents {
+		if err := r.store.DeleteIntent(in.Tenant, in.Handle); err != nil {
+			return removed, err
+		}
+	}
+	if foreign > 0 {
+		r.log.Warn("hardware keys with keybroker labels that this daemon's records do not know: left untouched "+
+			"(another daemon's keys on the same token, or this daemon's state directory was lost or replaced)", "count", foreign)
 	}
 	for _, which := range live {
 		// EXPIRED and REVOKED objects may be gone already: a destroy

@@ -559,29 +559,91 @@ func TestDowntimeAcrossDeadlines(t *testing.T) {
 	}
 }
 
-// TestReconcileRemovesOrphans: a hardware key generated but never recorded
-// (a crash between generation and commit) is removed at start.
+// TestReconcileRemovesOrphans: a hardware key whose creation was
+// interrupted between generation and commit (a crash) is removed at the
+// next start, at whichever step it stopped.
 func TestReconcileRemovesOrphans(t *testing.T) {
+	for _, step := range []string{"before-generate", "after-generate", "before-commit"} {
+		t.Run(step, func(t *testing.T) {
+			f := newFixture(t)
+			ctx := context.Background()
+			if _, err := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+				t.Fatal(err)
+			}
+			// A keyring that "crashes" at step while creating a second key.
+			crashing, err := New(Options{Backend: f.hsm, Store: f.store, Now: f.clock.now, Failpoint: func(s string) {
+				if s == step {
+					panic("crash at " + s)
+				}
+			}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			func() {
+				defer func() { recover() }()
+				crashing.CreateKey(ctx, "t", "orphan", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+				t.Fatal("the failpoint did not fire")
+			}()
+			want := 2
+			if step == "before-generate" {
+				want = 1
+			}
+			if got := f.hardwareObjects(t); got != want {
+				t.Fatalf("%d hardware objects after the crash, want %d", got, want)
+			}
+			// The next start.
+			f.close()
+			f.open(t)
+			if got := f.hardwareObjects(t); got != 1 {
+				t.Errorf("%d hardware objects after reconcile, want 1", got)
+			}
+			if in, err := f.store.Intents(); err != nil || len(in) != 0 {
+				t.Errorf("intents after reconcile: %v, %v; want none", in, err)
+			}
+			if _, err := f.ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: make([]byte, 32)}); err != nil {
+				t.Errorf("Sign after reconcile: %v", err)
+			}
+		})
+	}
+}
+
+// TestReconcileLeavesOtherKeys: keys this store never meant to create are
+// never destroyed — another daemon's on a shared token, or this daemon's
+// own after its state directory was lost (found by review: a start with an
+// empty state directory destroyed every key on the token).
+func TestReconcileLeavesOtherKeys(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	k, err := f.ring.CreateKey(ctx, "t", "prod", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Objects made outside this keyring, with keybroker labels.
 	for _, tenant := range []string{"t", "other"} {
-		if _, _, err := f.hsm.Generate(ctx, broker.Partition{Tenant: tenant}, broker.KeySpec{Alg: broker.ES256, Label: "orphan/v1"}); err != nil {
+		if _, _, err := f.hsm.Generate(ctx, broker.Partition{Tenant: tenant}, broker.KeySpec{Alg: broker.ES256, Label: "elsewhere/v1"}); err != nil {
 			t.Fatal(err)
 		}
 	}
+	// A second daemon on the same token with a fresh state directory.
+	fresh := openStore(t, filepath.Join(t.TempDir(), "fresh.db"))
+	defer fresh.Close()
+	other, err := New(Options{Backend: f.hsm, Store: fresh})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := other.Reconcile(ctx); err != nil || n != 0 {
+		t.Fatalf("Reconcile with a fresh store removed %d (%v), want 0", n, err)
+	}
+	// And this daemon's own reconcile leaves the foreign objects too.
+	if n, err := f.ring.Reconcile(ctx); err != nil || n != 0 {
+		t.Fatalf("Reconcile removed %d (%v), want 0", n, err)
+	}
 	if got := f.hardwareObjects(t); got != 3 {
-		t.Fatalf("%d hardware objects before reconcile, want 3", got)
+		t.Errorf("%d hardware objects, want 3", got)
 	}
-	n, err := f.ring.Reconcile(ctx)
-	if err != nil || n != 2 {
-		t.Fatalf("Reconcile removed %d (%v), want 2", n, err)
-	}
-	if got := f.hardwareObjects(t); got != 1 {
-		t.Errorf("%d hardware objects after reconcile, want 1", got)
-	}
-	if _, err := f.ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: make([]byte, 32)}); err != nil {
-		t.Errorf("Sign after reconcile: %v", err)
+	sig, err := f.ring.Sign(ctx, "t", SignRequest{Name: "prod", Digest: make([]byte, 32)})
+	if err != nil || sig.Kid != k.ActiveKid {
+		t.Errorf("Sign with the first daemon's key after the second one started: %v", err)
 	}
 }
 

@@ -25,6 +25,9 @@ var (
 	// bucketKids maps every kid ever recorded to its key version, so that
 	// no kid is ever given to a second version, even after destruction.
 	bucketKids = []byte("kids")
+	// bucketIntents holds the hardware objects this store is about to
+	// create (see Intent).
+	bucketIntents = []byte("intents")
 )
 
 // ErrKidReused: a record names a kid that belongs to another key version.
@@ -75,11 +78,12 @@ func Open(path string) (*Store, error) {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		if _, err := tx.CreateBucketIfNotExists(bucketKeys); err != nil {
-			return err
+		for _, b := range [][]byte{bucketKeys, bucketKids, bucketIntents} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
 		}
-		_, err := tx.CreateBucketIfNotExists(bucketKids)
-		return err
+		return nil
 	})
 	if err != nil {
 		db.Close()
@@ -234,4 +238,54 @@ func (k Key) NextVersion() uint32 {
 func (k Key) Clone() Key {
 	k.Versions = append([]Version(nil), k.Versions...)
 	return k
+}
+
+// Intent is a hardware object this store is about to create: recorded
+// before the backend generates it, removed once the object is recorded in
+// a key (or destroyed). After a crash in between, an intent is how the
+// keyring tells its own unrecorded object from the objects of another
+// store on the same token, which it must never touch.
+type Intent struct {
+	Tenant  string        `json:"tenant"`
+	Handle  broker.Handle `json:"handle"` // the object ID chosen before generation
+	Label   string        `json:"label"`
+	Created time.Time     `json:"created"`
+}
+
+func intentKey(tenant string, h broker.Handle) []byte {
+	return append(append([]byte(tenant), 0), h...)
+}
+
+// PutIntent records in before its object is generated.
+func (s *Store) PutIntent(in Intent) error {
+	v, err := json.Marshal(in)
+	if err != nil {
+		return fmt.Errorf("store: encode intent: %w", err)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketIntents).Put(intentKey(in.Tenant, in.Handle), v)
+	})
+}
+
+// DeleteIntent removes the intent for (tenant, h), if there is one.
+func (s *Store) DeleteIntent(tenant string, h broker.Handle) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketIntents).Delete(intentKey(tenant, h))
+	})
+}
+
+// Intents returns every intent recorded.
+func (s *Store) Intents() ([]Intent, error) {
+	var out []Intent
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketIntents).ForEach(func(_, v []byte) error {
+			var in Intent
+			if err := json.Unmarshal(v, &in); err != nil {
+				return fmt.Errorf("store: intent: %w", err)
+			}
+			out = append(out, in)
+			return nil
+		})
+	})
+	return out, err
 }
