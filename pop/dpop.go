@@ -172,7 +172,7 @@ func NewDPoPProof(ctx context.Context, s Signer, p DPoPParams) (string, error) {
 	case p.AccessToken != "":
 		ath = ATH(p.AccessToken)
 	case p.ATH != "":
-		if h, err := b64.DecodeString(p.ATH); err != nil || len(h) != sha256.Size {
+		if h, err := decodeB64(p.ATH); err != nil || len(h) != sha256.Size {
 			return "", &ClaimError{Claim: "ath", Reason: fmt.Sprintf("ATH %q is not base64url of a %d-byte SHA-256 hash", p.ATH, sha256.Size)}
 		}
 	}

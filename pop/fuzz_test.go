@@ -25,6 +25,11 @@ func FuzzJWK(f *testing.F) {
 	f.Add(`{"kty":"EC","crv":"P-256","x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs","y":"9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA"}`)
 	f.Add(`{"kty":"RSA","n":"AQAB","e":"AQAB"}`)
 	f.Add(`{}`)
+	// encoding/base64 skips CR and LF: "\n" decodes to nothing, and a
+	// newline inside x must not give the key a second thumbprint.
+	f.Add(`{"kty":"RSA","n":"\n","e":"AQAB"}`)
+	f.Add(`{"kty":"RSA","n":"AQAB","e":"\r\n"}`)
+	f.Add(`{"kty":"EC","crv":"P-256","x":"l8tFrhx-34tV3hRICRDY9zCkDlpB\nhF42UQUfWVAWBFs","y":"9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA"}`)
 	f.Fuzz(func(t *testing.T, s string) {
 		var j JWK
 		if json.Unmarshal([]byte(s), &j) != nil {

@@ -58,8 +58,31 @@ const maxRSABits = 16384
 const thumbprintURIPrefix = "urn:ietf:params:oauth:jwk-thumbprint:sha-256:"
 
 // b64 is base64url without padding (RFC 7515 §2). Strict rejects encodings
-// with non-zero trailing bits, so each value has exactly one encoding.
+// with non-zero trailing bits, but encoding/base64 still skips CR and LF
+// while decoding, so b64.DecodeString alone accepts many spellings of one
+// value. Decode anything received with decodeB64, which accepts only the
+// canonical one.
 var b64 = base64.RawURLEncoding.Strict()
+
+// decodeB64 decodes s, base64url without padding, accepting only the
+// canonical encoding: every character in the base64url alphabet (A-Z a-z
+// 0-9 - _; no padding, CR, LF or other whitespace) and no non-zero trailing
+// bits, so that encoding the result gives back exactly s.
+func decodeB64(s string) ([]byte, error) {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return nil, fmt.Errorf("character %q at offset %d is not in the base64url alphabet", c, i)
+		}
+	}
+	b, err := b64.DecodeString(s)
+	if err != nil {
+		return nil, err
+	}
+	if b64.EncodeToString(b) != s { // cannot happen after the checks above; kept as the definition
+		return nil, errors.New("not the canonical base64url encoding")
+	}
+	return b, nil
+}
 
 // JWK is a public JSON Web Key (RFC 7517 §4, RFC 7518 §6) for an RSA or EC
 // key. It has no members for private key material, so a JWK can never carry
@@ -227,8 +250,10 @@ func Thumbprint(pub crypto.PublicKey) (string, error) {
 // padding. It validates j first (see PublicKey), so a JWK that does not hold
 // a usable key has no thumbprint. Use, Alg and Kid do not affect the result.
 func (j JWK) Thumbprint() (string, error) {
-	// Validation also guarantees j's members are in the canonical encoding,
-	// so hashing them gives the same result as Thumbprint(j.PublicKey()).
+	// PublicKey accepts kty and crv only as exact names and n, e, x and y
+	// only in their one canonical base64url encoding (decodeB64, decodeUint,
+	// decodeCoord), so the members hashed here are exactly the ones NewJWK
+	// would produce and the result equals Thumbprint(j.PublicKey()).
 	if _, err := j.PublicKey(); err != nil {
 		return "", err
 	}
@@ -285,15 +310,18 @@ func curveName(c elliptic.Curve) (string, int, error) {
 	}
 }
 
-// decodeUint decodes a JWK base64urlUInt (RFC 7518 §2): non-empty, no
-// leading zero octet.
+// decodeUint decodes a JWK base64urlUInt (RFC 7518 §2): canonical base64url
+// (decodeB64) of at least one octet, no leading zero octet.
 func decodeUint(name, s string) ([]byte, error) {
 	if s == "" {
 		return nil, fmt.Errorf("%w: RSA JWK has no %s", ErrInvalidKey, name)
 	}
-	b, err := b64.DecodeString(s)
+	b, err := decodeB64(s)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s is not base64url without padding: %v", ErrInvalidKey, name, err)
+		return nil, fmt.Errorf("%w: %s is not base64url without padding, canonically encoded: %v", ErrInvalidKey, name, err)
+	}
+	if len(b) == 0 {
+		return nil, fmt.Errorf("%w: %s is empty, want at least one octet", ErrInvalidKey, name)
 	}
 	if b[0] == 0 {
 		return nil, fmt.Errorf("%w: %s has a leading zero octet, want minimal big-endian", ErrInvalidKey, name)
@@ -301,15 +329,15 @@ func decodeUint(name, s string) ([]byte, error) {
 	return b, nil
 }
 
-// decodeCoord decodes an EC coordinate, which must be exactly size bytes
-// (RFC 7518 §6.2.1.2, §6.2.1.3).
+// decodeCoord decodes an EC coordinate, canonical base64url (decodeB64) of
+// exactly size bytes (RFC 7518 §6.2.1.2, §6.2.1.3).
 func decodeCoord(name, s string, size int) ([]byte, error) {
 	if s == "" {
 		return nil, fmt.Errorf("%w: EC JWK has no %s", ErrInvalidKey, name)
 	}
-	b, err := b64.DecodeString(s)
+	b, err := decodeB64(s)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s is not base64url without padding: %v", ErrInvalidKey, name, err)
+		return nil, fmt.Errorf("%w: %s is not base64url without padding, canonically encoded: %v", ErrInvalidKey, name, err)
 	}
 	if len(b) != size {
 		return nil, fmt.Errorf("%w: %s length: got %d bytes, want %d", ErrInvalidKey, name, len(b), size)

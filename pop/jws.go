@@ -308,8 +308,9 @@ func signCompact(ctx context.Context, s Signer, sk signerKey, hdr map[string]any
 }
 
 // ParseJWS splits a compact JWS (RFC 7515 §7.1) and decodes its parts
-// without verifying anything but their form: three base64url parts without
-// padding, a header that is a JSON object with no duplicate member names and
+// without verifying anything but their form: three parts in canonical
+// base64url without padding (only A-Z a-z 0-9 - _, so no CR, LF or
+// padding), a header that is a JSON object with no duplicate member names and
 // a string "alg". signingInput is the ASCII bytes the signature covers.
 func ParseJWS(compact string) (header map[string]json.RawMessage, payload []byte, signingInput []byte, sig []byte, err error) {
 	if n := strings.Count(compact, ".") + 1; n != 3 {
@@ -317,14 +318,14 @@ func ParseJWS(compact string) (header map[string]json.RawMessage, payload []byte
 	}
 	h, rest, _ := strings.Cut(compact, ".")
 	p, s, _ := strings.Cut(rest, ".")
-	hj, err := b64.DecodeString(h)
+	hj, err := decodeB64(h)
 	if err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("%w: header is not base64url without padding: %v", ErrMalformedJWS, err)
 	}
-	if payload, err = b64.DecodeString(p); err != nil {
+	if payload, err = decodeB64(p); err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("%w: payload is not base64url without padding: %v", ErrMalformedJWS, err)
 	}
-	if sig, err = b64.DecodeString(s); err != nil {
+	if sig, err = decodeB64(s); err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("%w: signature is not base64url without padding: %v", ErrMalformedJWS, err)
 	}
 	if header, err = decodeObject(hj); err != nil {
