@@ -101,6 +101,11 @@ type unavailableError struct{}
 func (unavailableError) Error() string { return "audit log unavailable" }
 func (unavailableError) Unwrap() error { return broker.ErrUnavailable }
 
+// ErrInUse is returned (wrapped) by Open when another Log, in this process
+// or another, has the file open: two Logs appending to one file would
+// break its chain.
+var ErrInUse = errors.New("another process (or another Log in this process) has the audit log open")
+
 // Sink is where a Log writes its lines. *os.File satisfies it. Write gets
 // whole lines, several at a time; Sync must make them durable.
 type Sink interface {
@@ -130,7 +135,8 @@ type Options struct {
 
 // Log is an open audit log. Its methods are safe for concurrent use. One
 // Log per file: two Logs, in one process or two, appending to the same file
-// break its chain.
+// would break its chain, so a Log holds an exclusive lock on its file (see
+// Open) until Close.
 //
 // Writes are group-committed: a single goroutine takes every line waiting,
 // writes them with one write, syncs once, and acknowledges each of their
@@ -185,6 +191,13 @@ type pending struct {
 // head (synced, and maybe acknowledged by Write, before the head file
 // caught up) are kept, and a last line without its newline (a torn write,
 // never acknowledged) is cut, provided it lies after the head.
+//
+// Open takes an exclusive advisory lock (flock) on the file, held until
+// Close, before it reads the head or repairs anything: while another Log,
+// in this process or another, has the file open, Open fails at once with
+// an error wrapping ErrInUse, and leaves the log and its head file as they
+// are. Every writer of the head file holds that lock. With Options.Sink
+// there is no file and no lock.
 func Open(path string, o Options) (*Log, error) {
 	l := &Log{
 		sink:       o.Sink,
@@ -228,15 +241,14 @@ func Open(path string, o Options) (*Log, error) {
 	return l, nil
 }
 
-// openFile opens the log at path for appending, checks it against its head
-// file, repairs what a crash leaves (see Open), and returns the file and
-// the head of the log.
+// openFile opens the log at path for appending, locks it, checks it
+// against its head file, repairs what a crash leaves (see Open), and
+// returns the file and the head of the log.
 func openFile(path string, log *slog.Logger) (*os.File, Head, error) {
 	headPath := path + ".head"
-	head, err := ReadHead(headPath)
-	headMissing := errors.Is(err, fs.ErrNotExist)
-	if err != nil && !headMissing {
-		return nil, Head{}, fmt.Errorf("audit: %w", err)
+	head, headMissing, err := readHeadFile(headPath)
+	if err != nil {
+		return nil, Head{}, err
 	}
 	flags := os.O_RDWR | os.O_APPEND
 	if headMissing || head.Seq == 0 {
@@ -248,12 +260,36 @@ func openFile(path string, log *slog.Logger) (*os.File, Head, error) {
 	if err != nil {
 		return nil, Head{}, fmt.Errorf("audit: %w", err)
 	}
+	if err := lockFile(f); err != nil {
+		f.Close()
+		return nil, Head{}, fmt.Errorf("audit: locking %s: %w", path, err)
+	}
+	// Read the head again now that no other Log can write it: the one
+	// read above may predate the last head of a Log closed since.
+	head, headMissing, err = readHeadFile(headPath)
+	if err != nil {
+		f.Close()
+		return nil, Head{}, err
+	}
 	head, err = recoverFile(f, path, head, headMissing, log)
 	if err != nil {
 		f.Close()
 		return nil, Head{}, err
 	}
 	return f, head, nil
+}
+
+// readHeadFile reads the head file at headPath, reporting whether it is
+// missing.
+func readHeadFile(headPath string) (head Head, missing bool, err error) {
+	head, err = ReadHead(headPath)
+	if errors.Is(err, fs.ErrNotExist) {
+		return Head{}, true, nil
+	}
+	if err != nil {
+		return Head{}, false, fmt.Errorf("audit: %w", err)
+	}
+	return head, false, nil
 }
 
 // recoverFile checks the log f against head (missing if headMissing),
@@ -539,7 +575,9 @@ func (l *Log) fail(err error, batch []*pending) {
 
 // Close stops accepting records, waits up to Options.Timeout (in all) for
 // those queued to become durable and for the head file to record the last
-// durable one, and closes the file (not a Sink given in Options). After a
+// durable one, and closes the file (not a Sink given in Options), which
+// releases its lock; if it gave up waiting, the file is closed only once
+// the log's writers have returned, and Open of it fails until then. After a
 // failure of the sink, the head file still records the last record
 // acknowledged; after a failure of the head file, it is left as it is. It
 // returns an error wrapping ErrUnavailable when some record did not become
@@ -557,12 +595,14 @@ func (l *Log) Close() error {
 		close(l.closing)
 
 		var errs []error
+		waited := false // the writer and anchor goroutines have returned
 		timer := time.NewTimer(l.timeout)
 		defer timer.Stop()
 		select {
 		case <-l.done:
 			select {
 			case <-l.anchorDone:
+				waited = true
 				if l.finalErr != nil {
 					errs = append(errs, fmt.Errorf("%w: %w", ErrUnavailable, l.finalErr))
 				}
@@ -581,10 +621,21 @@ func (l *Log) Close() error {
 		if failed != nil {
 			errs = append([]error{fmt.Errorf("%w: %w", ErrUnavailable, failed)}, errs...)
 		}
-		if l.file != nil {
+		switch {
+		case l.file == nil:
+		case waited:
 			if err := l.file.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("audit: %w", err))
 			}
+		default:
+			// A goroutine may still write the log or the head file: keep
+			// the file, and its lock, until both have returned, so that
+			// no new Log opens it meanwhile.
+			go func() {
+				<-l.done
+				<-l.anchorDone
+				l.file.Close()
+			}()
 		}
 		l.closeErr = errors.Join(errs...)
 	})

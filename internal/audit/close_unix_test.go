@@ -54,7 +54,17 @@ func TestCloseBoundedWhenHeadWriteStalls(t *testing.T) {
 		if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "head file not written") {
 			t.Errorf("Close with a stalled head file: %v, want ErrUnavailable, head file not written", err)
 		}
+		// The anchor may still write the head file: the file stays
+		// locked, so that no new Log opens it meanwhile.
+		if !locked(t, path) {
+			t.Errorf("log unlocked while its head is still being written")
+		}
 		unblock()
+		for deadline := time.Now().Add(returnBound); locked(t, path); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("log still locked %s after its writers returned", returnBound)
+			}
+		}
 	case <-time.After(returnBound):
 		t.Errorf("Close with Timeout %s still blocked after %s writing the last head", timeout, returnBound)
 		unblock()
