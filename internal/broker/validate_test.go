@@ -4,6 +4,7 @@ import (
 	"crypto"
 	"crypto/rsa"
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -147,7 +148,7 @@ func TestKeySpecValidate(t *testing.T) {
 		}
 		want := tc.in
 		want.Bits = tc.wantBits
-		if got != want {
+		if !reflect.DeepEqual(got, want) {
 			t.Errorf("%+v.Validate() = %+v, want %+v", tc.in, got, want)
 		}
 	}
