@@ -7,10 +7,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"gopkg.in/yaml.v3"
 
 	"github.com/keybroker/keybroker/internal/config"
 )
@@ -224,7 +227,9 @@ func TestContainerPKCS11(t *testing.T) {
 		t.Fatal(err)
 	}
 	p11sock := filepath.Join(dir, "p11", "p11kit.sock")
+	checkHealthcheck(t, "softhsm", "/run/p11-kit/p11kit.sock", p11sock, false)
 	service(t, "softhsm.sh", []string{"KEYBROKER_PIN_FILE=" + pin, "SOFTHSM_TOKENS=" + filepath.Join(dir, "softhsm", "tokens"), "P11KIT_SOCKET=" + p11sock}, p11sock)
+	checkHealthcheck(t, "softhsm", "/run/p11-kit/p11kit.sock", p11sock, true)
 	sock := filepath.Join(dir, "run", "keybroker.sock")
 	cfg := containerConfig(t, "keybroker-pkcs11.yaml", dir, map[string]string{
 		"/run/keybroker/keybroker.sock": sock,
@@ -242,7 +247,9 @@ func TestContainerTPM(t *testing.T) {
 	daemon, ctl := binaries(t)
 	dir := shortTemp(t)
 	tpmsock := filepath.Join(dir, "swtpm", "swtpm.sock")
+	checkHealthcheck(t, "swtpm", "/run/swtpm/swtpm.sock", tpmsock, false)
 	service(t, "swtpm.sh", []string{"SWTPM_STATE=" + filepath.Join(dir, "tpmstate"), "SWTPM_SOCKET=" + tpmsock}, tpmsock)
+	checkHealthcheck(t, "swtpm", "/run/swtpm/swtpm.sock", tpmsock, true)
 	sock := filepath.Join(dir, "run", "keybroker.sock")
 	cfg := containerConfig(t, "keybroker-tpm.yaml", dir, map[string]string{
 		"/run/keybroker/keybroker.sock": sock,
@@ -276,6 +283,87 @@ func TestComposeCommands(t *testing.T) {
 			if _, err := os.Stat(filepath.Join("container", filepath.Base(a))); err != nil {
 				t.Errorf("%s is not a file the image copies from deploy/container: %v", a, err)
 			}
+		}
+	}
+}
+
+// composeFile is what the tests read of compose.yaml.
+type composeFile struct {
+	Services map[string]struct {
+		DependsOn map[string]struct {
+			Condition string `yaml:"condition"`
+		} `yaml:"depends_on"`
+		Restart     string            `yaml:"restart"`
+		Environment map[string]string `yaml:"environment"`
+		Healthcheck struct {
+			Test []string `yaml:"test"`
+		} `yaml:"healthcheck"`
+	} `yaml:"services"`
+}
+
+func readCompose(t *testing.T) composeFile {
+	t.Helper()
+	b, err := os.ReadFile("compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c composeFile
+	if err := yaml.Unmarshal(b, &c); err != nil {
+		t.Fatalf("compose.yaml: %v", err)
+	}
+	return c
+}
+
+// checkHealthcheck runs the compose healthcheck of service (its test
+// command, with path where the test serves the socket) and checks that it
+// passes, or fails, as want says.
+func checkHealthcheck(t *testing.T, service, path, local string, want bool) {
+	t.Helper()
+	test := readCompose(t).Services[service].Healthcheck.Test
+	if len(test) < 2 || test[0] != "CMD" {
+		t.Fatalf("compose.yaml: %s: healthcheck test %q, want [\"CMD\", ...]", service, test)
+	}
+	args := append([]string(nil), test[1:]...)
+	found := false
+	for i, a := range args {
+		if a == path {
+			args[i], found = local, true
+		}
+	}
+	if !found {
+		t.Fatalf("compose.yaml: %s: healthcheck %q does not check %s", service, test, path)
+	}
+	err := exec.Command(args[0], args[1:]...).Run()
+	if (err == nil) != want {
+		t.Errorf("compose.yaml: %s healthcheck %q: %v, want passing %v", service, args, err, want)
+	}
+}
+
+// TestComposeWaitsForHealthyServices: keybroker starts only once softhsm
+// and swtpm are healthy (their sockets are there, where its configurations
+// look for them), not merely started, and is restarted when it fails.
+func TestComposeWaitsForHealthyServices(t *testing.T) {
+	c := readCompose(t)
+	kb := c.Services["keybroker"]
+	for _, dep := range []string{"softhsm", "swtpm"} {
+		if got := kb.DependsOn[dep].Condition; got != "service_healthy" {
+			t.Errorf("keybroker depends on %s with condition %q, want service_healthy", dep, got)
+		}
+	}
+	if kb.Restart != "on-failure" {
+		t.Errorf("keybroker restart: %q, want on-failure", kb.Restart)
+	}
+	p11, ok := strings.CutPrefix(kb.Environment["P11_KIT_SERVER_ADDRESS"], "unix:path=")
+	if !ok {
+		t.Fatalf("keybroker P11_KIT_SERVER_ADDRESS: %q", kb.Environment["P11_KIT_SERVER_ADDRESS"])
+	}
+	tpmCfg, err := config.Load(filepath.Join("container", "keybroker-tpm.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for service, sock := range map[string]string{"softhsm": p11, "swtpm": tpmCfg.TPM.Socket} {
+		if test := c.Services[service].Healthcheck.Test; !slices.Contains(test, sock) {
+			t.Errorf("%s healthcheck %q does not check %s, where keybroker looks for it", service, test, sock)
 		}
 	}
 }

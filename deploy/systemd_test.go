@@ -128,3 +128,41 @@ func checkFlags(t *testing.T, daemon, where string, args []string) {
 		t.Errorf("%s: keybrokerd %s: %v\n%s", where, strings.Join(args, " "), err, out)
 	}
 }
+
+// TestUnitDoesNotRestartRefusedStarts: the exit statuses keybrokerd uses
+// for a start that cannot succeed when tried again (a configuration it
+// refuses: 78, a PKCS#11 token refusing the PIN: 78, see
+// cmd/keybrokerd TestWrongPIN; a usage error: 2) are in the unit's
+// RestartPreventExitStatus=, so Restart=on-failure does not retry them.
+func TestUnitDoesNotRestartRefusedStarts(t *testing.T) {
+	daemon := keybrokerd(t)
+	b, err := os.ReadFile("systemd/keybroker.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	prevent := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "RestartPreventExitStatus="); ok {
+			for _, f := range strings.Fields(v) {
+				prevent[f] = true
+			}
+		}
+	}
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte("backend: nope\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"--config", bad}, {"--no-such-flag"}} {
+		err := exec.Command(daemon, args...).Run()
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			t.Fatalf("keybrokerd %v: %v, want a failing exit", args, err)
+		}
+		if code := strconv.Itoa(ee.ExitCode()); !prevent[code] {
+			t.Errorf("keybrokerd %v exits %s, which RestartPreventExitStatus= (%v) does not list: systemd would restart it", args, code, prevent)
+		}
+	}
+	if !prevent["78"] {
+		t.Error("RestartPreventExitStatus= does not list 78, keybrokerd's status for a PIN the token refuses")
+	}
+}

@@ -258,20 +258,27 @@ func TestDevModeReusesToken(t *testing.T) {
 }
 
 // TestConfigProblemsListedAtOnce: an invalid file is refused with every
-// problem, exit code 2, before touching any hardware.
+// problem, exit code 78 (EX_CONFIG: systemd does not restart it), before
+// touching any hardware; a bad flag is a usage error, exit code 2.
 func TestConfigProblemsListedAtOnce(t *testing.T) {
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(cfgPath, []byte("backend: nope\nlog:\n  level: loud\nlimits:\n  call_timeout: -1s\n"), 0o600)
 	var stdout, stderr bytes.Buffer
 	code := run([]string{"--config", cfgPath}, &stdout, &stderr)
-	if code != 2 {
-		t.Errorf("exit code %d, want 2", code)
+	if code != exitConfig {
+		t.Errorf("exit code %d, want %d", code, exitConfig)
 	}
 	for _, want := range []string{"backend:", "log.level:", "limits.call_timeout:"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("stderr does not list %q:\n%s", want, stderr.String())
 		}
+	}
+	if code := run([]string{"--config", filepath.Join(dir, "missing.yaml")}, &stdout, &stderr); code != exitConfig {
+		t.Errorf("missing config file: exit code %d, want %d", code, exitConfig)
+	}
+	if code := run([]string{"--no-such-flag"}, &stdout, &stderr); code != exitUsage {
+		t.Errorf("unknown flag: exit code %d, want %d", code, exitUsage)
 	}
 }
 
@@ -304,7 +311,9 @@ func configDefaultForTest() config.Config {
 }
 
 // TestWrongPIN: a wrong PIN at start is one login attempt, a clear error,
-// and a non-zero exit — never a retry loop (PIN counters lock).
+// and exit code 78 (EX_CONFIG), which the unit's RestartPreventExitStatus=
+// lists — never a retry loop (PIN counters lock), in the process or by
+// systemd.
 func TestWrongPIN(t *testing.T) {
 	daemon, _ := binaries(t)
 	tok, _, cfgPath := daemonConfig(t, "pin", "")
@@ -316,8 +325,8 @@ func TestWrongPIN(t *testing.T) {
 	cmd := exec.CommandContext(ctx, daemon, "--config", cfgPath)
 	out, err := cmd.CombinedOutput()
 	ee, ok := err.(*exec.ExitError)
-	if !ok || ee.ExitCode() == 0 {
-		t.Fatalf("keybrokerd with a wrong PIN: %v, want a non-zero exit\n%s", err, out)
+	if !ok || ee.ExitCode() != exitConfig {
+		t.Fatalf("keybrokerd with a wrong PIN: %v, want exit status %d\n%s", err, exitConfig, out)
 	}
 	if ctx.Err() != nil {
 		t.Fatal("keybrokerd kept running with a wrong PIN")

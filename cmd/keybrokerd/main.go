@@ -22,6 +22,24 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// Exit statuses. The systemd unit lists exitUsage and exitConfig in
+// RestartPreventExitStatus=: starting again cannot help, and a refused PIN
+// tried again counts against the token's PIN retry counter (tokens lock
+// after a few).
+const (
+	exitFailure = 1  // anything else, possibly transient (hardware unreachable): restarted
+	exitUsage   = 2  // unknown flag or argument
+	exitConfig  = 78 // EX_CONFIG: invalid configuration, unusable PIN file, or the token refuses the PIN
+)
+
+// startFailure is the exit status for an error of daemon.New.
+func startFailure(err error) int {
+	if errors.Is(err, daemon.ErrConfig) || errors.Is(err, daemon.ErrPINRefused) {
+		return exitConfig
+	}
+	return exitFailure
+}
+
 // options are the command-line flags. Flags that are set override the
 // configuration file.
 type options struct {
@@ -39,6 +57,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: keybrokerd [--config FILE] [flags]\n       keybrokerd --dev [--dev-dir DIR]\n\nFlags override the configuration file.\n\n")
 		fs.PrintDefaults()
+		fmt.Fprintf(stderr, "\nExit status: 0 stopped by SIGTERM or SIGINT; %d usage error; %d configuration refused\n"+
+			"(invalid, unusable PIN file, or the PKCS#11 token refuses the PIN: never retried);\n"+
+			"%d any other failure (e.g. hardware unreachable).\n", exitUsage, exitConfig, exitFailure)
 	}
 	c := &o.cfgFlags
 	fs.StringVar(&o.configPath, "config", "", "YAML configuration `file` (default: built-in defaults)")
@@ -105,7 +126,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
-		return 2
+		return exitUsage
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -120,13 +141,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case o.dev:
 		if dev, err = provisionDev(o.devDir, o.cfgFlags.Backend); err != nil {
 			fmt.Fprintf(stderr, "keybrokerd: dev mode: %v\n", err)
-			return 1
+			return exitFailure
 		}
 		cfg = dev.config()
 	case o.configPath != "":
 		if cfg, err = config.Load(o.configPath); err != nil {
 			fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
-			return 2
+			return exitConfig
 		}
 	default:
 		cfg = config.Default()
@@ -134,7 +155,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	o.apply(&cfg)
 	if err := cfg.Validate(); err != nil {
 		fmt.Fprintf(stderr, "keybrokerd: %v\n", err)
-		return 2
+		return exitConfig
 	}
 	level := new(slog.LevelVar)
 	log := newLogger(cfg.Log, level, stderr)
@@ -142,13 +163,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	d, err := daemon.New(cfg, log, daemon.Options{Failpoint: failpoint(log), LogLevel: level})
 	if err != nil {
 		log.Error("cannot start", "err", err)
-		return 1
+		return startFailure(err)
 	}
 	defer d.Close()
 	lis, activated, err := d.ListenSystemd()
 	if err != nil {
 		log.Error("listen", "err", err)
-		return 1
+		return exitFailure
 	}
 	if !activated {
 		defer os.Remove(cfg.Socket)
@@ -184,12 +205,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if dev != nil {
 		if err := dev.welcome(ctx, d, cfg, stdout); err != nil {
 			log.Error("dev mode", "err", err)
-			return 1
+			return exitFailure
 		}
 	}
 	if err := d.ServeListener(ctx, lis); err != nil {
 		log.Error("serve", "err", err)
-		return 1
+		return exitFailure
 	}
 	log.Info("stopped")
 	return 0

@@ -12,6 +12,9 @@ socket=${P11KIT_SOCKET:-/run/p11-kit/p11kit.sock}
 module=${SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 
 mkdir -p "$tokens" "$(dirname "$socket")"
+# A socket left on the volume by the last run would pass the healthcheck
+# (compose.yaml) before the server is up.
+rm -f "$socket"
 export SOFTHSM2_CONF="$(dirname "$tokens")/softhsm2.conf"
 printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$tokens" >"$SOFTHSM2_CONF"
 if ! softhsm2-util --show-slots | grep -q 'Label:[[:space:]]*keybroker[[:space:]]*$'; then
@@ -20,6 +23,5 @@ if ! softhsm2-util --show-slots | grep -q 'Label:[[:space:]]*keybroker[[:space:]
 	softhsm2-util --init-token --free --label keybroker --pin "$pin" --so-pin "$so_pin" >/dev/null
 	echo "softhsm: token keybroker created in $tokens"
 fi
-rm -f "$socket"
 echo "softhsm: serving token keybroker on $socket"
 exec p11-kit server --foreground --provider "$module" --name "$socket" "pkcs11:token=keybroker"

@@ -168,7 +168,13 @@ type Log struct {
 	Format string `yaml:"format"` // json, text
 }
 
+// DefaultTPMDevice is tpm.device when none of tpm.device, tpm.socket and
+// tpm.address is set.
+const DefaultTPMDevice = "/dev/tpmrm0"
+
 // Default returns the configuration used for every field a file leaves out.
+// The TPM transport is the exception: a file that sets tpm.socket or
+// tpm.address does not get tpm.device too (see Parse).
 func Default() Config {
 	return Config{
 		Socket:   "/run/keybroker/keybroker.sock",
@@ -181,7 +187,7 @@ func Default() Config {
 			MaxSessions:     16,
 			PoolWaitTimeout: 2 * time.Second,
 		},
-		TPM:      TPM{Device: "/dev/tpmrm0", Timeout: 5 * time.Second},
+		TPM:      TPM{Device: DefaultTPMDevice, Timeout: 5 * time.Second},
 		Audit:    Audit{WriteTimeout: time.Second},
 		Rotation: Rotation{CheckInterval: time.Minute},
 		Limits: Limits{
@@ -195,13 +201,20 @@ func Default() Config {
 	}
 }
 
-// Parse reads YAML over the defaults. Unknown fields are errors.
+// Parse reads YAML over the defaults. Unknown fields are errors. The TPM
+// device defaults to DefaultTPMDevice only when the file sets none of
+// tpm.device, tpm.socket and tpm.address: `tpm: {socket: ...}` alone
+// selects the socket.
 func Parse(r io.Reader) (Config, error) {
 	cfg := Default()
+	cfg.TPM.Device = ""
 	dec := yaml.NewDecoder(r)
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
 		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	if cfg.TPM.Device == "" && cfg.TPM.Socket == "" && cfg.TPM.Address == "" {
+		cfg.TPM.Device = DefaultTPMDevice
 	}
 	return cfg, nil
 }

@@ -582,3 +582,37 @@ func TestReloadCheck(t *testing.T) {
 		})
 	}
 }
+
+// TestTPMDeviceDefaultsOnlyWithoutTransport: tpm.device defaults to
+// /dev/tpmrm0 only when the file sets no transport, so tpm.socket or
+// tpm.address alone is a valid configuration, and two transports set in
+// the file are still refused.
+func TestTPMDeviceDefaultsOnlyWithoutTransport(t *testing.T) {
+	for _, c := range []struct {
+		yaml    string
+		want    TPM
+		problem string
+	}{
+		{"backend: tpm\ntpm:\n  socket: /run/swtpm/swtpm.sock\n", TPM{Socket: "/run/swtpm/swtpm.sock"}, ""},
+		{"backend: tpm\ntpm:\n  address: 127.0.0.1:2321\n", TPM{Address: "127.0.0.1:2321"}, ""},
+		{"backend: tpm\n", TPM{Device: DefaultTPMDevice}, ""},
+		{"backend: tpm\ntpm:\n  timeout: 2s\n", TPM{Device: DefaultTPMDevice}, ""},
+		{"backend: tpm\ntpm:\n  device: /dev/tpm0\n", TPM{Device: "/dev/tpm0"}, ""},
+		{"backend: tpm\ntpm:\n  device: /dev/tpmrm0\n  socket: /run/swtpm/swtpm.sock\n", TPM{Device: "/dev/tpmrm0", Socket: "/run/swtpm/swtpm.sock"}, "(got 2)"},
+	} {
+		cfg, err := Parse(strings.NewReader(c.yaml))
+		if err != nil {
+			t.Fatalf("%q: %v", c.yaml, err)
+		}
+		if got := (TPM{Device: cfg.TPM.Device, Socket: cfg.TPM.Socket, Address: cfg.TPM.Address}); got != c.want {
+			t.Errorf("%q: transport %+v, want %+v", c.yaml, got, c.want)
+		}
+		err = cfg.Validate()
+		switch {
+		case c.problem == "" && err != nil:
+			t.Errorf("%q refused: %v", c.yaml, err)
+		case c.problem != "" && (err == nil || !strings.Contains(err.Error(), c.problem)):
+			t.Errorf("%q: Validate = %v, want a problem with %q", c.yaml, err, c.problem)
+		}
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/miekg/pkcs11"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -41,6 +42,31 @@ import (
 	"github.com/keybroker/keybroker/internal/store"
 	"github.com/keybroker/keybroker/rotation"
 )
+
+// ErrPINRefused is wrapped by New's error when a PKCS#11 token refuses the
+// PIN (CKR_PIN_INCORRECT, CKR_PIN_LOCKED, ...). Starting again with the same
+// PIN would be another failed login: tokens lock after a few.
+var ErrPINRefused = errors.New("the token refuses the PIN")
+
+// ErrConfig is wrapped by New's error when the configuration is at fault
+// (invalid, or a PIN file that cannot be used): starting again without
+// changing it fails the same way.
+var ErrConfig = errors.New("bad configuration")
+
+// pinErrors are the PKCS#11 return values that say the PIN is at fault.
+var pinErrors = map[pkcs11.Error]bool{
+	pkcs11.CKR_PIN_INCORRECT: true,
+	pkcs11.CKR_PIN_LOCKED:    true,
+	pkcs11.CKR_PIN_EXPIRED:   true,
+	pkcs11.CKR_PIN_INVALID:   true,
+	pkcs11.CKR_PIN_LEN_RANGE: true,
+}
+
+// pinRefused reports whether err says the token refused the PIN.
+func pinRefused(err error) bool {
+	var rv pkcs11.Error
+	return errors.As(err, &rv) && pinErrors[rv]
+}
 
 // Daemon is a running keybrokerd.
 type Daemon struct {
@@ -67,6 +93,13 @@ type Daemon struct {
 	ready    chan struct{} // closed once READY=1 is sent
 	adminMu  sync.Mutex
 	adminLis net.Listener
+
+	// stopping is cancelled when the daemon starts to stop: streaming calls
+	// (health Watch, reflection) end then (see streamUntilStop).
+	stopping    context.Context
+	endStreams  context.CancelFunc
+	callsEnded  atomic.Bool // false after a stop left calls running: Close leaves the audit log, store and backend open
+	tenantProbe tenantTokens
 }
 
 // Options are the daemon's test seams and optional wiring.
@@ -89,12 +122,14 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		o = opts[0]
 	}
 	if err := cfg.Validate(); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	d = &Daemon{cfg: cfg, log: log, level: o.LogLevel, ready: make(chan struct{})}
+	d.stopping, d.endStreams = context.WithCancel(context.Background())
+	d.callsEnded.Store(true)
 	d.live.Store(&cfg)
 	opened := d // `return nil, err` sets d to nil before this runs
 	defer func() {
@@ -116,7 +151,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	}
 	access, maxKeys, err := accessFrom(cfg)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	d.access.Store(access)
 	d.maxKeys.Store(&maxKeys)
@@ -134,6 +169,13 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 			Name: "keybroker_backend_sessions_in_use",
 			Help: "PKCS#11 sessions held by calls in progress.",
 		}, func() float64 { return float64(sessions.SessionsInUse()) }))
+	}
+	if r, ok := d.backend.(*broker.Router); ok {
+		var own []string
+		for name := range r.ByTenant {
+			own = append(own, name)
+		}
+		d.tenantProbe.register(d.metrics.Registry(), own)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
 	defer cancel()
@@ -167,6 +209,12 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}),
 			grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 5 * time.Minute, Time: time.Minute, Timeout: 20 * time.Second}),
 			grpc.ChainUnaryInterceptor(deadline(cfg.Limits.CallTimeout), svc.UnaryInterceptor),
+			grpc.ChainStreamInterceptor(d.streamUntilStop),
+			// Stop (the hard stop after shutdown_timeout) returns only once
+			// every handler has returned, so that Close never closes the
+			// audit log, store or backend under a running call: a call
+			// writes its audit record before it returns.
+			grpc.WaitForHandlers(true),
 		)...)
 		kbv1.RegisterKeyBrokerServer(g, svc)
 		healthpb.RegisterHealthServer(g, d.health)
@@ -206,7 +254,7 @@ func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err err
 	open := func(label, pinFile string) (*hsm.Backend, error) {
 		pin, err := config.ReadPIN(pinFile)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 		}
 		b, err := hsm.Open(hsm.Config{
 			ModulePath:      cfg.PKCS11.Module,
@@ -215,6 +263,9 @@ func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err err
 			MaxSessions:     cfg.PKCS11.MaxSessions,
 			PoolWaitTimeout: cfg.PKCS11.PoolWaitTimeout,
 		}, log)
+		if pinRefused(err) {
+			return nil, fmt.Errorf("pkcs11 token %q: %w (not retrying: PIN counters lock): %w", label, ErrPINRefused, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("pkcs11 token %q: %w", label, err)
 		}
@@ -372,22 +423,9 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 	d.log.Info("stopping")
 	stopProber()
 	<-proberDone
-	d.health.Shutdown()
-	stopped := make(chan struct{})
-	go func() {
-		for _, g := range servers {
-			g.GracefulStop()
-		}
-		close(stopped)
-	}()
-	select {
-	case <-stopped:
-	case <-time.After(d.cfg.Limits.ShutdownTimeout):
-		d.log.Warn("graceful stop timed out; closing remaining calls")
-		for _, g := range servers {
-			g.Stop()
-		}
-	}
+	d.health.Shutdown()    // watchers are sent NOT_SERVING...
+	d.endStreams()         // ...then their streams end
+	d.stopServers(servers) // unary calls finish, or are cut off
 	if admin != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
@@ -396,6 +434,121 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 		}
 	}
 	return err
+}
+
+// stopServers stops the gRPC servers gracefully: in-flight calls finish
+// within the shutdown timeout. Then the rest are cut off (Stop): their
+// contexts are cancelled and Stop waits for their handlers to return
+// (grpc.WaitForHandlers), each bounded by limits.call_timeout and its audit
+// record's write timeout. A handler that still runs after that (hardware
+// that ignores cancellation) is left running: callsEnded is cleared, so
+// Close does not close the audit log, store or backend under it.
+func (d *Daemon) stopServers(servers []*grpc.Server) {
+	graceful := make(chan struct{})
+	go func() {
+		var wg sync.WaitGroup
+		for _, g := range servers {
+			wg.Go(g.GracefulStop)
+		}
+		wg.Wait()
+		close(graceful)
+	}()
+	timer := time.NewTimer(d.cfg.Limits.ShutdownTimeout)
+	defer timer.Stop()
+	select {
+	case <-graceful:
+		return
+	case <-timer.C:
+	}
+	d.log.Warn("graceful stop timed out; cutting off remaining calls", "shutdown_timeout", d.cfg.Limits.ShutdownTimeout)
+	stopped := make(chan struct{})
+	go func() {
+		var wg sync.WaitGroup
+		for _, g := range servers {
+			wg.Go(g.Stop)
+		}
+		wg.Wait()
+		close(stopped)
+	}()
+	wait := d.cfg.Limits.CallTimeout + d.cfg.Audit.WriteTimeout + time.Second
+	timer.Reset(wait)
+	select {
+	case <-stopped:
+	case <-timer.C:
+		d.callsEnded.Store(false)
+		d.log.Error("calls still running after the hard stop; leaving the audit log, store and backend open for them", "waited", wait)
+	}
+}
+
+// streamUntilStop is the stream interceptor that ends streaming calls when
+// the daemon stops, so that an idle stream (a health Watch kept open by a
+// load balancer, a reflection session) does not hold the graceful stop for
+// the whole shutdown timeout. A health Watch ends once it has sent a status
+// other than SERVING (health.Shutdown sends NOT_SERVING first), or after
+// watchGrace; other streams end at once.
+func (d *Daemon) streamUntilStop(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+	s := &stoppableStream{ServerStream: ss, ctx: ctx}
+	if info.FullMethod == healthpb.Health_Watch_FullMethodName {
+		s.sent = make(chan struct{}, 1)
+		s.status.Store(-1) // nothing sent yet
+	}
+	grace := min(watchGrace, d.cfg.Limits.ShutdownTimeout/2)
+	defer context.AfterFunc(d.stopping, func() { s.end(cancel, grace) })()
+	return handler(srv, s)
+}
+
+// watchGrace bounds how long a health Watch stream is kept open at stop
+// for its NOT_SERVING to be sent.
+const watchGrace = time.Second
+
+// stoppableStream is a server stream whose context ends when the daemon
+// stops (streamUntilStop).
+type stoppableStream struct {
+	grpc.ServerStream
+	ctx context.Context
+	// Health Watch only: the last status sent (-1: none yet), and a
+	// signal on each send.
+	sent   chan struct{}
+	status atomic.Int32
+}
+
+func (s *stoppableStream) Context() context.Context { return s.ctx }
+
+func (s *stoppableStream) SendMsg(m any) error {
+	err := s.ServerStream.SendMsg(m)
+	if r, ok := m.(*healthpb.HealthCheckResponse); ok && s.sent != nil && err == nil {
+		s.status.Store(int32(r.GetStatus()))
+		select {
+		case s.sent <- struct{}{}:
+		default:
+		}
+	}
+	return err
+}
+
+// end cancels the stream, a health Watch once its watcher knows the
+// daemon is not serving (or after grace).
+func (s *stoppableStream) end(cancel context.CancelFunc, grace time.Duration) {
+	defer cancel()
+	if s.sent == nil {
+		return
+	}
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	for {
+		if st := s.status.Load(); st != -1 && st != int32(healthpb.HealthCheckResponse_SERVING) {
+			return
+		}
+		select {
+		case <-s.sent:
+		case <-t.C:
+			return
+		case <-s.ctx.Done():
+			return
+		}
+	}
 }
 
 // Ready is closed once the daemon serves (and has told systemd READY=1).
@@ -415,8 +568,18 @@ func (d *Daemon) AdminAddr() string {
 // Metrics is the daemon's instrumentation.
 func (d *Daemon) Metrics() *metrics.Metrics { return d.metrics }
 
-// Close releases the store and the hardware.
+// Close closes the audit log, the store and the hardware, in that order,
+// once no call runs (ServeListener has returned). After a stop that left
+// calls running it leaves them open: a running call may still write its
+// audit record, and the process is about to exit anyway.
 func (d *Daemon) Close() {
+	if d.endStreams != nil {
+		d.endStreams()
+	}
+	if !d.callsEnded.Load() {
+		d.log.Error("calls still running: not closing the audit log, store and backend")
+		return
+	}
 	if d.audit != nil {
 		if err := d.audit.Close(); err != nil {
 			d.log.Error("closing audit log", "err", err)

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -97,5 +98,49 @@ func TestNewRefusesInvalidConfig(t *testing.T) {
 	cfg.Backend = "nope"
 	if _, err := New(cfg, nil); err == nil {
 		t.Fatal("New accepted an invalid config")
+	}
+}
+
+// TestNewClassifiesStartErrors: a PIN the token refuses is ErrPINRefused,
+// and a configuration or PIN file at fault is ErrConfig, so that main exits
+// with a status systemd does not restart on (a retried wrong PIN locks the
+// token); a token that is missing is neither (it may come back).
+func TestNewClassifiesStartErrors(t *testing.T) {
+	tok, own := softhsmtest.NewToken(t), softhsmtest.NewToken(t)
+	dir := t.TempDir()
+	base := config.Default()
+	base.Socket = filepath.Join(dir, "kb.sock")
+	base.StateDir = filepath.Join(dir, "state")
+	base.PKCS11.Module, base.PKCS11.TokenLabel, base.PKCS11.PINFile = tok.ModulePath, tok.Label, tok.PINFile
+	wrongPIN := filepath.Join(dir, "wrong.pin")
+	if err := os.WriteFile(wrongPIN, []byte("not-the-pin-1234\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name       string
+		edit       func(*config.Config)
+		pin, confg bool
+	}{
+		{"wrong PIN", func(c *config.Config) { c.PKCS11.PINFile = wrongPIN }, true, false},
+		{"wrong PIN of a tenant's own token", func(c *config.Config) {
+			c.Tenants = []config.Tenant{{Name: "t", Identities: config.Identities{UIDs: []uint32{uint32(os.Getuid())}}, Roles: []string{"signer", "admin"},
+				PKCS11: &config.TenantToken{TokenLabel: own.Label, PINFile: wrongPIN}}}
+		}, true, false},
+		{"no PIN file", func(c *config.Config) { c.PKCS11.PINFile = filepath.Join(dir, "nope") }, false, true},
+		{"invalid", func(c *config.Config) { c.Limits.CallTimeout = -1 }, false, true},
+		{"no such token", func(c *config.Config) { c.PKCS11.TokenLabel = "no-such-token" }, false, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := base
+			c.edit(&cfg)
+			_, err := New(cfg, nil)
+			if err == nil {
+				t.Fatal("New succeeded")
+			}
+			if errors.Is(err, ErrPINRefused) != c.pin || errors.Is(err, ErrConfig) != c.confg {
+				t.Errorf("New: %v; ErrPINRefused %v (want %v), ErrConfig %v (want %v)",
+					err, errors.Is(err, ErrPINRefused), c.pin, errors.Is(err, ErrConfig), c.confg)
+			}
+		})
 	}
 }

@@ -3,16 +3,20 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/activation"
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/broker"
 )
 
 // notify sends state to systemd when NOTIFY_SOCKET is set (Type=notify);
@@ -77,13 +81,27 @@ func (d *Daemon) probeInterval(watchdog time.Duration) time.Duration {
 }
 
 // probe probes the backend once, within timeout (capped by the call
-// timeout), and sets health, the metrics and the log to match.
+// timeout), and sets health, the metrics and the log to match. Health and
+// the watchdog follow the shared backend only: a tenant's own token is
+// probed alongside, and its failure is logged and shown in
+// keybroker_tenant_token_up, but does not take the daemon down for every
+// tenant (systemd would restart it, and it could not start again while
+// that token is missing).
 func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 	timeout = min(timeout, d.cfg.Limits.CallTimeout)
 	pctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	shared := d.backend
+	var tenants sync.WaitGroup
+	if r, ok := d.backend.(*broker.Router); ok {
+		shared = r.Shared
+		for name, b := range r.ByTenant {
+			tenants.Go(func() { d.tenantProbe.probe(pctx, ctx, d.log, name, b) })
+		}
+	}
+	defer tenants.Wait()
 	start := time.Now()
-	err := d.backend.Probe(pctx)
+	err := shared.Probe(pctx)
 	d.metrics.ObserveProbe(time.Since(start), err)
 	if ctx.Err() != nil {
 		return false // stopping: the probe was cut short, not failed
@@ -105,6 +123,58 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 		d.notify("STATUS=serving")
 	}
 	return up
+}
+
+// tenantTokens follows the tenants' own PKCS#11 tokens (broker.Router's
+// ByTenant): up or not at the last probe, as keybroker_tenant_token_up.
+type tenantTokens struct {
+	mu   sync.Mutex
+	down map[string]bool
+	up   *prometheus.GaugeVec // nil: no tenant has its own token
+}
+
+// register adds keybroker_tenant_token_up, 1 for each tenant's token.
+func (t *tenantTokens) register(reg prometheus.Registerer, tenants []string) {
+	if len(tenants) == 0 {
+		return
+	}
+	t.up = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "keybroker_tenant_token_up",
+		Help: "Whether the last probe of a tenant's own PKCS#11 token succeeded (1) or not (0). Health and the systemd watchdog follow the shared token only.",
+	}, []string{"tenant"})
+	reg.MustRegister(t.up)
+	for _, name := range tenants {
+		t.up.WithLabelValues(name).Set(1)
+	}
+}
+
+// probe probes tenant's own token b within pctx and records the result;
+// nothing is recorded when ctx (the prober's) ended.
+func (t *tenantTokens) probe(pctx, ctx context.Context, log *slog.Logger, tenant string, b broker.Backend) {
+	err := b.Probe(pctx)
+	if ctx.Err() != nil {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.down == nil {
+		t.down = map[string]bool{}
+	}
+	was := t.down[tenant]
+	t.down[tenant] = err != nil
+	if t.up != nil {
+		v := 1.0
+		if err != nil {
+			v = 0
+		}
+		t.up.WithLabelValues(tenant).Set(v)
+	}
+	switch {
+	case !was && err != nil:
+		log.Error("tenant's own PKCS#11 token unreachable; its calls fail, the other tenants are served", "tenant", tenant, "err", err)
+	case was && err == nil:
+		log.Info("tenant's own PKCS#11 token reachable again", "tenant", tenant)
+	}
 }
 
 // Healthy reports whether the last backend probe succeeded.
