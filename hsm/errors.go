@@ -29,10 +29,10 @@ func (e *Error) Unwrap() []error {
 }
 
 // unavailable are the return values after which the token, the session or
-// the login is gone: retrying on a rebuilt context may succeed.
+// the login is gone: retrying on a rebuilt context may succeed, and the
+// Backend rebuilds its context.
 var unavailable = map[pkcs11.Error]bool{
 	pkcs11.CKR_DEVICE_ERROR:             true,
-	pkcs11.CKR_DEVICE_MEMORY:            true,
 	pkcs11.CKR_DEVICE_REMOVED:           true,
 	pkcs11.CKR_TOKEN_NOT_PRESENT:        true,
 	pkcs11.CKR_TOKEN_NOT_RECOGNIZED:     true,
@@ -40,11 +40,24 @@ var unavailable = map[pkcs11.Error]bool{
 	pkcs11.CKR_SESSION_CLOSED:           true,
 	pkcs11.CKR_USER_NOT_LOGGED_IN:       true,
 	pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: true,
-	pkcs11.CKR_GENERAL_ERROR:            true,
-	pkcs11.CKR_FUNCTION_FAILED:          true,
 	pkcs11.CKR_SESSION_COUNT:            true,
-	pkcs11.CKR_OBJECT_HANDLE_INVALID:    true,
-	pkcs11.CKR_KEY_HANDLE_INVALID:       true,
+}
+
+// exhausted are the return values of a token that is full or out of memory:
+// a rebuilt context would not help, and one tenant filling the token must
+// not take it away from everyone.
+var exhausted = map[pkcs11.Error]bool{
+	pkcs11.CKR_DEVICE_MEMORY: true,
+	pkcs11.CKR_HOST_MEMORY:   true,
+}
+
+// goneObject are the return values for an object handle that is no longer
+// valid: the key was deleted (by a concurrent Destroy or another process).
+// CKR_FUNCTION_FAILED and CKR_GENERAL_ERROR stay internal errors of one
+// operation: a single occurrence does not mean the token is gone.
+var goneObject = map[pkcs11.Error]bool{
+	pkcs11.CKR_OBJECT_HANDLE_INVALID: true,
+	pkcs11.CKR_KEY_HANDLE_INVALID:    true,
 }
 
 // classify wraps err with the broker sentinel that says what a caller can do
@@ -68,6 +81,10 @@ func classify(op string, err error) error {
 		switch {
 		case unavailable[rv]:
 			kind = broker.ErrUnavailable
+		case exhausted[rv]:
+			kind = broker.ErrResourceExhausted
+		case goneObject[rv]:
+			kind = broker.ErrNotFound
 		case rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_EXPIRED:
 			kind = broker.ErrFailedPrecondition
 		}
@@ -95,4 +112,10 @@ func isTemplateError(err error) bool {
 func closedContext(err error) bool {
 	msg := strings.ToLower(err.Error())
 	return strings.Contains(msg, "context is closed") || strings.Contains(msg, "closed context")
+}
+
+// isGoneObject reports whether err says an object handle is no longer valid.
+func isGoneObject(err error) bool {
+	var rv pkcs11.Error
+	return errors.As(err, &rv) && goneObject[rv]
 }

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -69,8 +70,21 @@ type Backend struct {
 	keys    map[string]crypto11.Signer // by CKA_ID, of the current p11
 	closed  bool
 	rebuild chan struct{} // closed when the running rebuild ends
+	// epoch changes whenever a Destroy starts or ends; a key pair found
+	// while it changed is not cached (it may be the one being destroyed).
+	epoch uint64
 
-	inUse atomic.Int64 // hardware calls in progress, each holding a session
+	// slots holds one token per pool session a call uses. Calls take a
+	// slot before entering crypto11, waiting with the caller's context, so
+	// a call whose caller left never waits for a session or starts on the
+	// hardware afterwards.
+	slots chan struct{}
+	// closeTimeout bounds how long Close waits for a running rebuild and
+	// for the context's calls to end.
+	closeTimeout time.Duration
+
+	inUse   atomic.Int64 // hardware calls in progress, each holding a session
+	started atomic.Int64 // hardware calls started through a slot, ever
 }
 
 // SessionsInUse is how many PKCS#11 sessions calls hold right now (for
@@ -91,8 +105,18 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backend{cfg: cfg, p11: p11, log: log, keys: make(map[string]crypto11.Signer)}, nil
+	// crypto11 keeps one of MaxSessions for the login; its pool has the
+	// rest.
+	return &Backend{
+		cfg: cfg, p11: p11, log: log, keys: make(map[string]crypto11.Signer),
+		slots:        make(chan struct{}, cfg.MaxSessions-1),
+		closeTimeout: defaultCloseTimeout,
+	}, nil
 }
+
+// defaultCloseTimeout bounds Close: a call stuck in the module must not
+// hang the daemon's shutdown.
+const defaultCloseTimeout = 10 * time.Second
 
 func configure(cfg Config) (*crypto11.Context, error) {
 	return crypto11.Configure(&crypto11.Config{
@@ -104,22 +128,47 @@ func configure(cfg Config) (*crypto11.Context, error) {
 	})
 }
 
-// Close logs out and releases the module. Safe to call more than once.
+// Close logs out and releases the module. Safe to call more than once. It
+// gives up after closeTimeout if a rebuild or a call on the token does not
+// end (a module stuck in a call); the context is then left open.
 func (b *Backend) Close() error {
 	var err error
 	b.closer.Do(func() {
+		deadline := time.NewTimer(b.closeTimeout)
+		defer deadline.Stop()
 		b.mu.Lock()
 		p11, wait := b.p11, b.rebuild
 		b.p11, b.closed = nil, true
 		b.mu.Unlock()
 		if wait != nil {
-			<-wait
+			select {
+			case <-wait:
+			case <-deadline.C:
+				b.log.Error("PKCS#11 reconnect does not end; closing without it", "token", b.cfg.TokenLabel, "timeout", b.closeTimeout)
+				err = fmt.Errorf("hsm: close: reconnect still running after %v", b.closeTimeout)
+				return
+			}
 			b.mu.Lock()
 			p11, b.p11 = b.p11, nil
 			b.mu.Unlock()
 		}
-		if p11 != nil {
-			err = p11.Close()
+		if p11 == nil {
+			return
+		}
+		done := make(chan error, 1)
+		go func() {
+			defer func() {
+				if r := recover(); r != nil {
+					done <- fmt.Errorf("hsm: close: %v", r)
+				}
+			}()
+			done <- p11.Close()
+		}()
+		select {
+		case err = <-done:
+		case <-deadline.C:
+			b.log.Error("PKCS#11 calls still running; closing without waiting for them", "token", b.cfg.TokenLabel, "timeout", b.closeTimeout)
+			err = fmt.Errorf("hsm: close: calls on the token still running after %v", b.closeTimeout)
 		}
 	})
 	return err
@@ -236,6 +285,55 @@ func bounded[T any](ctx context.Context, f func() (T, error)) (T, error) {
 	}
 }
 
+// acquire takes a session slot, waiting at most until ctx ends or for
+// PoolWaitTimeout. Both are ErrResourceExhausted: the pool is saturated.
+// The caller must call release once its hardware call has ended.
+func (b *Backend) acquire(ctx context.Context) (release func(), err error) {
+	select {
+	case b.slots <- struct{}{}:
+	default:
+		var timeout <-chan time.Time
+		if b.cfg.PoolWaitTimeout > 0 {
+			t := time.NewTimer(b.cfg.PoolWaitTimeout)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case b.slots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("hsm: waiting for a PKCS#11 session: %w (%w)", broker.ErrResourceExhausted, ctx.Err())
+		case <-timeout:
+			return nil, fmt.Errorf("hsm: no PKCS#11 session free after %v: %w", b.cfg.PoolWaitTimeout, broker.ErrResourceExhausted)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		<-b.slots
+		return nil, fmt.Errorf("hsm: waiting for a PKCS#11 session: %w (%w)", broker.ErrResourceExhausted, err)
+	}
+	return func() { <-b.slots }, nil
+}
+
+// call runs the hardware call f holding a session slot, bounded by ctx
+// (see bounded). f is never started once ctx is done.
+func call[T any](ctx context.Context, b *Backend, f func() (T, error)) (T, error) {
+	release, err := b.acquire(ctx)
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	return bounded(ctx, func() (T, error) {
+		defer release()
+		if err := ctx.Err(); err != nil {
+			var zero T
+			return zero, fmt.Errorf("hsm: %w (%w)", broker.ErrResourceExhausted, err)
+		}
+		b.inUse.Add(1)
+		defer b.inUse.Add(-1)
+		b.started.Add(1)
+		return f()
+	})
+}
+
 // Probe asks the token for one random byte: a cheap round trip through a
 // pooled session.
 func (b *Backend) Probe(ctx context.Context) error {
@@ -246,7 +344,7 @@ func (b *Backend) Probe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = bounded(ctx, func() (int, error) {
+	_, err = call(ctx, b, func() (int, error) {
 		r, err := p11.NewRandomReader()
 		if err == nil {
 			_, err = io.ReadFull(r, make([]byte, 1))
@@ -277,10 +375,21 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 		return nil, nil, fmt.Errorf("hsm: key ID: got %d bytes, want %d", len(id), IDLen)
 	}
 	label := []byte(labelPrefix + p.Tenant + "/" + spec.Label)
-	p11, err := b.context()
+	b.mu.RLock()
+	p11, epoch := b.p11, b.epoch
+	b.mu.RUnlock()
+	if p11 == nil {
+		_, err := b.context()
+		return nil, nil, err
+	}
+	release, err := b.acquire(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
+	defer release()
+	b.inUse.Add(1)
+	defer b.inUse.Add(-1)
+	b.started.Add(1)
 	// Not bounded by ctx: a key that the token generates after the caller
 	// gave up would be an orphan; generation is slow but finite.
 	signer, err := generate(p11, id, label, spec, true)
@@ -298,7 +407,7 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 		}
 		return nil, nil, b.failed(p11, err)
 	}
-	b.cache(p11, id, signer)
+	b.cache(p11, epoch, id, signer)
 	return broker.Handle(id), signer.Public(), nil
 }
 
@@ -313,11 +422,31 @@ func generate(p11 *crypto11.Context, id, label []byte, spec broker.KeySpec, stri
 	return p11.GenerateECDSAKeyPairWithAttributes(pub, priv, spec.Alg.Curve())
 }
 
-// cache remembers a key pair found on context p11, unless p11 was retired.
-func (b *Backend) cache(p11 *crypto11.Context, id []byte, signer crypto11.Signer) {
+// cache remembers a key pair found on context p11 at epoch, unless p11 was
+// retired or a Destroy ran meanwhile.
+func (b *Backend) cache(p11 *crypto11.Context, epoch uint64, id []byte, signer crypto11.Signer) {
 	b.mu.Lock()
-	if b.p11 == p11 {
+	if b.p11 == p11 && b.epoch == epoch {
 		b.keys[string(id)] = signer
+	}
+	b.mu.Unlock()
+}
+
+// forget drops the cache entry of h and moves the epoch on, so that no
+// lookup running now caches h.
+func (b *Backend) forget(h broker.Handle) {
+	b.mu.Lock()
+	delete(b.keys, string(h))
+	b.epoch++
+	b.mu.Unlock()
+}
+
+// drop removes h's cache entry if it still is signer (whose handle the
+// token no longer knows).
+func (b *Backend) drop(h broker.Handle, signer crypto11.Signer) {
+	b.mu.Lock()
+	if b.keys[string(h)] == signer {
+		delete(b.keys, string(h))
 	}
 	b.mu.Unlock()
 }
@@ -416,49 +545,118 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	p11, signer, err := b.find(ctx, h)
-	if err != nil {
-		return nil, err
+	size, ok := digestSize(opts)
+	if !ok {
+		return nil, &broker.FieldError{Field: "hash", Reason: "unknown or unsupported hash function"}
+	}
+	if len(digest) != size {
+		return nil, &broker.FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d", len(digest), size)}
 	}
 	if pss, ok := opts.(*rsa.PSSOptions); ok && pss.SaltLength != rsa.PSSSaltLengthEqualsHash {
 		return nil, &broker.FieldError{Field: "padding", Reason: "PSS salt length must equal the hash length"}
 	}
-	switch signer.Public().(type) {
-	case *ecdsa.PublicKey:
-		if _, ok := opts.(*rsa.PSSOptions); ok {
-			return nil, &broker.FieldError{Field: "padding", Reason: "PSS is for RSA keys"}
+	for attempt := 0; ; attempt++ {
+		p11, signer, err := b.find(ctx, h)
+		if err != nil {
+			return nil, err
 		}
-	}
-	if len(digest) != opts.HashFunc().Size() {
-		return nil, &broker.FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d", len(digest), opts.HashFunc().Size())}
-	}
-	sig, err := bounded(ctx, func() ([]byte, error) {
-		b.inUse.Add(1)
-		defer b.inUse.Add(-1)
-		return signer.Sign(nil, digest, opts)
-	})
-	if err != nil {
+		switch signer.Public().(type) {
+		case *ecdsa.PublicKey:
+			if _, ok := opts.(*rsa.PSSOptions); ok {
+				return nil, &broker.FieldError{Field: "padding", Reason: "PSS is for RSA keys"}
+			}
+		}
+		sig, err := call(ctx, b, func() ([]byte, error) {
+			return signer.Sign(nil, digest, opts)
+		})
+		if err == nil {
+			return sig, nil
+		}
+		if isGoneObject(err) {
+			// The key was deleted behind the cache (a concurrent Destroy,
+			// another process): look it up once more by CKA_ID.
+			b.drop(h, signer)
+			if attempt == 0 {
+				continue
+			}
+		}
 		return nil, b.failed(p11, classify("sign", err))
 	}
-	return sig, nil
 }
 
-// Destroy deletes both halves of the key pair h.
+// digestSize returns the digest length of opts' hash, or false if opts
+// names no hash this package can size (crypto.Hash.Size panics for those).
+func digestSize(opts crypto.SignerOpts) (int, bool) {
+	if opts == nil {
+		return 0, false
+	}
+	h := opts.HashFunc()
+	if h == 0 || !h.Available() {
+		return 0, false
+	}
+	return h.Size(), true
+}
+
+// Destroy deletes both halves of the key pair h. Each half is looked up by
+// CKA_ID (not through a cached handle) and a half that another caller
+// deleted meanwhile counts as deleted; it reports ErrNotFound only when
+// neither half was on the token.
 func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	p11, signer, err := b.find(ctx, h)
-	if err != nil {
+	if len(h) != IDLen {
+		return fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
+	}
+	if _, err := b.context(); err != nil {
 		return err
 	}
-	if err := signer.Delete(); err != nil {
-		return b.failed(p11, classify("destroy key", err))
+	b.forget(h)
+	defer b.forget(h)
+	// Not bounded by ctx: a half-deleted pair is worse than a late answer.
+	n, err := destroyKeyPair(b.cfg, h)
+	if err != nil {
+		// A session of its own: its errors do not retire the context.
+		return classify("destroy key", err)
 	}
-	b.mu.Lock()
-	delete(b.keys, string(h))
-	b.mu.Unlock()
+	if n == 0 {
+		return fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
+	}
 	return nil
+}
+
+// destroyKeyPair deletes every private and public key with CKA_ID id and
+// returns how many there were.
+func destroyKeyPair(cfg Config, id []byte) (int, error) {
+	n := 0
+	err := withTokenSession(cfg, true, func(mod *pkcs11.Ctx, sess pkcs11.SessionHandle) error {
+		for _, class := range []uint{pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
+			template := []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+				pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+			}
+			handles, err := findObjects(mod, sess, template)
+			if err != nil {
+				return err
+			}
+			for _, h := range handles {
+				n++
+				err := mod.DestroyObject(sess, h)
+				if err == nil || isGoneObject(err) {
+					continue
+				}
+				// A concurrent deletion of the same object may fail
+				// otherwise (SoftHSM2: CKR_FUNCTION_FAILED): it is an
+				// error only if the object is still there.
+				left, ferr := findObjects(mod, sess, template)
+				if ferr != nil || slices.Contains(left, h) {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	return n, err
 }
 
 // find returns the current context and the key pair with CKA_ID h on it,
@@ -468,7 +666,7 @@ func (b *Backend) find(ctx context.Context, h broker.Handle) (*crypto11.Context,
 		return nil, nil, fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
 	}
 	b.mu.RLock()
-	p11, cached := b.p11, b.keys[string(h)]
+	p11, cached, epoch := b.p11, b.keys[string(h)], b.epoch
 	b.mu.RUnlock()
 	if p11 == nil {
 		_, err := b.context()
@@ -477,7 +675,7 @@ func (b *Backend) find(ctx context.Context, h broker.Handle) (*crypto11.Context,
 	if cached != nil {
 		return p11, cached, nil
 	}
-	found, err := bounded(ctx, func() ([]crypto11.Signer, error) { return p11.FindKeyPairs(h, nil) })
+	found, err := call(ctx, b, func() ([]crypto11.Signer, error) { return p11.FindKeyPairs(h, nil) })
 	if err != nil {
 		return nil, nil, b.failed(p11, classify("find key", err))
 	}
@@ -488,7 +686,7 @@ func (b *Backend) find(ctx context.Context, h broker.Handle) (*crypto11.Context,
 	default:
 		return nil, nil, fmt.Errorf("hsm: %d key pairs share one CKA_ID", len(found))
 	}
-	b.cache(p11, h, found[0])
+	b.cache(p11, epoch, h, found[0])
 	return p11, found[0], nil
 }
 
@@ -498,13 +696,14 @@ func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	p11, err := b.context()
-	if err != nil {
+	if _, err := b.context(); err != nil {
 		return nil, err
 	}
 	found, err := listPrivateKeys(b.cfg)
 	if err != nil {
-		return nil, b.failed(p11, classify("list keys", err))
+		// A session of its own: its errors say nothing about the
+		// crypto11 context, which must not be retired for them.
+		return nil, classify("list keys", err)
 	}
 	var objs []broker.Object
 	for _, f := range found {
@@ -530,56 +729,22 @@ type foundKey struct {
 // token in one C_FindObjects pass, on a session of its own. (crypto11's
 // FindAllKeyPairs looks up each key's public half with another search,
 // which makes listing quadratic in the number of keys: minutes at
-// start-up for a few thousand keys.) The module is already initialised and
-// logged in by crypto11 in this process; the new session shares the login.
+// start-up for a few thousand keys.)
 func listPrivateKeys(cfg Config) ([]foundKey, error) {
-	mod := pkcs11.New(cfg.ModulePath)
-	if mod == nil {
-		return nil, fmt.Errorf("cannot load the PKCS#11 module")
-	}
-	defer mod.Destroy()
-	if err := mod.Initialize(); err == nil {
-		defer mod.Finalize()
-	} else if !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
-		return nil, err
-	}
-	slots, err := mod.GetSlotList(true)
-	if err != nil {
-		return nil, err
-	}
-	for _, slot := range slots {
-		info, err := mod.GetTokenInfo(slot)
-		if err != nil || info.Label != cfg.TokenLabel {
-			continue
-		}
-		sess, err := mod.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	var out []foundKey
+	err := withTokenSession(cfg, false, func(mod *pkcs11.Ctx, sess pkcs11.SessionHandle) error {
+		handles, err := findObjects(mod, sess, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)})
 		if err != nil {
-			return nil, err
+			return err
 		}
-		defer mod.CloseSession(sess)
-		if err := mod.FindObjectsInit(sess, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
-			return nil, err
-		}
-		var handles []pkcs11.ObjectHandle
-		for {
-			hs, _, err := mod.FindObjects(sess, 1024)
-			if err != nil {
-				mod.FindObjectsFinal(sess)
-				return nil, err
-			}
-			if len(hs) == 0 {
-				break
-			}
-			handles = append(handles, hs...)
-		}
-		if err := mod.FindObjectsFinal(sess); err != nil {
-			return nil, err
-		}
-		out := make([]foundKey, 0, len(handles))
+		out = make([]foundKey, 0, len(handles))
 		for _, h := range handles {
 			attrs, err := mod.GetAttributeValue(sess, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil), pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+			if isGoneObject(err) {
+				continue // destroyed since the search
+			}
 			if err != nil {
-				return nil, err
+				return err
 			}
 			var f foundKey
 			for _, a := range attrs {
@@ -592,9 +757,78 @@ func listPrivateKeys(cfg Config) ([]foundKey, error) {
 			}
 			out = append(out, f)
 		}
-		return out, nil
+		return nil
+	})
+	return out, err
+}
+
+// errNotLoggedIn is returned for a session of withTokenSession that does
+// not share crypto11's login: private keys would be invisible to it.
+var errNotLoggedIn = fmt.Errorf("hsm: PKCS#11 module not initialised and logged in by this process: %w", broker.ErrUnavailable)
+
+// withTokenSession runs f on a session of its own on the token, outside
+// crypto11's pool. The module must already be initialised and logged in
+// by crypto11 in this process, so that the session shares the login; if
+// it is not (the window while a context is being rebuilt), it returns an
+// ErrUnavailable error. It never calls C_Initialize or C_Finalize itself:
+// finalising would pull the module from under a concurrent crypto11.
+func withTokenSession(cfg Config, rw bool, f func(*pkcs11.Ctx, pkcs11.SessionHandle) error) error {
+	mod := pkcs11.New(cfg.ModulePath)
+	if mod == nil {
+		return fmt.Errorf("cannot load the PKCS#11 module")
 	}
-	return nil, pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT)
+	defer mod.Destroy()
+	slots, err := mod.GetSlotList(true)
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED)) {
+		return errNotLoggedIn
+	}
+	if err != nil {
+		return err
+	}
+	for _, slot := range slots {
+		info, err := mod.GetTokenInfo(slot)
+		if err != nil || info.Label != cfg.TokenLabel {
+			continue
+		}
+		flags := uint(pkcs11.CKF_SERIAL_SESSION)
+		if rw {
+			flags |= pkcs11.CKF_RW_SESSION
+		}
+		sess, err := mod.OpenSession(slot, flags)
+		if err != nil {
+			return err
+		}
+		defer mod.CloseSession(sess)
+		si, err := mod.GetSessionInfo(sess)
+		if err != nil {
+			return err
+		}
+		if si.State != pkcs11.CKS_RO_USER_FUNCTIONS && si.State != pkcs11.CKS_RW_USER_FUNCTIONS {
+			return errNotLoggedIn
+		}
+		return f(mod, sess)
+	}
+	return pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT)
+}
+
+// findObjects returns the handles of every object matching template.
+func findObjects(mod *pkcs11.Ctx, sess pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := mod.FindObjectsInit(sess, template); err != nil {
+		return nil, err
+	}
+	var handles []pkcs11.ObjectHandle
+	for {
+		hs, _, err := mod.FindObjects(sess, 1024)
+		if err != nil {
+			mod.FindObjectsFinal(sess)
+			return nil, err
+		}
+		if len(hs) == 0 {
+			break
+		}
+		handles = append(handles, hs...)
+	}
+	return handles, mod.FindObjectsFinal(sess)
 }
 
 var _ broker.Lister = (*Backend)(nil)
