@@ -762,26 +762,25 @@ func listPrivateKeys(cfg Config) ([]foundKey, error) {
 	return out, err
 }
 
-// errNotLoggedIn is returned for a session of withTokenSession that does
-// not share crypto11's login: private keys would be invisible to it.
-var errNotLoggedIn = fmt.Errorf("hsm: PKCS#11 module not initialised and logged in by this process: %w", broker.ErrUnavailable)
-
-// withTokenSession runs f on a session of its own on the token, outside
-// crypto11's pool. The module must already be initialised and logged in
-// by crypto11 in this process, so that the session shares the login; if
-// it is not (the window while a context is being rebuilt), it returns an
-// ErrUnavailable error. It never calls C_Initialize or C_Finalize itself:
-// finalising would pull the module from under a concurrent crypto11.
+// withTokenSession runs f on a logged-in session of its own on the token,
+// outside crypto11's pool. The module is usually initialised and logged in
+// by crypto11 already, and the session shares that login. Where it is not
+// (a p11-kit module gives each caller an instance of its own, or the
+// window while a context is rebuilt), it initialises the module (and
+// finalises it after) and logs the session in with the PIN: otherwise
+// private keys would be invisible, and a listing would miss them.
 func withTokenSession(cfg Config, rw bool, f func(*pkcs11.Ctx, pkcs11.SessionHandle) error) error {
 	mod := pkcs11.New(cfg.ModulePath)
 	if mod == nil {
 		return fmt.Errorf("cannot load the PKCS#11 module")
 	}
 	defer mod.Destroy()
-	slots, err := mod.GetSlotList(true)
-	if errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED)) {
-		return errNotLoggedIn
+	if err := mod.Initialize(); err == nil {
+		defer mod.Finalize()
+	} else if !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		return err
 	}
+	slots, err := mod.GetSlotList(true)
 	if err != nil {
 		return err
 	}
@@ -804,7 +803,10 @@ func withTokenSession(cfg Config, rw bool, f func(*pkcs11.Ctx, pkcs11.SessionHan
 			return err
 		}
 		if si.State != pkcs11.CKS_RO_USER_FUNCTIONS && si.State != pkcs11.CKS_RW_USER_FUNCTIONS {
-			return errNotLoggedIn
+			err := mod.Login(sess, pkcs11.CKU_USER, cfg.PIN)
+			if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
+				return err
+			}
 		}
 		return f(mod, sess)
 	}
