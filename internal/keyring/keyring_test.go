@@ -243,12 +243,7 @@ func TestSignJOSE(t *testing.T) {
 // signature (Sign, and the signers of Signer), after the request is valid;
 // its refusal is returned as it is and nothing is signed.
 func TestAdmission(t *testing.T) {
-	tok := softhsmtest.NewToken(t)
-	b := openHSM(t, tok)
-	defer b.Close()
-	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
-	defer st.Close()
-	ring, _ := New(Options{Backend: b, Store: st})
+	ring := newRing(t, Options{})
 	if _, err := ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
 		t.Fatal(err)
 	}
@@ -331,16 +326,8 @@ func (h pauseAt) WithGroup(string) slog.Handler      { return h }
 // returned yet counts once against the quota, not twice (found by review:
 // a second key was refused while the tenant had one of two).
 func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
-	tok := softhsmtest.NewToken(t)
-	b := openHSM(t, tok)
-	defer b.Close()
-	st := openStore(t, filepath.Join(t.TempDir(), "kb.db"))
-	defer st.Close()
 	h := pauseAt{msg: "key created", paused: new(atomic.Bool), reached: make(chan struct{}), release: make(chan struct{})}
-	r, err := New(Options{Backend: b, Store: st, Log: slog.New(h), MaxKeys: func(string) int { return 2 }})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := newRing(t, Options{Log: slog.New(h), MaxKeys: func(string) int { return 2 }})
 	ctx := context.Background()
 	first := make(chan error, 1)
 	go func() {
@@ -352,7 +339,7 @@ func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the first CreateKey did not record its key")
 	}
-	_, err = r.CreateKey(ctx, "t", "k2", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	_, err := r.CreateKey(ctx, "t", "k2", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
 	close(h.release)
 	if e := <-first; e != nil {
 		t.Fatal(e)
@@ -364,4 +351,19 @@ func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
 	if _, err := r.CreateKey(ctx, "t", "k3", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); !errors.Is(err, broker.ErrResourceExhausted) {
 		t.Errorf("a third key over a quota of 2: got %v, want ErrResourceExhausted", err)
 	}
+}
+
+// newRing returns a keyring on a fresh SoftHSM2 token and store, with o's
+// other options; both are closed when the test ends.
+func newRing(t *testing.T, o Options) *Keyring {
+	t.Helper()
+	o.Backend = openHSM(t, softhsmtest.NewToken(t))
+	t.Cleanup(func() { o.Backend.(*hsm.Backend).Close() })
+	o.Store = openStore(t, filepath.Join(t.TempDir(), "kb.db"))
+	t.Cleanup(func() { o.Store.Close() })
+	r, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }

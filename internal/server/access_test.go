@@ -3,7 +3,6 @@ package server
 import (
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -18,9 +17,7 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
@@ -453,14 +450,7 @@ func TestAuditCallerIsTheMatchedIdentity(t *testing.T) {
 	}
 	s := newMTLSStack(t, stackOpts{tenants: []TenantPolicy{cnTenant("a", RoleSigner)}, audit: log})
 	call := func(l testpki.Leaf) {
-		cert, _, _ := s.ca.Issue(t, l)
-		creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: s.ca.Pool(), ServerName: "localhost"})
-		conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(creds))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close()
-		kbv1.NewKeyBrokerClient(conn).GetJWKS(ctx, &kbv1.GetJWKSRequest{})
+		kbv1.NewKeyBrokerClient(s.dialLeaf(t, s.ca, l)).GetJWKS(ctx, &kbv1.GetJWKSRequest{})
 	}
 	call(testpki.Leaf{CommonName: "client-a", DNSNames: []string{"elsewhere.example"}})
 	call(testpki.Leaf{CommonName: "client-a", URIs: []string{"spiffe://example.org/unlisted"}})

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -14,7 +13,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -108,17 +106,8 @@ func TestCallsRefusedByGRPCAreAudited(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newMTLSStack(t, stackOpts{tenants: []TenantPolicy{cnTenant("a", RoleSigner)}, audit: log})
-	dial := func(cn string) *grpc.ClientConn {
-		cert, _, _ := s.ca.Issue(t, testpki.Leaf{CommonName: cn})
-		creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: s.ca.Pool(), ServerName: "localhost"})
-		conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(creds))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		return conn
-	}
-	known, stranger := dial("client-a"), dial("stranger")
+	known := s.dialLeaf(t, s.ca, testpki.Leaf{CommonName: "client-a"})
+	stranger := s.dialLeaf(t, s.ca, testpki.Leaf{CommonName: "stranger"})
 	garbage := []byte{0x0a, 0xff, 0xff, 0xff} // a length past the end
 	calls := []struct {
 		conn   *grpc.ClientConn

@@ -98,14 +98,20 @@ func newMTLSStack(t *testing.T, o stackOpts, clientCNs ...string) *mtlsStack {
 // dial connects with a client certificate for cn issued by ca.
 func (s *mtlsStack) dial(t *testing.T, ca *testpki.CA, cn string) kbv1.KeyBrokerClient {
 	t.Helper()
-	cert, _, _ := ca.Issue(t, testpki.Leaf{CommonName: cn})
+	return kbv1.NewKeyBrokerClient(s.dialLeaf(t, ca, testpki.Leaf{CommonName: cn}))
+}
+
+// dialLeaf connects with a client certificate for leaf issued by ca.
+func (s *mtlsStack) dialLeaf(t *testing.T, ca *testpki.CA, leaf testpki.Leaf) *grpc.ClientConn {
+	t.Helper()
+	cert, _, _ := ca.Issue(t, leaf)
 	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: s.ca.Pool(), ServerName: "localhost"})
 	conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return kbv1.NewKeyBrokerClient(conn)
+	return conn
 }
 
 func cnTenant(name string, roles Role) TenantPolicy {
