@@ -73,19 +73,11 @@ func (c *cancelConn) roundTrip(cmd []byte, deadline time.Time) ([]byte, error) {
 func checkObjects(t *testing.T, b *Backend) {
 	t.Helper()
 	withTPM(t, b, func(l *link) {
-		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(tpm2.TPMHTTransient) << 24, PropertyCount: 64}.Execute(l)
-		if err != nil {
-			t.Fatal(err)
-		}
-		hs, err := rsp.CapabilityData.Data.Handles()
-		if err != nil {
-			t.Fatal(err)
-		}
 		ours := make(map[tpm2.TPMHandle]bool)
 		for _, o := range b.objs {
 			ours[o.handle] = true
 		}
-		for _, h := range hs.Handle {
+		for _, h := range loadedHandles(t, l, tpm2.TPMHTTransient) {
 			if !ours[h] {
 				t.Errorf("transient object 0x%08x is loaded in the TPM, not in the backend", uint32(h))
 			}

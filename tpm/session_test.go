@@ -72,16 +72,8 @@ func checkSessions(t *testing.T, b *Backend) int {
 	t.Helper()
 	n := 0
 	withTPM(t, b, func(l *link) {
-		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(tpm2.TPMHTHMACSession) << 24, PropertyCount: 64}.Execute(l)
-		if err != nil {
-			t.Fatal(err)
-		}
-		hs, err := rsp.CapabilityData.Data.Handles()
-		if err != nil {
-			t.Fatal(err)
-		}
 		loaded := make(map[tpm2.TPMHandle]bool)
-		for _, h := range hs.Handle {
+		for _, h := range loadedHandles(t, l, tpm2.TPMHTHMACSession) {
 			loaded[h] = true
 		}
 		for e := b.lru.Front(); e != nil; e = e.Next() {
@@ -92,8 +84,8 @@ func checkSessions(t *testing.T, b *Backend) int {
 				}
 			}
 		}
-		if len(hs.Handle) != n {
-			t.Errorf("%d HMAC sessions loaded in the TPM, the backend holds %d", len(hs.Handle), n)
+		if len(loaded) != n {
+			t.Errorf("%d HMAC sessions loaded in the TPM, the backend holds %d", len(loaded), n)
 		}
 		if limit := min(maxKeySessions, b.cfg.LoadedObjects-2); n > limit {
 			t.Errorf("%d reusable sessions, want at most %d", n, limit)
@@ -284,4 +276,18 @@ func TestSessionRestart(t *testing.T) {
 			t.Errorf("cycle %d: %d reusable sessions, want 1", cycle, got)
 		}
 	}
+}
+
+// loadedHandles returns the handles of type ht the TPM has loaded.
+func loadedHandles(t *testing.T, l *link, ht tpm2.TPMHT) []tpm2.TPMHandle {
+	t.Helper()
+	rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(ht) << 24, PropertyCount: 64}.Execute(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs, err := rsp.CapabilityData.Data.Handles()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hs.Handle
 }
