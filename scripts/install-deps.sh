@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # install-deps.sh — install the Debian/Ubuntu packages keybroker needs for
-# dev mode and tests (SoftHSM2, swtpm, TPM and PKCS#11 tools, protoc, and
-# systemd for systemd-analyze and the unit tests in deploy/).
+# dev mode and tests (SoftHSM2, swtpm, TPM and PKCS#11 tools, protoc with
+# the well-known .proto files, and systemd for systemd-analyze and the unit
+# tests in deploy/).
 #
 # Usage: scripts/install-deps.sh [PACKAGE...]
 #
@@ -12,7 +13,10 @@
 # password, and otherwise prints the command to run and exits 1.
 set -euo pipefail
 
-readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler systemd)
+# libprotobuf-dev holds google/protobuf/*.proto, which protoc needs for the
+# API's imports: protobuf-compiler only recommends it, and recommends are
+# not installed here.
+readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler libprotobuf-dev systemd)
 
 die() {
 	echo "install-deps: $*" >&2
@@ -80,9 +84,24 @@ else
 	exit 1
 fi
 
+# apt retries each download itself (Acquire::Retries); a whole step that
+# still fails (a mirror in the middle of a sync, a lock held by an
+# unattended upgrade) is tried again a few times before giving up.
+apt_get() {
+	local try
+	for try in 1 2 3; do
+		if "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -o Acquire::Retries=3 "$@"; then
+			return 0
+		fi
+		echo "install-deps: apt-get $1 failed (try $try of 3)" >&2
+		sleep $((try * 5))
+	done
+	die "apt-get $* failed 3 times"
+}
+
 echo "deps: installing ${missing[*]}"
-"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+apt_get update
+apt_get install -y --no-install-recommends "${missing[@]}"
 
 for p in "${missing[@]}"; do
 	status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
