@@ -28,6 +28,10 @@ run: ## Dev mode: daemon in the foreground on SoftHSM2 (or BACKEND=tpm: swtpm) u
 test: deps check-proto vet ## Everything CI runs: deps, generated-code check, vet, all tests with -race on real SoftHSM2
 	$(GO) test -race -count=1 -timeout 15m ./...
 
+.PHONY: test-fresh
+test-fresh: ## What CI runs: `make run`, `make test` and the README's service install (systemd) in a fresh Debian root (root; commit first)
+	scripts/fresh-machine.sh
+
 .PHONY: bench
 bench: build ## Benchmark matrix vs in-process hardware (SoftHSM2, swtpm, GetJWKS, many tenants), one table; BENCH_DURATION=5s per cell
 	scripts/bench.sh

@@ -28,6 +28,12 @@ func (e *Error) Unwrap() []error {
 	return []error{e.Kind, e.Err}
 }
 
+// ErrModule is wrapped by Open's error when the PKCS#11 module cannot be
+// loaded or its C_Initialize fails: the module's file, its configuration or
+// its storage is at fault (often not readable by the daemon's user), not the
+// token, and opening it again without a change fails the same way.
+var ErrModule = errors.New("the PKCS#11 module cannot start")
+
 // unavailable are the return values after which the token, the session or
 // the login is gone: retrying on a rebuilt context may succeed, and the
 // Backend rebuilds its context.

@@ -100,6 +100,9 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 	}
 	p11, err := configure(cfg)
 	if err != nil {
+		if merr := checkModule(cfg.ModulePath); merr != nil {
+			return nil, merr
+		}
 		return nil, classify("open token", err)
 	}
 	if log == nil {
@@ -112,6 +115,27 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 		slots:        make(chan struct{}, cfg.MaxSessions-1),
 		closeTimeout: defaultCloseTimeout,
 	}, nil
+}
+
+// checkModule loads and initialises the module on its own, after
+// crypto11 failed, to tell a module that cannot start (ErrModule) from a
+// token that cannot be reached or refuses the login.
+func checkModule(path string) error {
+	mod := pkcs11.New(path)
+	if mod == nil {
+		return &Error{Op: "load module", Kind: ErrModule, Err: fmt.Errorf("cannot load %s", path)}
+	}
+	defer mod.Destroy()
+	err := mod.Initialize()
+	switch {
+	case err == nil:
+		mod.Finalize()
+		return nil
+	case errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)):
+		// Initialised in this process already (another token's context).
+		return nil
+	}
+	return &Error{Op: "initialise module", Kind: ErrModule, Err: err}
 }
 
 // defaultCloseTimeout bounds Close: a call stuck in the module must not

@@ -338,3 +338,59 @@ func TestWrongPIN(t *testing.T) {
 		t.Error("the log contains the PIN")
 	}
 }
+
+// TestModuleCannotStart: a PKCS#11 module that cannot read its own
+// configuration or storage (SoftHSM2 answers C_Initialize with
+// CKR_GENERAL_ERROR) is exit code 78, never retried, and the log names the
+// file SoftHSM2 could not read.
+func TestModuleCannotStart(t *testing.T) {
+	daemon, _ := binaries(t)
+	for _, tc := range []struct {
+		name    string
+		breakIt func(tok *softhsm.Token) (want string)
+	}{
+		{"configuration file missing", func(tok *softhsm.Token) string {
+			if err := os.Rename(tok.ConfigPath, tok.ConfigPath+".away"); err != nil {
+				t.Fatal(err)
+			}
+			return "SoftHSM2 cannot read its configuration file: open " + tok.ConfigPath
+		}},
+		{"token directory missing", func(tok *softhsm.Token) string {
+			conf, err := os.ReadFile(tok.ConfigPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dir := softhsmTokenDirForTest(t, conf)
+			if err := os.Rename(dir, dir+".away"); err != nil {
+				t.Fatal(err)
+			}
+			return "SoftHSM2 cannot read its token directory"
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tok, _, cfgPath := daemonConfig(t, "module", "")
+			want := tc.breakIt(tok)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			out, err := exec.CommandContext(ctx, daemon, "--config", cfgPath).CombinedOutput()
+			ee, ok := err.(*exec.ExitError)
+			if !ok || ee.ExitCode() != exitConfig {
+				t.Fatalf("keybrokerd: %v, want exit status %d\n%s", err, exitConfig, out)
+			}
+			if !strings.Contains(string(out), want) {
+				t.Errorf("the log does not say %q:\n%s", want, out)
+			}
+		})
+	}
+}
+
+// softhsmTokenDirForTest is directories.tokendir of a SoftHSM2
+// configuration file.
+func softhsmTokenDirForTest(t *testing.T, conf []byte) string {
+	t.Helper()
+	m := regexp.MustCompile(`(?m)^directories\.tokendir\s*=\s*(\S+)`).FindSubmatch(conf)
+	if m == nil {
+		t.Fatalf("no directories.tokendir in:\n%s", conf)
+	}
+	return string(m[1])
+}

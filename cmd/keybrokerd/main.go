@@ -29,7 +29,7 @@ func main() {
 const (
 	exitFailure = 1  // anything else, possibly transient (hardware unreachable): restarted
 	exitUsage   = 2  // unknown flag or argument
-	exitConfig  = 78 // EX_CONFIG: invalid configuration, unusable PIN file, or the token refuses the PIN
+	exitConfig  = 78 // EX_CONFIG: invalid configuration, unusable PIN file, a PKCS#11 module that cannot start, or the token refuses the PIN
 )
 
 // startFailure is the exit status for an error of daemon.New.
@@ -58,7 +58,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		fmt.Fprintf(stderr, "Usage: keybrokerd [--config FILE] [flags]\n       keybrokerd --dev [--dev-dir DIR]\n\nFlags override the configuration file.\n\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(stderr, "\nExit status: 0 stopped by SIGTERM or SIGINT; %d usage error; %d configuration refused\n"+
-			"(invalid, unusable PIN file, or the PKCS#11 token refuses the PIN: never retried);\n"+
+			"(invalid, unusable PIN file, a PKCS#11 module that cannot load or read its own\n"+
+			"configuration, or the token refuses the PIN: never retried);\n"+
 			"%d any other failure (e.g. hardware unreachable).\n", exitUsage, exitConfig, exitFailure)
 	}
 	c := &o.cfgFlags

@@ -49,7 +49,8 @@ import (
 var ErrPINRefused = errors.New("the token refuses the PIN")
 
 // ErrConfig is wrapped by New's error when the configuration is at fault
-// (invalid, or a PIN file that cannot be used): starting again without
+// (invalid, a PIN file that cannot be used, or a PKCS#11 module that cannot
+// load or read its own configuration): starting again without
 // changing it fails the same way.
 var ErrConfig = errors.New("bad configuration")
 
@@ -265,6 +266,14 @@ func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err err
 		}, log)
 		if pinRefused(err) {
 			return nil, fmt.Errorf("pkcs11 token %q: %w (not retrying: PIN counters lock): %w", label, ErrPINRefused, err)
+		}
+		if errors.Is(err, hsm.ErrModule) {
+			// The module's own files are at fault: a restart cannot help.
+			why := softhsmDiagnosis(cfg.PKCS11.Module)
+			if why == "" {
+				why = "check that the daemon's user can read the module and its configuration and storage"
+			}
+			return nil, fmt.Errorf("%w: pkcs11 module %s: %w: %s", ErrConfig, cfg.PKCS11.Module, err, why)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("pkcs11 token %q: %w", label, err)

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# readme-check.sh — do what the README tells a new user, and check that it
+# worked. Run by scripts/fresh-machine.sh inside a fresh Debian root (that is
+# where it proves something); it changes the machine it runs on.
+#
+# usage: scripts/readme-check.sh run|service
+#   run      `make run` in the background until the daemon is healthy; sign
+#            with the "demo" key and verify the signature with openssl; stop
+#            the daemon with SIGINT, as Ctrl-C does, and want exit status 0.
+#   service  the README's "Running as a service" commands, as written, with
+#            SoftHSM2 as the token, under systemd (PID 1 of the root); then
+#            over the activated socket: health, a key, a signature verified;
+#            socket activation of a stopped service; `systemctl reload`;
+#            `systemctl stop` with status 0; and a daemon that cannot read
+#            SoftHSM2's configuration exits 78 once, with the reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step=""
+fail() {
+	echo "readme-check: $step: $*" >&2
+	exit 1
+}
+check() {
+	step=$*
+	echo "readme-check: $step" >&2
+}
+
+tmp=$(mktemp -d)
+cleanup_cmds=()
+cleanup() {
+	local c
+	for c in "${cleanup_cmds[@]}"; do eval "$c" || true; done
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# verify_signature CTL... : signs a digest of "hello" with key demo through
+# the keybrokerctl command line given and verifies the DER signature
+# against the key's public PEM with openssl.
+verify_signature() {
+	printf hello >"$tmp/msg"
+	local digest
+	digest=$(sha256sum "$tmp/msg" | cut -d' ' -f1)
+	"$@" sign demo --digest "$digest" --format der --output json >"$tmp/sign.json" ||
+		fail "keybrokerctl sign failed"
+	"$@" pubkey demo --format pem >"$tmp/pub.pem" || fail "keybrokerctl pubkey failed"
+	python3 - "$tmp/sign.json" "$tmp/sig.der" <<'EOF' || fail "no signature in: $(cat "$tmp/sign.json")"
+import base64, json, sys
+s = json.load(open(sys.argv[1]))["signature"]
+open(sys.argv[2], "wb").write(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
+EOF
+	openssl dgst -sha256 -verify "$tmp/pub.pem" -signature "$tmp/sig.der" "$tmp/msg" >/dev/null ||
+		fail "the signature does not verify against demo's public key"
+	# The same check must fail for another message: the verification is real.
+	printf 'hello!' >"$tmp/other"
+	if openssl dgst -sha256 -verify "$tmp/pub.pem" -signature "$tmp/sig.der" "$tmp/other" >/dev/null 2>&1; then
+		fail "the signature also verifies for another message"
+	fi
+}
+
+# wait_for SECONDS DESCRIPTION COMMAND...: until COMMAND succeeds.
+wait_for() {
+	local secs=$1 what=$2
+	shift 2
+	local deadline=$((SECONDS + secs))
+	until "$@" >/dev/null 2>&1; do
+		((SECONDS < deadline)) || return 1
+		sleep 0.5
+	done
+}
+
+check_run() {
+	check "make run (in the background)"
+	make run >"$tmp/run.log" 2>&1 &
+	local make_pid=$!
+	cleanup_cmds+=("kill $make_pid 2>/dev/null; pkill -INT -f '^bin/keybrokerd --dev' 2>/dev/null")
+	export KEYBROKER_SOCKET=$PWD/.keybroker/dev/keybroker.sock
+	# A first run installs SoftHSM2 and builds both binaries.
+	local deadline=$((SECONDS + 900))
+	until [[ -x bin/keybrokerctl ]] && bin/keybrokerctl health >/dev/null 2>&1; do
+		if ! kill -0 "$make_pid" 2>/dev/null; then
+			cat "$tmp/run.log" >&2
+			fail "make run exited before the daemon was healthy"
+		fi
+		((SECONDS < deadline)) || { cat "$tmp/run.log" >&2; fail "no healthy daemon after 900 s"; }
+		sleep 1
+	done
+	check "make run: the daemon printed the demo key's kid"
+	grep -q 'demo' "$tmp/run.log" || { cat "$tmp/run.log" >&2; fail "no mention of the demo key"; }
+	check "make run: bin/keybrokerctl sign demo, verified with openssl"
+	verify_signature bin/keybrokerctl
+	check "make run: Ctrl-C (SIGINT) stops the daemon, exit status 0"
+	pkill -INT -f '^bin/keybrokerd --dev' || fail "no keybrokerd process to stop"
+	local rc=0
+	wait "$make_pid" || rc=$?
+	((rc == 0)) || { cat "$tmp/run.log" >&2; fail "make run exited $rc"; }
+	echo "readme-check: make run serves, signs and stops cleanly" >&2
+}
+
+# readme_block MARKER prints the ```sh block that follows the line
+# "<!-- readme-check: MARKER -->" in README.md.
+readme_block() {
+	awk -v m="<!-- readme-check: $1 -->" '
+		$0 == m { found = 1; next }
+		found == 1 && /^```sh$/ { found = 2; next }
+		found == 2 && /^```$/ { exit }
+		found == 2 { print }
+	' README.md
+}
+
+check_service() {
+	local unit=keybroker.service
+	journal() { journalctl --no-pager -u keybroker.service -u keybroker.socket | tail -40 >&2; }
+	check "the README's service installation, as written"
+	readme_block service-install >"$tmp/install.sh"
+	[[ -s $tmp/install.sh ]] || fail "README.md has no block after <!-- readme-check: service-install -->"
+	# What the README asks the reader to choose: the PINs and the user the
+	# application runs as.
+	useradd --system --no-create-home app
+	export APP_USER=app PIN=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n') SO_PIN=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
+	bash -euo pipefail -x "$tmp/install.sh" || { journal; fail "an installation command failed"; }
+
+	local ctl=(sudo -u app keybrokerctl --timeout 20s)
+	check "the service is active (READY=1 sent)"
+	wait_for 30 "active" systemctl is-active --quiet $unit || { journal; fail "not active: $(systemctl is-active $unit)"; }
+	check "keybrokerctl health over the activated socket, as the application's user"
+	[[ $("${ctl[@]}" health) == SERVING ]] || { journal; fail "not SERVING"; }
+	check "keys create and a signature, verified with openssl"
+	"${ctl[@]}" keys create demo --alg ES256 >/dev/null || { journal; fail "keys create failed"; }
+	verify_signature "${ctl[@]}"
+
+	check "socket activation: a call to the stopped service starts it"
+	systemctl stop $unit
+	[[ -S /run/keybroker/keybroker.sock ]] || fail "the socket is gone with the service"
+	[[ $("${ctl[@]}" health) == SERVING ]] || { journal; fail "not SERVING after activation"; }
+	systemctl is-active --quiet $unit || fail "the call did not start the service"
+	verify_signature "${ctl[@]}" # the key survived the restart
+
+	check "systemctl reload"
+	local pid
+	pid=$(systemctl show -P MainPID $unit)
+	systemctl reload $unit || { journal; fail "reload failed"; }
+	wait_for 10 "reloaded" bash -c "journalctl --no-pager -u $unit | grep -q 'configuration reloaded'" ||
+		{ journal; fail "no 'configuration reloaded' in the journal"; }
+	[[ $(systemctl show -P MainPID $unit) == "$pid" ]] || fail "reload restarted the process"
+	[[ $("${ctl[@]}" health) == SERVING ]] || { journal; fail "not SERVING after reload"; }
+
+	check "systemctl stop: exit status 0"
+	systemctl stop $unit keybroker.socket
+	local status result
+	status=$(systemctl show -P ExecMainStatus $unit)
+	result=$(systemctl show -P Result $unit)
+	[[ $status == 0 && $result == success ]] || { journal; fail "stopped with status $status, result $result"; }
+
+	check "SoftHSM2's configuration unreadable: exit 78 with the reason, not restarted"
+	gpasswd -d keybroker softhsm >/dev/null
+	systemctl start keybroker.socket
+	systemctl start $unit && fail "started without access to SoftHSM2's configuration"
+	wait_for 10 "failed" systemctl is-failed --quiet $unit || { journal; fail "not failed: $(systemctl is-active $unit)"; }
+	status=$(systemctl show -P ExecMainStatus $unit)
+	[[ $status == 78 ]] || { journal; fail "exit status $status, want 78"; }
+	[[ $(systemctl show -P NRestarts $unit) == 0 ]] || { journal; fail "restarted $(systemctl show -P NRestarts $unit) times"; }
+	journalctl --no-pager -u $unit | grep -q '/etc/softhsm/softhsm2.conf' ||
+		{ journal; fail "the journal does not name SoftHSM2's configuration file"; }
+	gpasswd -a keybroker softhsm >/dev/null
+	systemctl reset-failed $unit
+	systemctl start $unit || { journal; fail "no start after the fix"; }
+	[[ $("${ctl[@]}" health) == SERVING ]] || { journal; fail "not SERVING after the fix"; }
+	echo "readme-check: the service installs as the README says and runs under systemd" >&2
+}
+
+case "${1:-}" in
+run) check_run ;;
+service) check_service ;;
+*)
+	echo "usage: $0 run|service" >&2
+	exit 2
+	;;
+esac
