@@ -167,6 +167,10 @@ mkdir -p "$r/usr/local/go" "$r/root/go/pkg/mod"
 mount --bind -o ro "$GOROOT_HOST" "$r/usr/local/go"
 mount --bind "$MODCACHE_HOST" "$r/root/go/pkg/mod"
 mount --bind "$APT_CACHE" "$r/var/cache/apt/archives"
+# Shared, as on a booted machine (systemd leaves this to a container's
+# manager): mounts that systemd makes for a service in a namespace of the
+# service's, such as its LoadCredential= directory, must show in its own.
+mount --make-rshared "$r"
 EOF
 )
 export ROOT=$root GOROOT_HOST=$goroot MODCACHE_HOST=$modcache APT_CACHE=$cache/apt-archives

@@ -161,8 +161,9 @@ check_service() {
 	status=$(systemctl show -P ExecMainStatus $unit)
 	[[ $status == 78 ]] || { journal; fail "exit status $status, want 78"; }
 	[[ $(systemctl show -P NRestarts $unit) == 0 ]] || { journal; fail "restarted $(systemctl show -P NRestarts $unit) times"; }
-	journalctl --no-pager -u $unit | grep -q '/etc/softhsm/softhsm2.conf' ||
-		{ journal; fail "the journal does not name SoftHSM2's configuration file"; }
+	journalctl --no-pager -u $unit >"$tmp/journal"
+	grep -q 'cannot read its configuration file: open /etc/softhsm/softhsm2.conf: permission denied' "$tmp/journal" ||
+		{ journal; fail "the journal does not say SoftHSM2 cannot read its configuration file"; }
 	gpasswd -a keybroker softhsm >/dev/null
 	systemctl reset-failed $unit
 	systemctl start $unit || { journal; fail "no start after the fix"; }
