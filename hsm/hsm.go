@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -110,9 +111,14 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 	}
 	// crypto11 keeps one of MaxSessions for the login; its pool has the
 	// rest.
+	slots := cfg.MaxSessions - 1
+	if serialModule(cfg.ModulePath) {
+		slots = 1
+		log.Info("PKCS#11 calls through p11-kit's RPC client run one at a time", "module", cfg.ModulePath)
+	}
 	return &Backend{
 		cfg: cfg, p11: p11, log: log, keys: make(map[string]crypto11.Signer),
-		slots:        make(chan struct{}, cfg.MaxSessions-1),
+		slots:        make(chan struct{}, slots),
 		closeTimeout: defaultCloseTimeout,
 	}, nil
 }
@@ -136,6 +142,18 @@ func checkModule(path string) error {
 		return nil
 	}
 	return &Error{Op: "initialise module", Kind: ErrModule, Err: err}
+}
+
+// serialModule reports whether calls into the module at path must not
+// overlap. p11-kit's RPC client (p11-kit-client.so, "p11-kit server"
+// remoting) deadlocks when its server goes away while two threads wait on
+// one connection: the thread whose reply is cut off returns without waking
+// the thread that read that reply's header for it, which then waits on a
+// condition variable forever (rpc_socket_read in p11-kit's
+// rpc-transport.c; seen with Debian 12's 0.24.1). Its server answers one
+// call at a time per connection anyway, so little is lost.
+func serialModule(path string) bool {
+	return filepath.Base(path) == "p11-kit-client.so"
 }
 
 // defaultCloseTimeout bounds Close: a call stuck in the module must not

@@ -154,7 +154,12 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 	// Probe reports the outage within a second.
 	var probeDown time.Duration
 	for time.Since(killed) < 2*time.Second {
-		if err := b.Probe(ctx); err != nil {
+		// With a deadline, as the daemon's probes have: a module that
+		// never answers must fail the test, not hang it.
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := b.Probe(pctx)
+		cancel()
+		if err != nil {
 			probeDown = time.Since(killed)
 			break
 		}
