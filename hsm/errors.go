@@ -75,6 +75,9 @@ func classify(op string, err error) error {
 	var kind error
 	var rv pkcs11.Error
 	switch {
+	case errors.Is(err, broker.ErrUnavailable):
+		// Classified already (a call left unanswered by the token).
+		kind = broker.ErrUnavailable
 	case errors.Is(err, pool.ErrTimeout), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		// crypto11's pool timed out waiting for a free session.
 		kind = broker.ErrResourceExhausted

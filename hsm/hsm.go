@@ -84,8 +84,9 @@ type Backend struct {
 	// for the context's calls to end.
 	closeTimeout time.Duration
 
-	inUse   atomic.Int64 // hardware calls in progress, each holding a session
-	started atomic.Int64 // hardware calls started through a slot, ever
+	inUse     atomic.Int64 // hardware calls in progress, each holding a session
+	abandoned atomic.Int64 // calls still in the hardware whose callers gave up
+	started   atomic.Int64 // hardware calls started through a slot, ever
 }
 
 // SessionsInUse is how many PKCS#11 sessions calls hold right now (for
@@ -240,7 +241,7 @@ func (b *Backend) failed(p11 *crypto11.Context, err error) error {
 	if err == nil || !errors.Is(err, broker.ErrUnavailable) {
 		return err
 	}
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, errUnanswered) {
 		// A slow or hung token: the call gave up, the context may still
 		// be good. Probe reports a hung token; reconnecting would not help.
 		return err
@@ -304,8 +305,9 @@ func closeQuietly(p11 *crypto11.Context) {
 }
 
 // bounded runs f, but returns when ctx ends even if the hardware does not
-// answer (the call finishes later on its own goroutine).
-func bounded[T any](ctx context.Context, f func() (T, error)) (T, error) {
+// answer (the call finishes later on its own goroutine). abandoned counts
+// such calls while they are still running.
+func bounded[T any](ctx context.Context, abandoned *atomic.Int64, f func() (T, error)) (T, error) {
 	if ctx.Done() == nil {
 		return f()
 	}
@@ -313,15 +315,25 @@ func bounded[T any](ctx context.Context, f func() (T, error)) (T, error) {
 		v   T
 		err error
 	}
+	const running, returned, left = 0, 1, 2
+	var state atomic.Int32
 	ch := make(chan result, 1)
 	go func() {
 		v, err := f()
+		if !state.CompareAndSwap(running, returned) {
+			abandoned.Add(-1)
+		}
 		ch <- result{v, err}
 	}()
 	select {
 	case r := <-ch:
 		return r.v, r.err
 	case <-ctx.Done():
+		if !state.CompareAndSwap(running, left) {
+			r := <-ch // it returned meanwhile
+			return r.v, r.err
+		}
+		abandoned.Add(1)
 		var zero T
 		return zero, fmt.Errorf("hsm: no answer from the token: %w (%w)", broker.ErrUnavailable, ctx.Err())
 	}
@@ -343,9 +355,9 @@ func (b *Backend) acquire(ctx context.Context) (release func(), err error) {
 		select {
 		case b.slots <- struct{}{}:
 		case <-ctx.Done():
-			return nil, fmt.Errorf("hsm: waiting for a PKCS#11 session: %w (%w)", broker.ErrResourceExhausted, ctx.Err())
+			return nil, b.noSlot(fmt.Errorf("hsm: waiting for a PKCS#11 session: %w", ctx.Err()))
 		case <-timeout:
-			return nil, fmt.Errorf("hsm: no PKCS#11 session free after %v: %w", b.cfg.PoolWaitTimeout, broker.ErrResourceExhausted)
+			return nil, b.noSlot(fmt.Errorf("hsm: no PKCS#11 session free after %v", b.cfg.PoolWaitTimeout))
 		}
 	}
 	if err := ctx.Err(); err != nil {
@@ -353,6 +365,20 @@ func (b *Backend) acquire(ctx context.Context) (release func(), err error) {
 		return nil, fmt.Errorf("hsm: waiting for a PKCS#11 session: %w (%w)", broker.ErrResourceExhausted, err)
 	}
 	return func() { <-b.slots }, nil
+}
+
+// errUnanswered says that calls whose callers gave up are still inside
+// the token: it is hung or slow, and a new context would not help.
+var errUnanswered = errors.New("the token does not answer")
+
+// noSlot classifies a wait for a session slot that ran out: the token is
+// unavailable when calls whose callers gave up still hold slots (it does
+// not answer), and merely saturated otherwise.
+func (b *Backend) noSlot(err error) error {
+	if n := b.abandoned.Load(); n > 0 {
+		return fmt.Errorf("%w: %w (%d calls abandoned by their callers still wait): %w", err, errUnanswered, n, broker.ErrUnavailable)
+	}
+	return fmt.Errorf("%w: %w", err, broker.ErrResourceExhausted)
 }
 
 // call runs the hardware call f holding a session slot, bounded by ctx
@@ -363,7 +389,7 @@ func call[T any](ctx context.Context, b *Backend, f func() (T, error)) (T, error
 		var zero T
 		return zero, err
 	}
-	return bounded(ctx, func() (T, error) {
+	return bounded(ctx, &b.abandoned, func() (T, error) {
 		defer release()
 		if err := ctx.Err(); err != nil {
 			var zero T
