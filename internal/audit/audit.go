@@ -20,6 +20,7 @@
 package audit
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -55,8 +56,32 @@ type Record struct {
 	DigestSHA256 string    `json:"digest_sha256,omitempty"` // hex SHA-256 of the signed digest, never the digest itself
 	Code         string    `json:"code"`                    // gRPC code name: "OK", "PERMISSION_DENIED", ...
 	LatencyMS    float64   `json:"latency_ms"`
-	Prev         string    `json:"prev"` // hex SHA-256 of the previous line without its newline; ZeroHash for seq 1
+	Note         string    `json:"note,omitempty"`  // what the log itself records: see MethodResumed and MethodBreak
+	Break        *Break    `json:"break,omitempty"` // set on the first record of a segment (MethodBreak)
+	Prev         string    `json:"prev"`            // hex SHA-256 of the previous line without its newline; ZeroHash for seq 1
 }
+
+// Break is carried by the record that starts a new segment of a log: the
+// records before it, up to AfterSeq, are not in the file before it (the
+// file was deleted, replaced or truncated under the daemon, or was missing
+// at start). The record chains to the last record known durable: its Seq
+// is AfterSeq+1 and its Prev is AfterHash, so a copy of the lost records,
+// if one turns up, links to it.
+type Break struct {
+	Reason    string `json:"reason"`
+	AfterSeq  uint64 `json:"after_seq"`
+	AfterHash string `json:"after_hash"`
+}
+
+// Methods of the records the log writes about itself.
+const (
+	// MethodResumed records that the log is writable again after a
+	// failure (a full disk, an I/O error); Note says since when and why,
+	// and how many records were refused meanwhile. The chain goes on.
+	MethodResumed = "/keybroker.audit/Resumed"
+	// MethodBreak starts a new segment; its Break says what was lost.
+	MethodBreak = "/keybroker.audit/Break"
+)
 
 // DigestSHA256 returns the value of Record.DigestSHA256 for digest: the hex
 // SHA-256 of it. The digest itself is not logged: it can be the hash of a
@@ -90,6 +115,12 @@ const defaultTimeout = time.Second
 // defaultHeadEvery is Options.HeadEvery when unset.
 const defaultHeadEvery = 10 * time.Millisecond
 
+// defaultRetryEvery is Options.RetryEvery when unset.
+const defaultRetryEvery = 200 * time.Millisecond
+
+// stillFailingEvery is how often a log that stays failed says so again.
+const stillFailingEvery = time.Minute
+
 // ErrUnavailable is returned (wrapped) by Write when it could not make its
 // record durable: the sink failed, earlier or now, it did not finish within
 // Options.Timeout, the context ended, or the log is closed. It wraps
@@ -100,6 +131,11 @@ type unavailableError struct{}
 
 func (unavailableError) Error() string { return "audit log unavailable" }
 func (unavailableError) Unwrap() error { return broker.ErrUnavailable }
+
+// ErrRefused is wrapped by Open's error when the log fails its check
+// against its head file (see Verify): it was tampered with, or damaged,
+// while no Log had it open. Opening it again fails the same way.
+var ErrRefused = errors.New("refusing to continue")
 
 // ErrInUse is returned (wrapped) by Open when another Log, in this process
 // or another, has the file open: two Logs appending to one file would
@@ -131,6 +167,12 @@ type Options struct {
 	// default 10ms. The head follows the log in the background, so it can
 	// lag the last durable record by this much plus one update.
 	HeadEvery time.Duration
+	// RetryEvery is how often a failed log (not one with a Sink) tries to
+	// recover; default 200ms.
+	RetryEvery time.Duration
+	// OnChange, when set, is called with the reason when the log fails
+	// and with nil when it has recovered (see Err). It must not block.
+	OnChange func(err error)
 }
 
 // Log is an open audit log. Its methods are safe for concurrent use. One
@@ -144,13 +186,21 @@ type Options struct {
 // moves the head file after the log, at most once per Options.HeadEvery,
 // so its own syncs are on no caller's path.
 type Log struct {
-	sink      Sink
-	file      *os.File // nil with Options.Sink
-	headPath  string   // "" with Options.Sink: no head file
-	timeout   time.Duration
-	headEvery time.Duration
-	now       func() time.Time
-	log       *slog.Logger
+	sink       Sink
+	file       *os.File // nil with Options.Sink; the writer's, and Close's once the writer has returned
+	path       string   // "" with Options.Sink
+	headPath   string   // "" with Options.Sink: no head file
+	timeout    time.Duration
+	headEvery  time.Duration
+	retryEvery time.Duration
+	now        func() time.Time
+	log        *slog.Logger
+	onChange   func(error)
+
+	// The writer goroutine's: where the last durable line ends in the
+	// file, and what the last commit found wrong with the file.
+	end    int64
+	damage damage
 
 	maxQueued  int           // bound of queued; maxQueuedBytes but in tests
 	wake       chan struct{} // cap 1: lines are queued, or the log is closing
@@ -158,7 +208,8 @@ type Log struct {
 	anchorWake chan struct{} // cap 1: durable moved
 	closing    chan struct{} // closed by Close: the anchor writes the last head
 	anchorDone chan struct{} // closed when the anchor goroutine returns
-	anchored   Head          // what the head file holds; anchor goroutine only
+	headMu     sync.Mutex    // held while the head file is written
+	anchored   Head          // what the head file holds; under headMu
 	finalErr   error         // why the last head was not written; read after anchorDone
 
 	mu        sync.Mutex
@@ -167,7 +218,9 @@ type Log struct {
 	queue     []*pending // lines waiting for the writer, in seq order
 	queued    int        // bytes of the lines queued or being committed
 	durable   Head       // the last line synced
-	failed    error      // why the sink or head file failed; set once, then every Write fails
+	failed    error      // why the sink, the file or the head file failed; every Write fails until it recovers
+	failedAt  time.Time  // when failed was set
+	refused   int        // Writes refused since failedAt
 	closed    bool
 	abandoned bool // Close gave up waiting for the writer: no last head
 
@@ -213,6 +266,11 @@ func Open(path string, o Options) (*Log, error) {
 		anchorDone: make(chan struct{}),
 		prev:       ZeroHash,
 		durable:    Head{Hash: ZeroHash},
+		retryEvery: o.RetryEvery,
+		onChange:   o.OnChange,
+	}
+	if l.retryEvery <= 0 {
+		l.retryEvery = defaultRetryEvery
 	}
 	if l.timeout <= 0 {
 		l.timeout = defaultTimeout
@@ -227,11 +285,11 @@ func Open(path string, o Options) (*Log, error) {
 		l.log = slog.New(slog.DiscardHandler)
 	}
 	if l.sink == nil {
-		f, head, err := openFile(path, l.log)
+		f, head, end, err := openFile(path, l.log, l.now)
 		if err != nil {
 			return nil, err
 		}
-		l.sink, l.file, l.headPath = f, f, path+".head"
+		l.sink, l.file, l.path, l.headPath, l.end = f, f, path, path+".head", end
 		l.seq, l.prev, l.durable, l.anchored = head.Seq, head.Hash, head, head
 		go l.anchor()
 	} else {
@@ -243,40 +301,96 @@ func Open(path string, o Options) (*Log, error) {
 
 // openFile opens the log at path for appending, locks it, checks it
 // against its head file, repairs what a crash leaves (see Open), and
-// returns the file and the head of the log.
-func openFile(path string, log *slog.Logger) (*os.File, Head, error) {
+// returns the file, the head of the log and where its last line ends. A
+// log missing while its head names records starts a new segment (see
+// Break).
+func openFile(path string, log *slog.Logger, now func() time.Time) (*os.File, Head, int64, error) {
 	headPath := path + ".head"
 	head, headMissing, err := readHeadFile(headPath)
 	if err != nil {
-		return nil, Head{}, err
+		return nil, Head{}, 0, err
 	}
-	flags := os.O_RDWR | os.O_APPEND
-	if headMissing || head.Seq == 0 {
-		// Without records in the head, the log may be new. With some, a
-		// missing log is an error, not a new empty one.
-		flags |= os.O_CREATE
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND, 0o600)
+	created := false
+	if errors.Is(err, fs.ErrNotExist) {
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|os.O_EXCL, 0o600)
+		created = true
 	}
-	f, err := os.OpenFile(path, flags, 0o600)
 	if err != nil {
-		return nil, Head{}, fmt.Errorf("audit: %w", err)
+		return nil, Head{}, 0, fmt.Errorf("audit: %w", err)
 	}
 	if err := lockFile(f); err != nil {
 		f.Close()
-		return nil, Head{}, fmt.Errorf("audit: locking %s: %w", path, err)
+		return nil, Head{}, 0, fmt.Errorf("audit: locking %s: %w", path, err)
 	}
 	// Read the head again now that no other Log can write it: the one
 	// read above may predate the last head of a Log closed since.
 	head, headMissing, err = readHeadFile(headPath)
 	if err != nil {
 		f.Close()
-		return nil, Head{}, err
+		return nil, Head{}, 0, err
 	}
-	head, err = recoverFile(f, path, head, headMissing, log)
+	if created && !headMissing && head.Seq > 0 {
+		reason := fmt.Sprintf("the log file was missing at start; its head file named %d records", head.Seq)
+		log.Error("audit log missing at start; starting a new segment that records the loss", "path", path, "head_seq", head.Seq)
+		h, end, err := startSegment(f, path, head, reason, now)
+		if err != nil {
+			f.Close()
+			return nil, Head{}, 0, err
+		}
+		return f, h, end, nil
+	}
+	head, end, err := recoverFile(f, path, head, headMissing, log)
 	if err != nil {
 		f.Close()
-		return nil, Head{}, err
+		return nil, Head{}, 0, err
 	}
-	return f, head, nil
+	return f, head, end, nil
+}
+
+// startSegment writes, to the empty file f at path, a Break record after
+// head, syncs it and its directory, writes the head file, and returns the
+// new head and the file's length.
+func startSegment(f *os.File, path string, after Head, reason string, now func() time.Time) (Head, int64, error) {
+	line, head, err := encodeLine(breakRecord(after, reason, now()))
+	if err != nil {
+		return Head{}, 0, err
+	}
+	if _, err := f.Write(line); err != nil {
+		return Head{}, 0, fmt.Errorf("audit: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return Head{}, 0, fmt.Errorf("audit: %w", err)
+	}
+	if err := syncDir(path); err != nil {
+		return Head{}, 0, fmt.Errorf("audit: %w", err)
+	}
+	if err := writeHead(path+".head", head); err != nil {
+		return Head{}, 0, fmt.Errorf("audit: %w", err)
+	}
+	return head, int64(len(line)), nil
+}
+
+// breakRecord is the first record of a segment after the record after.
+func breakRecord(after Head, reason string, at time.Time) Record {
+	return Record{
+		Seq: after.Seq + 1, Prev: after.Hash, Time: at.UTC(), Method: MethodBreak, Code: "DATA_LOSS",
+		Note:  "records before this one are not in this file: " + reason,
+		Break: &Break{Reason: reason, AfterSeq: after.Seq, AfterHash: after.Hash},
+	}
+}
+
+// encodeLine returns r's line, with its newline, and its seq and hash.
+func encodeLine(r Record) ([]byte, Head, error) {
+	line, err := json.Marshal(r)
+	if err != nil {
+		return nil, Head{}, fmt.Errorf("audit: encoding record: %w", err)
+	}
+	if len(line) > MaxLineBytes {
+		return nil, Head{}, fmt.Errorf("audit: record: got %d bytes, want at most %d", len(line), MaxLineBytes)
+	}
+	sum := sha256.Sum256(line)
+	return append(line, '\n'), Head{Seq: r.Seq, Hash: hex.EncodeToString(sum[:])}, nil
 }
 
 // readHeadFile reads the head file at headPath, reporting whether it is
@@ -286,6 +400,11 @@ func readHeadFile(headPath string) (head Head, missing bool, err error) {
 	if errors.Is(err, fs.ErrNotExist) {
 		return Head{}, true, nil
 	}
+	var perr *fs.PathError
+	if err != nil && !errors.As(err, &perr) {
+		// Read, but not a head: damaged or edited.
+		return Head{}, false, fmt.Errorf("audit: %w: %w", ErrRefused, err)
+	}
 	if err != nil {
 		return Head{}, false, fmt.Errorf("audit: %w", err)
 	}
@@ -294,10 +413,10 @@ func readHeadFile(headPath string) (head Head, missing bool, err error) {
 
 // recoverFile checks the log f against head (missing if headMissing),
 // repairs it as Open describes, writes the head file when it changed, and
-// returns the head.
-func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog.Logger) (Head, error) {
-	refuse := func(err error) (Head, error) {
-		return Head{}, fmt.Errorf("audit: refusing to continue %s: %w", path, err)
+// returns the head and where the last line ends.
+func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog.Logger) (Head, int64, error) {
+	refuse := func(err error) (Head, int64, error) {
+		return Head{}, 0, fmt.Errorf("audit: %w %s: %w", ErrRefused, path, err)
 	}
 	c, err := walk(f, head.Seq)
 	if err != nil {
@@ -319,10 +438,10 @@ func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog
 	}
 	if c.torn {
 		if err := f.Truncate(c.end); err != nil {
-			return Head{}, fmt.Errorf("audit: cutting the torn last line of %s: %w", path, err)
+			return Head{}, 0, fmt.Errorf("audit: cutting the torn last line of %s: %w", path, err)
 		}
 		if err := f.Sync(); err != nil {
-			return Head{}, fmt.Errorf("audit: %w", err)
+			return Head{}, 0, fmt.Errorf("audit: %w", err)
 		}
 		log.Warn("audit log ended inside a line (torn write, never acknowledged); cut it",
 			"path", path, "offset", c.end, "last_seq", c.seq)
@@ -330,10 +449,10 @@ func recoverFile(f *os.File, path string, head Head, headMissing bool, log *slog
 	now := Head{Seq: c.seq, Hash: c.hash}
 	if headMissing || now != head {
 		if err := writeHead(path+".head", now); err != nil {
-			return Head{}, fmt.Errorf("audit: %w", err)
+			return Head{}, 0, fmt.Errorf("audit: %w", err)
 		}
 	}
-	return now, nil
+	return now, c.end, nil
 }
 
 // Head returns the seq and hash of the last durable line. While the log is
@@ -387,28 +506,21 @@ func (l *Log) enqueue(r Record) (*pending, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.failed != nil {
+		l.refused++
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, l.failed)
 	}
 	if l.closed {
 		return nil, fmt.Errorf("%w: closed", ErrUnavailable)
 	}
 	r.Seq, r.Prev = l.seq+1, l.prev
-	line, err := json.Marshal(r)
+	line, head, err := encodeLine(r)
 	if err != nil {
-		return nil, fmt.Errorf("audit: encoding record: %w", err)
+		return nil, err
 	}
-	if len(line) > MaxLineBytes {
-		return nil, fmt.Errorf("audit: record: got %d bytes, want at most %d", len(line), MaxLineBytes)
-	}
-	if l.queued+len(line) >= l.maxQueued {
+	if l.queued+len(line) > l.maxQueued {
 		return nil, fmt.Errorf("%w: %d bytes of records already wait for the sink", ErrUnavailable, l.queued)
 	}
-	sum := sha256.Sum256(line)
-	p := &pending{
-		line: append(line, '\n'),
-		head: Head{Seq: r.Seq, Hash: hex.EncodeToString(sum[:])},
-		ack:  make(chan error, 1),
-	}
+	p := &pending{line: line, head: head, ack: make(chan error, 1)}
 	l.seq, l.prev = p.head.Seq, p.head.Hash
 	l.queue = append(l.queue, p)
 	l.queued += len(p.line)
@@ -419,8 +531,21 @@ func (l *Log) enqueue(r Record) (*pending, error) {
 	return p, nil
 }
 
+// damage is what a commit found wrong with the file.
+type damage struct {
+	// changed: the file at the path is not the one written, or not as
+	// written (deleted, moved, replaced, truncated, written by another).
+	changed bool
+	// appendedAt is where the failed batch landed in the file when
+	// changed, or -1 when unknown.
+	appendedAt int64
+}
+
 // run is the writer goroutine: it commits every line waiting as one batch,
-// until the log is closed and drained or it fails.
+// until the log is closed and drained. When a commit fails, or the anchor
+// goroutine fails the log, it answers every Write with the failure and
+// tries to recover (see recover) until it does or the log is closed; a
+// log with a Sink does not recover.
 func (l *Log) run() {
 	defer close(l.done)
 	var buf []byte
@@ -431,7 +556,11 @@ func (l *Log) run() {
 		l.queue = nil // its bytes stay in queued until committed
 		l.mu.Unlock()
 		if failed {
-			return // the anchor failed: fail has answered the queue
+			// The anchor failed the log: fail has answered the queue.
+			if !l.recover() {
+				return
+			}
+			continue
 		}
 
 		if len(batch) > 0 {
@@ -443,11 +572,15 @@ func (l *Log) run() {
 			head := batch[len(batch)-1].head
 			if err := l.commit(buf, batch[0].head.Seq, head); err != nil {
 				l.fail(err, batch)
-				return
+				if !l.recover() {
+					return
+				}
+				continue
 			}
 			if cap(buf) > maxKeptBuf {
 				buf = nil // a burst's buffer is not kept for good
 			}
+			l.end += int64(n)
 			l.mu.Lock()
 			l.durable = head
 			l.queued -= n
@@ -458,10 +591,7 @@ func (l *Log) run() {
 			for _, p := range batch {
 				p.ack <- nil
 			}
-			select {
-			case l.anchorWake <- struct{}{}:
-			default:
-			}
+			l.wakeAnchor()
 		}
 		if closing {
 			// Nothing is queued after closed is set: the batch was the last.
@@ -470,10 +600,17 @@ func (l *Log) run() {
 	}
 }
 
+func (l *Log) wakeAnchor() {
+	select {
+	case l.anchorWake <- struct{}{}:
+	default:
+	}
+}
+
 // anchor is the head goroutine: it writes the durable head to the head
 // file when it moves, at most once per headEvery, and the last one when
 // Close asks (see lastAnchor). A head file that cannot be written fails
-// the log, and ends the goroutine: there is no last head then.
+// the log; the writer's recovery writes it again.
 func (l *Log) anchor() {
 	defer close(l.anchorDone)
 	pause := time.NewTimer(l.headEvery)
@@ -487,7 +624,6 @@ func (l *Log) anchor() {
 		}
 		if err := l.writeAnchor(); err != nil {
 			l.fail(err, nil)
-			return
 		}
 		pause.Reset(l.headEvery)
 		select {
@@ -518,6 +654,8 @@ func (l *Log) lastAnchor() {
 
 // writeAnchor writes the durable head to the head file if it moved.
 func (l *Log) writeAnchor() error {
+	l.headMu.Lock()
+	defer l.headMu.Unlock()
 	head := l.Head()
 	if head == l.anchored {
 		return nil
@@ -529,7 +667,9 @@ func (l *Log) writeAnchor() error {
 	return nil
 }
 
-// commit makes the lines b, seqs first to head.Seq, durable.
+// commit makes the lines b, seqs first to head.Seq, durable, and checks
+// that they are in the file at the log's path, right after the last
+// durable line.
 func (l *Log) commit(b []byte, first uint64, head Head) error {
 	n, err := l.sink.Write(b)
 	if err == nil && n != len(b) {
@@ -541,13 +681,53 @@ func (l *Log) commit(b []byte, first uint64, head Head) error {
 	if err := l.sink.Sync(); err != nil {
 		return fmt.Errorf("syncing records %d to %d: %w", first, head.Seq, err)
 	}
+	if err := l.checkFile(l.end + int64(len(b))); err != nil {
+		return fmt.Errorf("records %d to %d are not in the log file: %w", first, head.Seq, err)
+	}
 	return nil
+}
+
+// errFileChanged wraps what checkFile finds.
+var errFileChanged = errors.New("the log file changed under the daemon")
+
+// checkFile reports whether the file at the log's path is the one it
+// writes, size bytes long. It sets l.damage when not.
+func (l *Log) checkFile(size int64) error {
+	if l.file == nil {
+		return nil
+	}
+	fi, err := l.file.Stat()
+	if err != nil {
+		return err
+	}
+	pi, perr := os.Stat(l.path)
+	var why string
+	switch {
+	case errors.Is(perr, fs.ErrNotExist):
+		why = "it was deleted or moved away"
+	case perr != nil:
+		return perr
+	case !os.SameFile(fi, pi):
+		why = "another file replaced it"
+	case fi.Size() != size:
+		why = fmt.Sprintf("it is %d bytes long, want %d: truncated, or written by another process", fi.Size(), size)
+	default:
+		return nil
+	}
+	l.damage = damage{changed: true, appendedAt: -1}
+	if perr == nil && os.SameFile(fi, pi) && fi.Size() >= size-l.end {
+		l.damage.appendedAt = fi.Size() - (size - l.end)
+	}
+	return fmt.Errorf("%w: %s", errFileChanged, why)
 }
 
 // fail marks the log failed with err, and fails batch and every line
 // queued since.
 func (l *Log) fail(err error, batch []*pending) {
 	l.mu.Lock()
+	for _, p := range batch {
+		l.queued -= len(p.line)
+	}
 	if l.failed != nil {
 		l.mu.Unlock()
 		for _, p := range batch {
@@ -555,22 +735,246 @@ func (l *Log) fail(err error, batch []*pending) {
 		}
 		return
 	}
-	l.failed = err
+	l.failed, l.failedAt, l.refused = err, l.now(), 0
 	rest := l.queue
 	l.queue = nil // queued no longer matters: nothing is queued after this
+	for _, p := range rest {
+		l.queued -= len(p.line)
+	}
 	durable := l.durable
+	// Lines not durable were never acknowledged: the chain goes on from
+	// the last durable one.
+	l.seq, l.prev = durable.Seq, durable.Hash
 	l.mu.Unlock()
 
-	l.log.Error("audit log failed; every later write fails until restart",
-		"err", err, "last_durable_seq", durable.Seq)
+	if l.file != nil {
+		l.log.Error("audit log failed; every write fails until it recovers",
+			"err", err, "last_durable_seq", durable.Seq)
+	} else {
+		l.log.Error("audit log failed; every later write fails", "err", err, "last_durable_seq", durable.Seq)
+	}
+	if l.onChange != nil {
+		// Before the answers: health is down by the time a caller sees
+		// UNAVAILABLE.
+		l.onChange(err)
+	}
 	werr := fmt.Errorf("%w: %w", ErrUnavailable, err)
 	for _, p := range append(batch, rest...) {
 		p.ack <- werr
 	}
 	select {
-	case l.wake <- struct{}{}: // let the writer see it and return
+	case l.wake <- struct{}{}: // let the writer see it
 	default:
 	}
+}
+
+// Err returns why the log is failed (every Write fails), or nil.
+func (l *Log) Err() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.failed
+}
+
+// recover tries, every retryEvery, to make the failed log writable again
+// (see repair), until it is or the log is closing. It reports whether it
+// did. A log with a Sink does not recover.
+func (l *Log) recover() bool {
+	if l.file == nil {
+		return false
+	}
+	t := time.NewTimer(l.retryEvery)
+	defer t.Stop()
+	lastSaid := time.Now()
+	for {
+		select {
+		case <-l.closing:
+			return false
+		case <-t.C:
+		}
+		err := l.repair()
+		if err == nil {
+			return true
+		}
+		if time.Since(lastSaid) >= stillFailingEvery {
+			l.log.Error("audit log still failed", "err", err)
+			lastSaid = time.Now()
+		}
+		t.Reset(l.retryEvery)
+	}
+}
+
+// repair makes the file at the log's path writable again and records what
+// happened: after a failed write (a full disk, an I/O error) it cuts what
+// the write left after the last durable line and writes a Resumed record;
+// when the file was deleted, moved or replaced by an empty one it starts a
+// new segment in a new (or that) file, and when it was truncated it cuts
+// it at the last whole line and starts a new segment there (a Break
+// record: what was lost). The record must be durable, and the file and
+// head file right, before the log takes Writes again.
+func (l *Log) repair() error {
+	l.headMu.Lock()
+	defer l.headMu.Unlock()
+	l.mu.Lock()
+	durable, reason, since, refused := l.durable, l.failed, l.failedAt, l.refused
+	l.mu.Unlock()
+
+	file, end, brk, created, err := l.repairFile()
+	if err != nil {
+		return err
+	}
+	// undo leaves the file as repairFile made it, or the path as it was,
+	// when a later step fails: the next try starts from there.
+	undo := func() {
+		switch {
+		case file == l.file:
+			file.Truncate(end)
+		case created:
+			os.Remove(l.path)
+			file.Close()
+		default:
+			file.Truncate(0)
+			file.Close()
+		}
+	}
+	var rec Record
+	if brk != "" {
+		rec = breakRecord(durable, brk, l.now())
+	} else {
+		rec = Record{
+			Seq: durable.Seq + 1, Prev: durable.Hash, Time: l.now().UTC(), Method: MethodResumed, Code: "OK",
+			Note: fmt.Sprintf("the log was unavailable from %s (%v); %d records were refused meanwhile",
+				since.UTC().Format(time.RFC3339Nano), reason, refused),
+		}
+	}
+	line, head, err := encodeLine(rec)
+	if err != nil {
+		undo()
+		return err
+	}
+	sink := l.sink
+	if file != l.file {
+		sink = file
+	}
+	if _, err := sink.Write(line); err != nil {
+		undo()
+		return fmt.Errorf("writing the %s record: %w", rec.Method, err)
+	}
+	if err := sink.Sync(); err != nil {
+		undo()
+		return fmt.Errorf("syncing the %s record: %w", rec.Method, err)
+	}
+	if file != l.file {
+		if err := syncDir(l.path); err != nil {
+			undo()
+			return err
+		}
+	}
+	if err := writeHead(l.headPath, head); err != nil {
+		undo()
+		return fmt.Errorf("recording head seq %d: %w", head.Seq, err)
+	}
+	if file != l.file {
+		l.file.Close()
+		l.file, l.sink = file, file
+	}
+	l.end, l.damage, l.anchored = end+int64(len(line)), damage{}, head
+	l.mu.Lock()
+	l.durable, l.seq, l.prev = head, head.Seq, head.Hash
+	l.failed = nil
+	l.mu.Unlock()
+	if brk != "" {
+		l.log.Error("audit log recovered in a new segment; records before it are lost from the file",
+			"path", l.path, "reason", brk, "after_seq", durable.Seq, "refused", refused)
+	} else {
+		l.log.Warn("audit log writable again", "path", l.path, "was", reason, "refused", refused)
+	}
+	if l.onChange != nil {
+		l.onChange(nil)
+	}
+	return nil
+}
+
+// repairFile returns the file to write at the log's path, cut at the
+// length end to write at, and, when records are lost from it, why (for a
+// Break record). A new file it returns is locked.
+func (l *Log) repairFile() (file *os.File, end int64, brk string, created bool, err error) {
+	fi, err := l.file.Stat()
+	if err != nil {
+		return nil, 0, "", false, err
+	}
+	pi, perr := os.Stat(l.path)
+	switch {
+	case perr == nil && os.SameFile(fi, pi) && !l.damage.changed:
+		// A write failed: cut what it left after the last durable line.
+		if err := l.file.Truncate(l.end); err != nil {
+			return nil, 0, "", false, err
+		}
+		return l.file, l.end, "", false, nil
+	case perr == nil && os.SameFile(fi, pi):
+		// Truncated (or written) by someone else. What the failed batch
+		// appended, and a partial line before it, go.
+		at := l.damage.appendedAt
+		if at < 0 || at > fi.Size() {
+			at = fi.Size()
+		}
+		at = min(at, l.end)
+		cut, err := lastLineEnd(l.file, at)
+		if err != nil {
+			return nil, 0, "", false, err
+		}
+		if err := l.file.Truncate(cut); err != nil {
+			return nil, 0, "", false, err
+		}
+		return l.file, cut, fmt.Sprintf("the log file was cut from %d to %d bytes", l.end, cut), false, nil
+	case errors.Is(perr, fs.ErrNotExist):
+		f, err := os.OpenFile(l.path, os.O_RDWR|os.O_APPEND|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, 0, "", false, err
+		}
+		if err := lockFile(f); err != nil {
+			f.Close()
+			return nil, 0, "", false, err
+		}
+		return f, 0, "the log file was deleted or moved away", true, nil
+	case perr != nil:
+		return nil, 0, "", false, perr
+	default:
+		// Another file at the path: take it only if it is empty (e.g.
+		// made by a log rotation), never append to what it holds.
+		if pi.Size() != 0 {
+			return nil, 0, "", false, fmt.Errorf("%s holds a file this log did not write: move it away", l.path)
+		}
+		f, err := os.OpenFile(l.path, os.O_RDWR|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, 0, "", false, err
+		}
+		if err := lockFile(f); err != nil {
+			f.Close()
+			return nil, 0, "", false, err
+		}
+		if st, err := f.Stat(); err != nil || st.Size() != 0 {
+			f.Close()
+			return nil, 0, "", false, fmt.Errorf("%s holds a file this log did not write: move it away", l.path)
+		}
+		return f, 0, "the log file was replaced by another file", false, nil
+	}
+}
+
+// lastLineEnd returns the offset just after the last newline before
+// offset at in f, or 0.
+func lastLineEnd(f *os.File, at int64) (int64, error) {
+	buf := make([]byte, 64<<10)
+	for at > 0 {
+		n := min(int64(len(buf)), at)
+		if _, err := f.ReadAt(buf[:n], at-n); err != nil {
+			return 0, err
+		}
+		if i := bytes.LastIndexByte(buf[:n], '\n'); i >= 0 {
+			return at - n + int64(i) + 1, nil
+		}
+		at -= n
+	}
+	return 0, nil
 }
 
 // Close stops accepting records, waits up to Options.Timeout (in all) for

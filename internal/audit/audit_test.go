@@ -451,19 +451,48 @@ func TestOpenRefusesTampered(t *testing.T) {
 			if want := strings.ReplaceAll(tt.wantErr, "%s", path); !strings.Contains(err.Error(), want) {
 				t.Errorf("Open: %v, want %q", err, want)
 			}
+			if !errors.Is(err, ErrRefused) {
+				t.Errorf("Open: %v, want ErrRefused", err)
+			}
 		})
 	}
 
+	// A log missing while its head names records is no refusal: a new
+	// segment starts, whose first record says what was lost.
 	t.Run("log removed", func(t *testing.T) {
 		path := writeLog(t, 5)
+		old, err := ReadHead(path + ".head")
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := os.Remove(path); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := Open(path, Options{}); !errors.Is(err, fs.ErrNotExist) {
-			t.Errorf("Open: %v, want fs.ErrNotExist", err)
+		l := openLog(t, path, Options{})
+		writeN(t, l, 6, 1)
+		closeLog(t, l)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
 		}
-		if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
-			t.Errorf("Open created the removed log: %v", err)
+		var first Record
+		if err := decodeRecord(lines(t, b)[0], &first); err != nil {
+			t.Fatal(err)
+		}
+		if first.Method != MethodBreak || first.Seq != 6 || first.Prev != old.Hash || first.Break == nil ||
+			first.Break.AfterSeq != 5 || first.Break.AfterHash != old.Hash || !strings.Contains(first.Break.Reason, "missing at start") {
+			t.Errorf("first record = %+v, want a break after seq 5, %s", first, old.Hash)
+		}
+		head, err := ReadHead(path + ".head")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := VerifyLog(bytes.NewReader(b), &head)
+		if err != nil || res.Records != 2 || res.LastSeq != 7 || len(res.Breaks) != 1 {
+			t.Fatalf("VerifyLog = %+v, %v; want 2 records up to seq 7 and one break", res, err)
+		}
+		if br := res.Breaks[0]; br.Line != 1 || br.First != 1 || br.Last != 5 {
+			t.Errorf("break = %+v, want records 1 to 5 missing before line 1", br)
 		}
 	})
 }
@@ -928,7 +957,7 @@ func TestCloseAnchorsAfterSinkFailure(t *testing.T) {
 	if err != nil || head != want {
 		t.Fatalf("head file = %+v, %v; want %+v, the last record acknowledged", head, err, want)
 	}
-	if res, err := VerifyLog(bytes.NewReader(b), &head); err != nil || res != (Result{Records: 4}) {
+	if res, err := VerifyLog(bytes.NewReader(b), &head); err != nil || res.Records != 4 || res.LastSeq != 4 || res.Unanchored() || len(res.Breaks) != 0 {
 		t.Errorf("VerifyLog = %+v, %v; want 4 records, none after the head", res, err)
 	}
 }

@@ -69,6 +69,12 @@ func writeHead(path string, h Head) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
+	return syncDir(path)
+}
+
+// syncDir syncs the directory of path, so that a file created or renamed
+// there survives a crash.
+func syncDir(path string) error {
 	dir, err := os.Open(filepath.Dir(path))
 	if err != nil {
 		return err
@@ -115,8 +121,13 @@ func Verify(r io.Reader, head *Head) (records int, err error) {
 // Result is what VerifyLog found in a log.
 type Result struct {
 	// Records is the number of complete, valid records, those after the
-	// head included; it is also the last seq.
+	// head included. Without breaks it is also the last seq.
 	Records int
+	// LastSeq is the seq of the last of them.
+	LastSeq uint64
+	// Breaks are the segments that start in the file (see Break): the
+	// records they say are missing are not there, and cannot be checked.
+	Breaks []FoundBreak
 	// AfterHead is the number of those records after the head's seq. They
 	// chain on, but the head does not vouch for them: removing some of
 	// them goes unnoticed.
@@ -127,6 +138,26 @@ type Result struct {
 	Torn bool
 }
 
+// FoundBreak is a Break record found by VerifyLog: records First to Last
+// are missing from the file before it (none when First > Last).
+type FoundBreak struct {
+	Line        int
+	Seq         uint64
+	Reason      string
+	First, Last uint64
+}
+
+func (b FoundBreak) String() string {
+	missing := "no record is missing"
+	switch {
+	case b.First == b.Last:
+		missing = fmt.Sprintf("record %d is missing", b.First)
+	case b.First < b.Last:
+		missing = fmt.Sprintf("records %d to %d are missing", b.First, b.Last)
+	}
+	return fmt.Sprintf("line %d (seq %d) starts a new segment: %s; %s", b.Line, b.Seq, b.Reason, missing)
+}
+
 // Unanchored reports whether the log goes on after its head: it is open
 // (the head lags the log by up to Options.HeadEvery, and a line may be
 // being written), or was not closed cleanly.
@@ -135,7 +166,9 @@ func (r Result) Unanchored() bool { return r.AfterHead > 0 || r.Torn }
 // VerifyLog reads a log from r and checks its chain: every line is a Record
 // in JSON with no unknown fields; seqs go 1, 2, 3, ...; each Prev is the
 // hash of the line before (ZeroHash for the first); the last line ends
-// with a newline. With head, the line at the head's seq must also be there
+// with a newline. A record with a Break starts a new segment instead: its
+// seq and Prev are those of its Break, which may not go back before the
+// line before it; it is reported in Result.Breaks. With head, the line at the head's seq must also be there
 // and have its hash, which detects whole trailing lines removed and an
 // edit of the last line.
 //
@@ -157,7 +190,7 @@ func VerifyLog(r io.Reader, head *Head) (Result, error) {
 		at = head.Seq
 	}
 	c, err := walk(r, at)
-	res := Result{Records: c.lines}
+	res := Result{Records: c.lines, LastSeq: c.seq, Breaks: c.breaks}
 	if err != nil {
 		return res, err
 	}
@@ -178,11 +211,12 @@ func VerifyLog(r io.Reader, head *Head) (Result, error) {
 // chain is what walk found: the valid prefix of a log.
 type chain struct {
 	lines  int    // complete lines whose chain is intact
-	seq    uint64 // seq of the last of them (= lines)
+	seq    uint64 // seq of the last of them (= lines without breaks)
 	hash   string // hash of the last of them, ZeroHash for none
 	end    int64  // offset just after the last of them
 	hashAt string // hash of the line whose seq walk was asked about, "" if not seen
 	torn   bool   // after them comes a last line without newline, unchecked
+	breaks []FoundBreak
 }
 
 // checkAnchor reports whether the chain holds h: the line with h.Seq is
@@ -241,6 +275,19 @@ func walk(r io.Reader, at uint64) (chain, error) {
 			return c, &VerifyError{Line: n, Seq: want, Reason: "not a valid record: " + err.Error()}
 		}
 		switch {
+		case rec.Break != nil:
+			b := rec.Break
+			switch {
+			case rec.Seq != b.AfterSeq+1 || rec.Prev != b.AfterHash:
+				return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: fmt.Sprintf(
+					"break: seq %d and prev %s do not follow its after_seq %d and after_hash %s", rec.Seq, rec.Prev, b.AfterSeq, b.AfterHash)}
+			case b.AfterSeq < c.seq:
+				return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: fmt.Sprintf(
+					"break: after_seq %d goes back before seq %d on the line before", b.AfterSeq, c.seq)}
+			case !isHash(b.AfterHash):
+				return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: "break: after_hash is not a hash"}
+			}
+			c.breaks = append(c.breaks, FoundBreak{Line: n, Seq: rec.Seq, Reason: b.Reason, First: c.seq + 1, Last: b.AfterSeq})
 		case rec.Seq < want:
 			return c, &VerifyError{Line: n, Seq: rec.Seq, Reason: fmt.Sprintf(
 				"seq: got %d, want %d (a line is duplicated, or lines are reordered)", rec.Seq, want)}

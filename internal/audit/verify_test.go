@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -319,7 +320,8 @@ func TestVerifyUnanchoredTail(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			res, err := VerifyLog(bytes.NewReader(tt.log), tt.head)
-			if res != tt.want {
+			tt.want.LastSeq = uint64(tt.want.Records) // no breaks: seqs are line numbers
+			if !reflect.DeepEqual(res, tt.want) {
 				t.Errorf("VerifyLog = %+v, want %+v", res, tt.want)
 			}
 			if n, verr := Verify(bytes.NewReader(tt.log), tt.head); n != tt.want.Records || (verr == nil) != (err == nil) {
@@ -402,4 +404,55 @@ func TestVerifyLiveLog(t *testing.T) {
 		lastRecords = res.Records
 	}
 	t.Logf("%d of %d verifications found records after the head (last: %d records)", unanchored, verifications, lastRecords)
+}
+
+// TestVerifyBreaks: a Break record starts a new segment, reported with the
+// records it says are missing; one that does not follow its own Break, or
+// goes back before the line before it, is an error.
+func TestVerifyBreaks(t *testing.T) {
+	b, _ := sampleLog(t, 3)
+	ls := lines(t, b)
+	after := Head{Seq: 5, Hash: strings.Repeat("ab", 32)}
+	brk := func(after Head, seq uint64, prev string) []byte {
+		r := breakRecord(after, "the log file was cut", time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
+		r.Seq, r.Prev = seq, prev
+		line, _, err := encodeLine(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return line
+	}
+	good := brk(after, 6, after.Hash)
+	goodHash := lineHash(good[:len(good)-1])
+	next := record(9)
+	next.Seq, next.Prev = 7, goodHash
+	nextLine, _, err := encodeLine(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	res, err := VerifyLog(bytes.NewReader(bytes.Join([][]byte{join(ls), good, nextLine}, nil)), nil)
+	if err != nil || res.Records != 5 || res.LastSeq != 7 || len(res.Breaks) != 1 {
+		t.Fatalf("VerifyLog = %+v, %v; want 5 records up to seq 7 and one break", res, err)
+	}
+	if br := res.Breaks[0]; br.Line != 4 || br.Seq != 6 || br.First != 4 || br.Last != 5 ||
+		br.String() != "line 4 (seq 6) starts a new segment: the log file was cut; records 4 to 5 are missing" {
+		t.Errorf("break = %+v (%s)", br, br)
+	}
+
+	for _, tt := range []struct {
+		name string
+		line []byte
+		want string
+	}{
+		{"seq not after its break", brk(after, 7, after.Hash), "do not follow"},
+		{"prev not its break's hash", brk(after, 6, ZeroHash), "do not follow"},
+		{"goes back", brk(Head{Seq: 1, Hash: after.Hash}, 2, after.Hash), "goes back before seq 3"},
+	} {
+		_, err := VerifyLog(bytes.NewReader(append(join(ls), tt.line...)), nil)
+		var verr *VerifyError
+		if !errors.As(err, &verr) || verr.Line != 4 || !strings.Contains(verr.Reason, tt.want) {
+			t.Errorf("%s: VerifyLog: %v, want a VerifyError at line 4, %q", tt.name, err, tt.want)
+		}
+	}
 }
