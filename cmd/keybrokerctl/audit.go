@@ -67,15 +67,21 @@ record being written, or torn by a crash), are not tampering but an
 unanchored tail: they could be cut without detection. The log then
 verifies, with a warning on stderr.
 
+A segment that keybrokerd started when its log file was deleted, moved,
+replaced or cut under it (or missing at start) begins with a break record:
+the log verifies, with a warning on stderr saying which records the file
+lacks and why.
+
 It prints "ok: N records, last seq S" (and ", head at seq H" when records
-follow the head), or, with --output json,
-{"records":N,"last_seq":S,"head_checked":true|false}, plus "after_head":K
-and "torn_last_line":true when they apply. A log that fails prints the
+follow the head, ", B breaks" when there are), or, with --output json,
+{"records":N,"last_seq":S,"head_checked":true|false}, plus "after_head":K,
+"torn_last_line":true and "breaks":[{"line","seq","reason",
+"first_missing","last_missing"}] when they apply. A log that fails prints the
 first line found wrong and why: an edited, missing, duplicated or
 reordered record, or a truncated file.
 
 Exit codes:
-  0  the log verifies (with a warning for an unanchored tail)
+  0  the log verifies (with a warning for an unanchored tail or a break)
   1  the log fails verification (tampered, truncated or damaged), or it
      cannot be read
   2  usage error
@@ -133,26 +139,44 @@ func (a *app) auditVerify(file, headPath string, stderr io.Writer) error {
 	if res.Unanchored() {
 		fmt.Fprintf(stderr, "keybrokerctl: warning: %s: %s\n", file, unanchoredWarning(res, *head))
 	}
-	// Seqs go 1, 2, ...: the last seq is the number of records.
-	n := res.Records
+	// A break is no tampering: the daemon wrote it when its log was
+	// deleted, replaced or cut, and it says which records the file lacks.
+	for _, b := range res.Breaks {
+		fmt.Fprintf(stderr, "keybrokerctl: warning: %s: %s\n", file, b)
+	}
 	if a.jsonOutput() {
+		type brk struct {
+			Line         int    `json:"line"`
+			Seq          uint64 `json:"seq"`
+			Reason       string `json:"reason"`
+			FirstMissing uint64 `json:"first_missing"`
+			LastMissing  uint64 `json:"last_missing"`
+		}
+		var breaks []brk
+		for _, b := range res.Breaks {
+			breaks = append(breaks, brk{b.Line, b.Seq, b.Reason, b.First, b.Last})
+		}
 		b, err := json.Marshal(struct {
-			Records      int  `json:"records"`
-			LastSeq      int  `json:"last_seq"`
-			HeadChecked  bool `json:"head_checked"`
-			AfterHead    int  `json:"after_head,omitempty"`
-			TornLastLine bool `json:"torn_last_line,omitempty"`
-		}{n, n, head != nil, res.AfterHead, res.Torn})
+			Records      int    `json:"records"`
+			LastSeq      uint64 `json:"last_seq"`
+			HeadChecked  bool   `json:"head_checked"`
+			AfterHead    int    `json:"after_head,omitempty"`
+			TornLastLine bool   `json:"torn_last_line,omitempty"`
+			Breaks       []brk  `json:"breaks,omitempty"`
+		}{res.Records, res.LastSeq, head != nil, res.AfterHead, res.Torn, breaks})
 		if err != nil {
 			return err
 		}
 		return a.printJSON(b, false)
 	}
+	msg := fmt.Sprintf("ok: %d records, last seq %d", res.Records, res.LastSeq)
 	if res.AfterHead > 0 {
-		_, err = fmt.Fprintf(a.stdout, "ok: %d records, last seq %d, head at seq %d\n", n, n, head.Seq)
-	} else {
-		_, err = fmt.Fprintf(a.stdout, "ok: %d records, last seq %d\n", n, n)
+		msg += fmt.Sprintf(", head at seq %d", head.Seq)
 	}
+	if n := len(res.Breaks); n > 0 {
+		msg += fmt.Sprintf(", %d breaks (see the warnings)", n)
+	}
+	_, err = fmt.Fprintln(a.stdout, msg)
 	return err
 }
 

@@ -238,3 +238,24 @@ func TestAuditVerifyLiveLog(t *testing.T) {
 	}
 	t.Logf("%d of %d verifications warned of records after the head", warned, verifications)
 }
+
+// TestAuditVerifyBreak: a log whose file went missing goes on in a new
+// segment; verify passes and says which records the file lacks.
+func TestAuditVerifyBreak(t *testing.T) {
+	path := auditLog(t, 3)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	l, err := audit.Open(path, audit.Options{}) // starts a segment after seq 3
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	runCtl("audit", "verify", path).check(t, exitOK, "ok: 1 records, last seq 4, 1 breaks (see the warnings)\n",
+		"keybrokerctl: warning: "+path+": line 1 (seq 4) starts a new segment: the log file was missing at start; its head file named 3 records; records 1 to 3 are missing\n")
+	runCtl("audit", "verify", path, "-o", "json").check(t, exitOK,
+		`{"records":1,"last_seq":4,"head_checked":true,"breaks":[{"line":1,"seq":4,"reason":"the log file was missing at start; its head file named 3 records","first_missing":1,"last_missing":3}]}`+"\n",
+		"keybrokerctl: warning: "+path+": line 1 (seq 4) starts a new segment: the log file was missing at start; its head file named 3 records; records 1 to 3 are missing\n")
+}

@@ -47,6 +47,9 @@ type Health struct {
 	// ProbeInterval is how often the backend is probed; health turns
 	// NOT_SERVING when a probe fails and SERVING when one succeeds again.
 	ProbeInterval time.Duration `yaml:"probe_interval"`
+	// ProbeTimeout is how long a probe may take before the backend counts
+	// as down (hung hardware answers nothing).
+	ProbeTimeout time.Duration `yaml:"probe_timeout"`
 }
 
 // Admin is the optional admin HTTP listener (Prometheus /metrics).
@@ -197,7 +200,10 @@ func Default() Config {
 			ShutdownTimeout:      10 * time.Second,
 		},
 		Log:    Log{Level: "info", Format: "json"},
-		Health: Health{ProbeInterval: 5 * time.Second},
+		// Probed often enough that a hung HSM or TPM turns health
+		// NOT_SERVING within a second (interval + timeout), and back
+		// within half a second of its return.
+		Health: Health{ProbeInterval: 500 * time.Millisecond, ProbeTimeout: 400 * time.Millisecond},
 	}
 }
 
@@ -313,6 +319,9 @@ func (c Config) Validate() error {
 	}
 	if c.Limits.ShutdownTimeout <= 0 {
 		add("limits.shutdown_timeout: got %v, want > 0", c.Limits.ShutdownTimeout)
+	}
+	if c.Health.ProbeTimeout < 10*time.Millisecond || c.Health.ProbeTimeout > time.Minute {
+		add("health.probe_timeout: got %v, want 10ms..1m", c.Health.ProbeTimeout)
 	}
 	if c.Health.ProbeInterval < 100*time.Millisecond || c.Health.ProbeInterval > time.Hour {
 		add("health.probe_interval: got %v, want 100ms..1h", c.Health.ProbeInterval)

@@ -81,6 +81,7 @@ log:
   format: text
 health:
   probe_interval: 2s
+  probe_timeout: 1s
 admin:
   address: 127.0.0.1:9464
 `
@@ -121,7 +122,7 @@ func TestParseFull(t *testing.T) {
 			ShutdownTimeout:      2 * time.Second,
 		},
 		Log:    Log{Level: "debug", Format: "text"},
-		Health: Health{ProbeInterval: 2 * time.Second},
+		Health: Health{ProbeInterval: 2 * time.Second, ProbeTimeout: time.Second},
 		Admin:  Admin{Address: "127.0.0.1:9464"},
 	}
 	if !reflect.DeepEqual(got, want) {

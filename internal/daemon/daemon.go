@@ -90,6 +90,7 @@ type Daemon struct {
 	maxKeys  atomic.Pointer[map[string]int]
 	reloadMu sync.Mutex
 	healthy  atomic.Bool
+	probing  atomic.Bool // a backend probe has not returned yet
 	probeNow chan struct{} // a call failed with UNAVAILABLE: probe at once
 	ready    chan struct{} // closed once READY=1 is sent
 	adminMu  sync.Mutex
@@ -161,7 +162,16 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	if err != nil {
 		return nil, err
 	}
-	if d.audit, err = audit.Open(cfg.AuditPath(), audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log}); err != nil {
+	// Health follows the audit log as it follows the hardware: a log that
+	// fails or recovers asks for a probe at once.
+	d.probeNow = make(chan struct{}, 1)
+	d.audit, err = audit.Open(cfg.AuditPath(), audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log,
+		OnChange: func(error) { d.nudgeProbe() }})
+	if errors.Is(err, audit.ErrRefused) {
+		// Tampered with or damaged while stopped: someone must look.
+		return nil, fmt.Errorf("%w: audit log: %w", ErrConfig, err)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("audit log: %w", err)
 	}
 	d.metrics = metrics.New(keySource{d}, tenantNames(cfg))
@@ -196,7 +206,6 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		log.Error("applying due rotations at start; retrying on schedule", "err", err)
 	}
 
-	d.probeNow = make(chan struct{}, 1)
 	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: healthNudger{d.metrics, d}, Log: log})
 	d.svc = svc
 	d.health = health.NewServer()
@@ -656,10 +665,17 @@ type healthNudger struct {
 func (h healthNudger) ObserveRPC(method, tenant string, code codes.Code, latency time.Duration) {
 	h.Metrics.ObserveRPC(method, tenant, code, latency)
 	healthy := h.d.healthy.Load()
-	if code == codes.Unavailable && healthy || code == codes.OK && !healthy {
-		select {
-		case h.d.probeNow <- struct{}{}:
-		default:
-		}
+	// A call that ran out of time may have waited on hung hardware.
+	failed := code == codes.Unavailable || code == codes.DeadlineExceeded
+	if failed && healthy || code == codes.OK && !healthy {
+		h.d.nudgeProbe()
+	}
+}
+
+// nudgeProbe asks the prober to probe at once.
+func (d *Daemon) nudgeProbe() {
+	select {
+	case d.probeNow <- struct{}{}:
+	default:
 	}
 }

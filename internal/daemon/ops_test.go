@@ -298,7 +298,7 @@ func TestHealthProberWithoutSystemd(t *testing.T) {
 	}
 	fb.down.Store(false)
 	checkHealth(t, r, healthpb.HealthCheckResponse_SERVING)
-	for _, want := range []string{"backend unreachable; health NOT_SERVING", "backend reachable again; health SERVING"} {
+	for _, want := range []string{"backend unreachable; health NOT_SERVING", "backend and audit log available again; health SERVING"} {
 		if !strings.Contains(r.log.String(), want) {
 			t.Errorf("log does not say %q", want)
 		}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -80,15 +81,17 @@ func (d *Daemon) probeInterval(watchdog time.Duration) time.Duration {
 	return i
 }
 
-// probe probes the backend once, within timeout (capped by the call
-// timeout), and sets health, the metrics and the log to match. Health and
-// the watchdog follow the shared backend only: a tenant's own token is
-// probed alongside, and its failure is logged and shown in
-// keybroker_tenant_token_up, but does not take the daemon down for every
-// tenant (systemd would restart it, and it could not start again while
-// that token is missing).
+// probe probes the backend once, within timeout (capped by
+// health.probe_timeout and the call timeout), looks at the audit log, and
+// sets health, the metrics and the log to match; it reports whether the
+// backend answered (the systemd watchdog follows the hardware only: a
+// restart would not help a full disk). Health follows the shared backend
+// and the audit log: a tenant's own token is probed alongside, and its
+// failure is logged and shown in keybroker_tenant_token_up, but does not
+// take the daemon down for every tenant (systemd would restart it, and it
+// could not start again while that token is missing).
 func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
-	timeout = min(timeout, d.cfg.Limits.CallTimeout)
+	timeout = min(timeout, d.live.Load().Health.ProbeTimeout, d.cfg.Limits.CallTimeout)
 	pctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	shared := d.backend
@@ -101,12 +104,15 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 	}
 	defer tenants.Wait()
 	start := time.Now()
-	err := shared.Probe(pctx)
+	err := d.probeBounded(pctx, shared)
 	d.metrics.ObserveProbe(time.Since(start), err)
 	if ctx.Err() != nil {
 		return false // stopping: the probe was cut short, not failed
 	}
-	up := err == nil
+	// A pool saturated by live calls is busy, not down.
+	backendUp := err == nil || errors.Is(err, broker.ErrResourceExhausted) && !errors.Is(err, broker.ErrUnavailable)
+	auditErr := d.audit.Err()
+	up := backendUp && auditErr == nil
 	was := d.healthy.Swap(up)
 	st := healthpb.HealthCheckResponse_SERVING
 	if !up {
@@ -115,14 +121,41 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 	d.health.SetServingStatus("", st)
 	d.health.SetServingStatus(kbv1.KeyBroker_ServiceDesc.ServiceName, st)
 	switch {
-	case was && !up:
+	case was && !backendUp:
 		d.log.Error("backend unreachable; health NOT_SERVING", "backend", d.cfg.Backend, "err", err)
 		d.notify("STATUS=backend unreachable: NOT_SERVING")
+	case was && !up:
+		d.log.Error("audit log unavailable; health NOT_SERVING", "err", auditErr)
+		d.notify("STATUS=audit log unavailable: NOT_SERVING")
 	case !was && up:
-		d.log.Info("backend reachable again; health SERVING", "backend", d.cfg.Backend)
+		d.log.Info("backend and audit log available again; health SERVING", "backend", d.cfg.Backend)
 		d.notify("STATUS=serving")
 	}
-	return up
+	return backendUp
+}
+
+// errProbeStuck is the probe's answer while an earlier probe has not
+// returned.
+var errProbeStuck = fmt.Errorf("%w: an earlier probe has not returned", broker.ErrUnavailable)
+
+// probeBounded runs b.Probe, returning when ctx ends even if the backend
+// does not (a TPM finishes the command it sent first). At most one such
+// probe runs: while it has not returned, the backend counts as down.
+func (d *Daemon) probeBounded(ctx context.Context, b broker.Backend) error {
+	if !d.probing.CompareAndSwap(false, true) {
+		return errProbeStuck
+	}
+	done := make(chan error, 1)
+	go func() {
+		defer d.probing.Store(false)
+		done <- b.Probe(ctx)
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: no answer to a probe: %w", broker.ErrUnavailable, ctx.Err())
+	}
 }
 
 // tenantTokens follows the tenants' own PKCS#11 tokens (broker.Router's
