@@ -252,7 +252,9 @@ func (l *link) Send(cmd []byte) ([]byte, error) {
 		if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 			deadline, callerDeadline = d, true
 		}
+		l.b.inflight.Store(&inflight{sent: time.Now(), slow: l.timeout > l.b.cfg.Timeout})
 		rsp, err := c.roundTrip(cmd, deadline)
+		l.b.inflight.Store(nil)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				if callerDeadline {

@@ -32,6 +32,7 @@ import (
 	"log/slog"
 	"math/big"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -121,6 +122,9 @@ type Backend struct {
 	// sem is the one lock around the connection and everything below; a
 	// channel so that waiting for it honours the caller's context.
 	sem chan struct{}
+	// inflight is the command sent and not answered yet, or nil; read
+	// without sem by calls that wait for it.
+	inflight atomic.Pointer[inflight]
 
 	conn conn
 	// ready is set once the TPM behind conn is initialised (initTPM); a
@@ -207,7 +211,7 @@ func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
 	select {
 	case b.sem <- struct{}{}:
 	case <-ctx.Done():
-		return nil, nil, &Error{Op: "wait for the TPM", Kind: broker.ErrUnavailable, Err: ctx.Err()}
+		return nil, nil, &Error{Op: "wait for the TPM", Kind: b.waitKind(), Err: ctx.Err()}
 	}
 	if b.closed {
 		<-b.sem
@@ -223,6 +227,28 @@ func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
 		return nil, nil, err
 	}
 	return l, unlock, nil
+}
+
+// inflight is a command on its way to the TPM and back.
+type inflight struct {
+	sent time.Time
+	slow bool // an RSA key generation: seconds are normal
+}
+
+// stuckAfter is how long a command other than an RSA key generation may go
+// unanswered before calls waiting behind it take the TPM for hung. TPM
+// commands take milliseconds to a few hundred on slow chips.
+const stuckAfter = time.Second
+
+// waitKind is what a call that gave up waiting for the TPM ran into: a
+// busy TPM (ErrResourceExhausted), or one whose command in flight is
+// overdue (ErrUnavailable), so that health tells a hung TPM from a key
+// generation.
+func (b *Backend) waitKind() error {
+	if f := b.inflight.Load(); f != nil && !f.slow && time.Since(f.sent) > stuckAfter {
+		return broker.ErrUnavailable
+	}
+	return broker.ErrResourceExhausted
 }
 
 // connect opens the connection if there is none, and makes the TPM ready:

@@ -398,6 +398,47 @@ func TestHungTPM(t *testing.T) {
 	signWhenBack(t, b, tenantA, h, pub, func(error) bool { return true })
 }
 
+// TestWaitBehindCommand: a call that gives up waiting behind another
+// call's command is told the TPM is busy (ErrResourceExhausted) while that
+// command is young, and that it is hung (ErrUnavailable) once it has gone
+// unanswered for stuckAfter: health must not flap during a slow command,
+// and must see a frozen TPM.
+func TestWaitBehindCommand(t *testing.T) {
+	sim := swtpmtest.Start(t)
+	b := open(t, sim, t.TempDir(), nil)
+	h, _, err := b.Generate(context.Background(), tenantA, es256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sim.Pause(t)
+	holder := make(chan error, 1)
+	go func() {
+		_, err := b.Sign(context.Background(), tenantA, h, digest(t, crypto.SHA256), crypto.SHA256)
+		holder <- err
+	}()
+	for b.inflight.Load() == nil {
+		time.Sleep(time.Millisecond)
+	}
+	sent := b.inflight.Load().sent
+	wait := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		_, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256)
+		return err
+	}
+	if err := wait(); !errors.Is(err, broker.ErrResourceExhausted) || errors.Is(err, broker.ErrUnavailable) {
+		t.Errorf("waiting behind a command sent %v ago: %v, want ErrResourceExhausted", time.Since(sent), err)
+	}
+	time.Sleep(stuckAfter - time.Since(sent) + 50*time.Millisecond)
+	if err := wait(); !errors.Is(err, broker.ErrUnavailable) {
+		t.Errorf("waiting behind a command sent %v ago: %v, want ErrUnavailable", time.Since(sent), err)
+	}
+	sim.Resume(t)
+	if err := <-holder; err != nil {
+		t.Errorf("the held Sign after the TPM came back: %v", err)
+	}
+}
+
 // TestRestartRecovery kills swtpm under load and restarts it on the same
 // state: signing resumes without reopening the backend, no call overruns
 // its deadline, and outage errors say unavailable.

@@ -199,11 +199,11 @@ func Default() Config {
 			CallTimeout:          10 * time.Second,
 			ShutdownTimeout:      10 * time.Second,
 		},
-		Log:    Log{Level: "info", Format: "json"},
+		Log: Log{Level: "info", Format: "json"},
 		// Probed often enough that a hung HSM or TPM turns health
 		// NOT_SERVING within a second (interval + timeout), and back
 		// within half a second of its return.
-		Health: Health{ProbeInterval: 500 * time.Millisecond, ProbeTimeout: 400 * time.Millisecond},
+		Health: Health{ProbeInterval: 250 * time.Millisecond, ProbeTimeout: 250 * time.Millisecond},
 	}
 }
 

@@ -90,7 +90,7 @@ type Daemon struct {
 	maxKeys  atomic.Pointer[map[string]int]
 	reloadMu sync.Mutex
 	healthy  atomic.Bool
-	probing  atomic.Bool // a backend probe has not returned yet
+	probing  atomic.Bool   // a backend probe has not returned yet
 	probeNow chan struct{} // a call failed with UNAVAILABLE: probe at once
 	ready    chan struct{} // closed once READY=1 is sent
 	adminMu  sync.Mutex
