@@ -263,7 +263,19 @@ func (b *Backend) failed(p11 *crypto11.Context, err error) error {
 // the backend is closed. A wrong PIN stops it: PIN counters lock.
 func (b *Backend) reconnect(old *crypto11.Context, done chan struct{}) {
 	defer close(done)
-	closeQuietly(old)
+	// crypto11's Close waits for the old context's sessions: a call stuck
+	// in the module (a hung HSM) must not keep the new context from
+	// opening. It closes on its own once that call returns.
+	closed := make(chan struct{})
+	go func() {
+		closeQuietly(old)
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(oldContextWait):
+		b.log.Warn("PKCS#11 calls still stuck in the old context; reconnecting without waiting for them", "token", b.cfg.TokenLabel)
+	}
 	delay := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		b.mu.RLock()
@@ -296,6 +308,10 @@ func (b *Backend) reconnect(old *crypto11.Context, done chan struct{}) {
 		delay = min(2*delay, time.Second)
 	}
 }
+
+// oldContextWait bounds how long a reconnect waits for the old context
+// to close.
+const oldContextWait = 2 * time.Second
 
 // closeQuietly closes a context whose sessions may all be dead; crypto11's
 // Close panics when called twice and may fail on a lost token.

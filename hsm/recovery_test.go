@@ -257,3 +257,81 @@ func TestHungHSM(t *testing.T) {
 	}
 	t.Fatalf("signing did not resume after SIGCONT: %v", last)
 }
+
+// TestHungThenRestartedHSM: the HSM process hangs (SIGSTOP) under load,
+// then is killed and started again, as a supervisor does with a hung
+// service. Calls stuck in the module during the hang must not keep the
+// backend from reconnecting: signing resumes within 5 s of the restart,
+// and no call overruns its deadline by more than a second.
+func TestHungThenRestartedHSM(t *testing.T) {
+	srv := startP11Kit(t)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+srv.sock)
+	b, err := Open(Config{ModulePath: p11kitClient, TokenLabel: srv.tok.Label, PIN: srv.tok.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	h, pub, err := b.Generate(context.Background(), broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("x"))
+	const deadline = 500 * time.Millisecond
+	var (
+		mu      sync.Mutex
+		lastOK  time.Time
+		slowest time.Duration
+	)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), deadline)
+				start := time.Now()
+				sig, err := b.Sign(ctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+				took := time.Since(start)
+				cancel()
+				mu.Lock()
+				slowest = max(slowest, took)
+				if err == nil && brokertest.Verify(pub, digest[:], sig, crypto.SHA256) == nil {
+					lastOK = time.Now()
+				}
+				mu.Unlock()
+				if err != nil {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	pgid := -srv.cmd.Process.Pid
+	syscall.Kill(pgid, syscall.SIGSTOP)
+	time.Sleep(2 * time.Second)
+	srv.kill() // SIGKILL reaches a stopped process
+	srv.start()
+	restarted := time.Now()
+	for time.Since(restarted) < 10*time.Second {
+		mu.Lock()
+		back := lastOK.After(restarted)
+		mu.Unlock()
+		if back {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("slowest call %v; signing back %v after the restart", slowest, lastOK.Sub(restarted))
+	if !lastOK.After(restarted) || lastOK.Sub(restarted) > 5*time.Second {
+		t.Errorf("signing did not resume within 5 s of the restart (last success %v after)", lastOK.Sub(restarted))
+	}
+	if slowest > deadline+time.Second {
+		t.Errorf("a call took %v, past its %v deadline", slowest, deadline)
+	}
+}

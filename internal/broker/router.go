@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
 )
 
 // Router is a Backend that sends each partition to its own backend (a
@@ -52,10 +53,26 @@ func (r *Router) Close() error {
 	return err
 }
 
+// ListSkipped is List's error when a tenant's own backend could not list
+// its objects because it is unavailable (a token not plugged in): the
+// objects of the others are returned with it, and the records of the
+// tenants skipped must be left as they are.
+type ListSkipped struct {
+	Tenants []string
+	Err     error
+}
+
+func (e *ListSkipped) Error() string {
+	return fmt.Sprintf("tenants' own backends not listed: %v: %v", e.Tenants, e.Err)
+}
+
+func (e *ListSkipped) Unwrap() error { return e.Err }
+
 // List lists every backend that can, reporting an object only where it is
 // served: an object on the shared token labelled with a tenant that has its
 // own token (or the reverse) is reported under a partition that routes back
-// to the backend holding it, so that Reconcile can remove it there.
+// to the backend holding it, so that Reconcile can remove it there. A
+// tenant's own backend that is unavailable is skipped (see ListSkipped).
 func (r *Router) List(ctx context.Context) ([]Object, error) {
 	var all []Object
 	add := func(b Backend, own string) error {
@@ -79,10 +96,23 @@ func (r *Router) List(ctx context.Context) ([]Object, error) {
 	if err := add(r.Shared, ""); err != nil {
 		return nil, err
 	}
+	var skipped *ListSkipped
 	for tenant, b := range r.ByTenant {
-		if err := add(b, tenant); err != nil {
+		err := add(b, tenant)
+		if errors.Is(err, ErrUnavailable) {
+			if skipped == nil {
+				skipped = &ListSkipped{}
+			}
+			skipped.Tenants = append(skipped.Tenants, tenant)
+			skipped.Err = errors.Join(skipped.Err, err)
+			continue
+		}
+		if err != nil {
 			return nil, err
 		}
+	}
+	if skipped != nil {
+		return all, skipped
 	}
 	return all, nil
 }

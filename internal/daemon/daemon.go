@@ -190,8 +190,14 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
 	defer cancel()
+	// The shared backend, as the prober: a tenant's own token may come
+	// later (see lateToken).
+	shared := d.backend
+	if r, ok := d.backend.(*broker.Router); ok {
+		shared = r.Shared
+	}
 	start := time.Now()
-	err = d.backend.Probe(ctx)
+	err = shared.Probe(ctx)
 	d.metrics.ObserveProbe(time.Since(start), err)
 	if err != nil {
 		return nil, fmt.Errorf("backend probe: %w", err)
@@ -303,11 +309,17 @@ func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err err
 		if t.PKCS11 == nil {
 			continue
 		}
-		own, err := open(t.PKCS11.TokenLabel, t.PKCS11.PINFile)
-		if err != nil {
+		openOwn := func() (*hsm.Backend, error) { return open(t.PKCS11.TokenLabel, t.PKCS11.PINFile) }
+		own, err := openOwn()
+		switch {
+		case errors.Is(err, ErrPINRefused) || errors.Is(err, ErrConfig):
 			return nil, fmt.Errorf("tenant %s: %w", t.Name, err)
+		case err != nil:
+			// Not there yet: the other tenants need not wait for it.
+			r.ByTenant[t.Name] = newLateToken(t.Name, openOwn, err, log)
+		default:
+			r.ByTenant[t.Name] = own
 		}
-		r.ByTenant[t.Name] = own
 	}
 	return r, nil
 }

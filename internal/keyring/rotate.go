@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -321,6 +322,17 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 		return 0, nil
 	}
 	objs, err := lister.List(ctx)
+	// Tenants whose own token is not there: their records and intents
+	// wait for the next start.
+	skip := map[string]bool{}
+	var skipped *broker.ListSkipped
+	if errors.As(err, &skipped) {
+		for _, t := range skipped.Tenants {
+			skip[t] = true
+		}
+		r.log.Warn("tenants' own tokens unavailable: their keys are not reconciled", "tenants", skipped.Tenants)
+		err = nil
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -328,6 +340,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	intents = slices.DeleteFunc(intents, func(in store.Intent) bool { return skip[in.Tenant] })
 	objKey := func(tenant string, h broker.Handle) string { return tenant + "\x00" + string(h) }
 	mine := map[string]bool{} // objects of this store that should not exist
 	for _, in := range intents {
@@ -336,6 +349,9 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	live := map[string]string{} // objects that should exist → "tenant/name vN STATE"
 	r.mu.RLock()
 	for _, k := range r.keys {
+		if skip[k.rec.Tenant] {
+			continue
+		}
 		for _, v := range k.rec.Versions {
 			key := objKey(k.rec.Tenant, v.Handle)
 			if v.State != broker.StateDestroyed {

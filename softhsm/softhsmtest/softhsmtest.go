@@ -69,6 +69,16 @@ func Main(m *testing.M) {
 // once, to contexts open now and later.
 func NewToken(t testing.TB) *softhsm.Token {
 	t.Helper()
+	tok, create := NewTokenLater(t)
+	create()
+	return tok
+}
+
+// NewTokenLater is NewToken in two steps, for a token that appears while
+// the code under test runs (a token plugged in): it returns the token's
+// label, PIN and PIN file, and create, which initialises the token.
+func NewTokenLater(t testing.TB) (tok *softhsm.Token, create func()) {
+	t.Helper()
 	if dir == "" {
 		t.Fatalf("softhsmtest: Main was not called; add `func TestMain(m *testing.M) { softhsmtest.Main(m) }` to the package's tests")
 	}
@@ -85,7 +95,7 @@ func NewToken(t testing.TB) *softhsm.Token {
 	if baseErr != nil {
 		t.Fatalf("softhsmtest: %v", baseErr)
 	}
-	tok := &softhsm.Token{
+	tok = &softhsm.Token{
 		Dir:        base.Dir,
 		ConfigPath: base.ConfigPath,
 		Label:      "t-" + randomHex(t, 8),
@@ -96,15 +106,18 @@ func NewToken(t testing.TB) *softhsm.Token {
 	if err := os.WriteFile(tok.PINFile, []byte(tok.PIN), 0o600); err != nil {
 		t.Fatalf("softhsmtest: %v", err)
 	}
-	if err := initToken(tok, randomHex(t, 16)); err != nil {
-		t.Fatalf("softhsmtest: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := tok.Delete(); err != nil {
-			t.Errorf("softhsmtest: %v", err)
+	soPIN := randomHex(t, 16)
+	return tok, func() {
+		t.Helper()
+		if err := initToken(tok, soPIN); err != nil {
+			t.Fatalf("softhsmtest: %v", err)
 		}
-	})
-	return tok
+		t.Cleanup(func() {
+			if err := tok.Delete(); err != nil {
+				t.Errorf("softhsmtest: %v", err)
+			}
+		})
+	}
 }
 
 var (
