@@ -237,7 +237,8 @@ func TestKeyQuota(t *testing.T) {
 
 // TestAuditEveryCall: a mixed run of 10,000 calls — successes, denials,
 // unknown callers, bad input, missing keys — gives exactly 10,000 records,
-// and the file verifies.
+// plus the intent record of the one admin change authorized, and the file
+// verifies.
 func TestAuditEveryCall(t *testing.T) {
 	ctx := ctxT(t)
 	path := filepath.Join(t.TempDir(), "audit.jsonl")
@@ -306,8 +307,8 @@ func TestAuditEveryCall(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Verify: %v", err)
 	}
-	if records != n {
-		t.Errorf("%d audit records for %d calls", records, n)
+	if records != n+1 {
+		t.Errorf("%d audit records for %d calls and 1 intent, want %d", records, n, n+1)
 	}
 }
 

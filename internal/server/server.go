@@ -96,7 +96,7 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	start := time.Now()
 	reqID := newRequestID()
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", reqID))
-	caller, resp, err := s.call(ctx, req, malformed, info, handler)
+	caller, resp, err := s.call(ctx, reqID, req, malformed, info, handler)
 	code := status.Code(err)
 	// The logger with the call's fields is built only when a line is
 	// written: not on the hot path at the default level.
@@ -112,12 +112,17 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	}
 	if s.audit != nil {
 		rec := auditRecord(reqID, info.FullMethod, caller, req, resp, code, time.Since(start))
-		if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
+		aerr := s.audit.Write(context.WithoutCancel(ctx), rec)
+		switch {
+		case aerr != nil && adminChanges[info.FullMethod] && code != codes.Unavailable:
+			// The change (or its refusal) happened, and its intent record
+			// is durable: the answer stays true.
+			log().Error("audit record of an admin change's outcome not written; its intent record stands", "err", aerr)
+			s.auditWriteFailed()
+		case aerr != nil:
 			log().Error("audit record not written; response withheld", "err", aerr)
-			resp, err = nil, status.Error(codes.Unavailable, "audit log unavailable, retry later")
-			if s.observer != nil {
-				s.observer.AuditWriteFailed()
-			}
+			resp, err = nil, errAuditUnavailable
+			s.auditWriteFailed()
 		}
 	}
 	if s.observer != nil {
@@ -126,8 +131,45 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	return resp, err
 }
 
+// adminChanges are the methods that change keys. Their audit record is
+// written ahead, as an intent (see writeIntent), so that an answer is true
+// even when the record of the outcome cannot be written: a change is never
+// made without a durable record, and never reported as not made once it is.
+var adminChanges = map[string]bool{
+	kbv1.KeyBroker_CreateKey_FullMethodName:        true,
+	kbv1.KeyBroker_RotateKey_FullMethodName:        true,
+	kbv1.KeyBroker_RevokeKeyVersion_FullMethodName: true,
+	kbv1.KeyBroker_UpdatePolicy_FullMethodName:     true,
+}
+
+// intentCode is the Code of an admin change's intent record.
+const intentCode = "STARTED"
+
+// errAuditUnavailable answers a call whose record cannot be made durable.
+var errAuditUnavailable = status.Error(codes.Unavailable, "audit log unavailable, retry later")
+
+func (s *Server) auditWriteFailed() {
+	if s.observer != nil {
+		s.observer.AuditWriteFailed()
+	}
+}
+
+// writeIntent records, before an admin change is attempted, who asks for
+// what; the outcome follows in a record with the same request ID.
+func (s *Server) writeIntent(ctx context.Context, reqID, method string, caller Caller, req any) error {
+	rec := auditRecord(reqID, method, caller, req, nil, codes.OK, 0)
+	rec.Code = intentCode
+	rec.Note = "admin change about to be attempted; its outcome follows with the same request_id"
+	if err := s.audit.Write(context.WithoutCancel(ctx), rec); err != nil {
+		s.log.Error("audit intent record not written; admin change not attempted", "request_id", reqID, "method", shortMethod(method), "err", err)
+		s.auditWriteFailed()
+		return errAuditUnavailable
+	}
+	return nil
+}
+
 // call authenticates, authorizes, applies the quota and runs the handler.
-func (s *Server) call(ctx context.Context, req any, malformed bool, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (caller Caller, resp any, err error) {
+func (s *Server) call(ctx context.Context, reqID string, req any, malformed bool, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (caller Caller, resp any, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
@@ -141,6 +183,11 @@ func (s *Server) call(ctx context.Context, req any, malformed bool, info *grpc.U
 	}
 	if malformed {
 		return caller, nil, status.Error(codes.InvalidArgument, "malformed request: the message does not decode")
+	}
+	if s.audit != nil && adminChanges[info.FullMethod] {
+		if err := s.writeIntent(ctx, reqID, info.FullMethod, caller, req); err != nil {
+			return caller, nil, err
+		}
 	}
 	// The signing quota is charged by each hardware signature the call
 	// makes (Sign, the PoP and certificate RPCs, AttestKey), once its
