@@ -102,52 +102,8 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	digest := sha256.Sum256([]byte("x"))
 	const deadline = time.Second
-	var (
-		mu       sync.Mutex
-		lastOK   time.Time
-		slowest  time.Duration
-		badError error
-		failures atomic.Int64
-	)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for w := 0; w < 4; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				cctx, cancel := context.WithTimeout(ctx, deadline)
-				start := time.Now()
-				sig, err := b.Sign(cctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
-				took := time.Since(start)
-				cancel()
-				mu.Lock()
-				slowest = max(slowest, took)
-				switch {
-				case err == nil:
-					if brokertest.Verify(pub, digest[:], sig, crypto.SHA256) != nil {
-						badError = errors.New("a signature does not verify")
-					}
-					lastOK = time.Now()
-				case errors.Is(err, broker.ErrUnavailable) || errors.Is(err, broker.ErrResourceExhausted):
-					failures.Add(1)
-				default:
-					badError = err
-				}
-				mu.Unlock()
-				if err != nil {
-					time.Sleep(10 * time.Millisecond)
-				}
-			}
-		}()
-	}
+	load := startSignLoad(b, h, pub, deadline, 4)
 	time.Sleep(300 * time.Millisecond)
 	srv.kill()
 	killed := time.Now()
@@ -168,29 +124,20 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 	time.Sleep(3*time.Second - time.Since(killed))
 	srv.start()
 	restarted := time.Now()
-	for time.Since(restarted) < 10*time.Second {
-		mu.Lock()
-		back := lastOK.After(restarted)
-		mu.Unlock()
-		if back {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	close(stop)
-	wg.Wait()
-	t.Logf("probe down after %v; %d failed calls; slowest call %v; signing back %v after restart", probeDown, failures.Load(), slowest, lastOK.Sub(restarted))
-	if badError != nil {
-		t.Fatalf("unexpected error: %v", badError)
+	lastOK := load.waitOKAfter(restarted, 10*time.Second)
+	load.halt()
+	t.Logf("probe down after %v; %d failed calls; slowest call %v; signing back %v after restart", probeDown, load.failures.Load(), load.slowest, lastOK.Sub(restarted))
+	if load.badError != nil {
+		t.Fatalf("unexpected error: %v", load.badError)
 	}
 	if probeDown == 0 || probeDown > time.Second {
 		t.Errorf("Probe did not report the outage within 1 s (took %v)", probeDown)
 	}
-	if failures.Load() == 0 {
+	if load.failures.Load() == 0 {
 		t.Error("no call failed while the HSM was down")
 	}
-	if slowest > deadline+time.Second {
-		t.Errorf("a call took %v, past its %v deadline", slowest, deadline)
+	if load.slowest > deadline+time.Second {
+		t.Errorf("a call took %v, past its %v deadline", load.slowest, deadline)
 	}
 	if !lastOK.After(restarted) || lastOK.Sub(restarted) > 5*time.Second {
 		t.Errorf("signing did not resume within 5 s of the restart (last success %v after)", lastOK.Sub(restarted))
@@ -275,20 +222,51 @@ func TestHungThenRestartedHSM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	digest := sha256.Sum256([]byte("x"))
 	const deadline = 500 * time.Millisecond
-	var (
-		mu      sync.Mutex
-		lastOK  time.Time
-		slowest time.Duration
-	)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Go(func() {
+	load := startSignLoad(b, h, pub, deadline, 4)
+	time.Sleep(200 * time.Millisecond)
+	pgid := -srv.cmd.Process.Pid
+	syscall.Kill(pgid, syscall.SIGSTOP)
+	time.Sleep(2 * time.Second)
+	srv.kill() // SIGKILL reaches a stopped process
+	srv.start()
+	restarted := time.Now()
+	lastOK := load.waitOKAfter(restarted, 10*time.Second)
+	load.halt()
+	t.Logf("slowest call %v; signing back %v after the restart", load.slowest, lastOK.Sub(restarted))
+	if load.badError != nil {
+		t.Errorf("unexpected error: %v", load.badError)
+	}
+	if !lastOK.After(restarted) || lastOK.Sub(restarted) > 5*time.Second {
+		t.Errorf("signing did not resume within 5 s of the restart (last success %v after)", lastOK.Sub(restarted))
+	}
+	if load.slowest > deadline+time.Second {
+		t.Errorf("a call took %v, past its %v deadline", load.slowest, deadline)
+	}
+}
+
+// signLoad signs with h from several goroutines, each call bounded by
+// deadline, and keeps what the tests check: the last verified signature,
+// the slowest call, the failures that say unavailable or busy, and any
+// other error or bad signature.
+type signLoad struct {
+	mu       sync.Mutex
+	lastOK   time.Time
+	slowest  time.Duration
+	badError error
+	failures atomic.Int64
+	stop     chan struct{}
+	wg       sync.WaitGroup
+}
+
+func startSignLoad(b *Backend, h broker.Handle, pub crypto.PublicKey, deadline time.Duration, workers int) *signLoad {
+	l := &signLoad{stop: make(chan struct{})}
+	digest := sha256.Sum256([]byte("x"))
+	for range workers {
+		l.wg.Go(func() {
 			for {
 				select {
-				case <-stop:
+				case <-l.stop:
 					return
 				default:
 				}
@@ -297,41 +275,46 @@ func TestHungThenRestartedHSM(t *testing.T) {
 				sig, err := b.Sign(ctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
 				took := time.Since(start)
 				cancel()
-				mu.Lock()
-				slowest = max(slowest, took)
-				if err == nil && brokertest.Verify(pub, digest[:], sig, crypto.SHA256) == nil {
-					lastOK = time.Now()
+				l.mu.Lock()
+				l.slowest = max(l.slowest, took)
+				switch {
+				case err == nil:
+					if brokertest.Verify(pub, digest[:], sig, crypto.SHA256) != nil {
+						l.badError = errors.New("a signature does not verify")
+					}
+					l.lastOK = time.Now()
+				case errors.Is(err, broker.ErrUnavailable) || errors.Is(err, broker.ErrResourceExhausted):
+					l.failures.Add(1)
+				default:
+					l.badError = err
 				}
-				mu.Unlock()
+				l.mu.Unlock()
 				if err != nil {
 					time.Sleep(10 * time.Millisecond)
 				}
 			}
 		})
 	}
-	time.Sleep(200 * time.Millisecond)
-	pgid := -srv.cmd.Process.Pid
-	syscall.Kill(pgid, syscall.SIGSTOP)
-	time.Sleep(2 * time.Second)
-	srv.kill() // SIGKILL reaches a stopped process
-	srv.start()
-	restarted := time.Now()
-	for time.Since(restarted) < 10*time.Second {
-		mu.Lock()
-		back := lastOK.After(restarted)
-		mu.Unlock()
-		if back {
-			break
+	return l
+}
+
+// waitOKAfter waits up to limit for a signature made after t, and returns
+// the time of the last one.
+func (l *signLoad) waitOKAfter(t time.Time, limit time.Duration) time.Time {
+	for start := time.Now(); time.Since(start) < limit; time.Sleep(20 * time.Millisecond) {
+		l.mu.Lock()
+		last := l.lastOK
+		l.mu.Unlock()
+		if last.After(t) {
+			return last
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
-	close(stop)
-	wg.Wait()
-	t.Logf("slowest call %v; signing back %v after the restart", slowest, lastOK.Sub(restarted))
-	if !lastOK.After(restarted) || lastOK.Sub(restarted) > 5*time.Second {
-		t.Errorf("signing did not resume within 5 s of the restart (last success %v after)", lastOK.Sub(restarted))
-	}
-	if slowest > deadline+time.Second {
-		t.Errorf("a call took %v, past its %v deadline", slowest, deadline)
-	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lastOK
+}
+
+func (l *signLoad) halt() {
+	close(l.stop)
+	l.wg.Wait()
 }

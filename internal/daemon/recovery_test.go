@@ -2,11 +2,7 @@ package daemon
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,7 +15,6 @@ import (
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/config"
-	"github.com/keybroker/keybroker/softhsm"
 )
 
 const p11kitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
@@ -29,46 +24,9 @@ const p11kitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 // health turns NOT_SERVING within 1 s; the HSM returns 3 s later: signing
 // resumes within 5 s and health is SERVING again, with no daemon restart.
 func TestHSMRestartHealth(t *testing.T) {
-	if _, err := os.Stat(p11kitClient); err != nil {
-		t.Fatalf("%s missing: run scripts/install-deps.sh (apt-get install p11-kit)", p11kitClient)
-	}
-	dir, err := os.MkdirTemp("", "kbr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "remote")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p11sock := filepath.Join(dir, "p11.sock")
-	var srv *exec.Cmd
-	startHSM := func() {
-		os.Remove(p11sock)
-		srv = exec.Command("p11-kit", "server", "-f", "--provider", tok.ModulePath, "-n", p11sock, "pkcs11:token="+tok.Label)
-		srv.Env = append(os.Environ(), tok.Env())
-		srv.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // it forks per connection
-		if err := srv.Start(); err != nil {
-			t.Fatalf("p11-kit server (scripts/install-deps.sh installs p11-kit): %v", err)
-		}
-		// Ready when a client sees the token through it.
-		for i := 0; i < 250; i++ {
-			probe := exec.Command("pkcs11-tool", "--module", p11kitClient, "-L")
-			probe.Env = append(os.Environ(), "P11_KIT_SERVER_ADDRESS=unix:path="+p11sock)
-			if out, err := probe.CombinedOutput(); err == nil && strings.Contains(string(out), tok.Label) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Fatal("p11-kit server did not serve the token within 5 s")
-	}
-	killHSM := func() {
-		syscall.Kill(-srv.Process.Pid, syscall.SIGKILL)
-		srv.Wait()
-	}
-	startHSM()
-	defer killHSM()
-	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+p11sock)
+	dir := shortTempDir(t)
+	hsm := startP11kitHSM(t, dir)
+	tok := hsm.tok
 
 	cfg := config.Default()
 	cfg.Socket = filepath.Join(dir, "kb.sock")
@@ -115,7 +73,7 @@ func TestHSMRestartHealth(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	killHSM()
+	hsm.kill()
 	err = sign()
 	firstError := time.Now()
 	st := status.Convert(err)
@@ -138,7 +96,7 @@ func TestHSMRestartHealth(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(3 * time.Second)
-	startHSM()
+	hsm.start()
 	back := time.Now()
 	for sign() != nil {
 		if time.Since(back) > 5*time.Second {
