@@ -52,7 +52,7 @@ func TestStaleCachedKeyIsNotFound(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p11, signer, err := b.find(ctx, h)
+	p11, signer, err := b.find(ctx, p, h)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +162,7 @@ func TestNoCachingAcrossDestroy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p11, signer, err := b.find(ctx, h)
+	p11, signer, err := b.find(ctx, broker.Partition{}, h)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +170,7 @@ func TestNoCachingAcrossDestroy(t *testing.T) {
 	epoch := b.epoch
 	b.mu.RUnlock()
 	b.forget(h)
-	b.cache(p11, epoch, h, signer) // a find that started before the Destroy
+	b.cache(p11, epoch, h, cachedKey{signer: signer}) // a find that started before the Destroy
 	b.mu.RLock()
 	_, cached := b.keys[string(h)]
 	b.mu.RUnlock()

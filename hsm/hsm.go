@@ -68,7 +68,7 @@ type Backend struct {
 
 	mu      sync.RWMutex
 	p11     *crypto11.Context          // nil while rebuilding
-	keys    map[string]crypto11.Signer // by CKA_ID, of the current p11
+	keys    map[string]cachedKey // by CKA_ID, of the current p11
 	closed  bool
 	rebuild chan struct{} // closed when the running rebuild ends
 	// epoch changes whenever a Destroy starts or ends; a key pair found
@@ -95,6 +95,13 @@ func (b *Backend) SessionsInUse() int { return int(b.inUse.Load()) }
 
 var _ broker.Backend = (*Backend)(nil)
 
+// cachedKey is a key pair found on the token, and the tenant its label
+// names (its partition).
+type cachedKey struct {
+	signer crypto11.Signer
+	tenant string
+}
+
 // Open loads the module, finds the token and logs in.
 func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 	if cfg.MaxSessions < 2 {
@@ -118,7 +125,7 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 		log.Info("PKCS#11 calls through p11-kit's RPC client run one at a time", "module", cfg.ModulePath)
 	}
 	return &Backend{
-		cfg: cfg, p11: p11, log: log, keys: make(map[string]crypto11.Signer),
+		cfg: cfg, p11: p11, log: log, keys: make(map[string]cachedKey),
 		slots:        make(chan struct{}, slots),
 		closeTimeout: defaultCloseTimeout,
 	}, nil
@@ -251,7 +258,7 @@ func (b *Backend) failed(p11 *crypto11.Context, err error) error {
 	if b.p11 != p11 || b.closed {
 		return err // already retired
 	}
-	b.p11, b.keys = nil, make(map[string]crypto11.Signer)
+	b.p11, b.keys = nil, make(map[string]cachedKey)
 	done := make(chan struct{})
 	b.rebuild = done
 	b.log.Error("PKCS#11 token lost; reconnecting", "token", b.cfg.TokenLabel, "err", err)
@@ -491,7 +498,7 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 		}
 		return nil, nil, b.failed(p11, err)
 	}
-	b.cache(p11, epoch, id, signer)
+	b.cache(p11, epoch, id, cachedKey{signer, p.Tenant})
 	return broker.Handle(id), signer.Public(), nil
 }
 
@@ -508,10 +515,10 @@ func generate(p11 *crypto11.Context, id, label []byte, spec broker.KeySpec, stri
 
 // cache remembers a key pair found on context p11 at epoch, unless p11 was
 // retired or a Destroy ran meanwhile.
-func (b *Backend) cache(p11 *crypto11.Context, epoch uint64, id []byte, signer crypto11.Signer) {
+func (b *Backend) cache(p11 *crypto11.Context, epoch uint64, id []byte, k cachedKey) {
 	b.mu.Lock()
 	if b.p11 == p11 && b.epoch == epoch {
-		b.keys[string(id)] = signer
+		b.keys[string(id)] = k
 	}
 	b.mu.Unlock()
 }
@@ -529,7 +536,7 @@ func (b *Backend) forget(h broker.Handle) {
 // token no longer knows).
 func (b *Backend) drop(h broker.Handle, signer crypto11.Signer) {
 	b.mu.Lock()
-	if b.keys[string(h)] == signer {
+	if b.keys[string(h)].signer == signer {
 		delete(b.keys, string(h))
 	}
 	b.mu.Unlock()
@@ -629,18 +636,11 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	size, ok := digestSize(opts)
-	if !ok {
-		return nil, &broker.FieldError{Field: "hash", Reason: "unknown or unsupported hash function"}
-	}
-	if len(digest) != size {
-		return nil, &broker.FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d", len(digest), size)}
-	}
-	if pss, ok := opts.(*rsa.PSSOptions); ok && pss.SaltLength != rsa.PSSSaltLengthEqualsHash {
-		return nil, &broker.FieldError{Field: "padding", Reason: "PSS salt length must equal the hash length"}
+	if err := broker.CheckSign(opts, digest); err != nil {
+		return nil, err
 	}
 	for attempt := 0; ; attempt++ {
-		p11, signer, err := b.find(ctx, h)
+		p11, signer, err := b.find(ctx, p, h)
 		if err != nil {
 			return nil, err
 		}
@@ -668,18 +668,6 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	}
 }
 
-// digestSize returns the digest length of opts' hash, or false if opts
-// names no hash this package can size (crypto.Hash.Size panics for those).
-func digestSize(opts crypto.SignerOpts) (int, bool) {
-	if opts == nil {
-		return 0, false
-	}
-	h := opts.HashFunc()
-	if h == 0 || !h.Available() {
-		return 0, false
-	}
-	return h.Size(), true
-}
 
 // Destroy deletes both halves of the key pair h. Each half is looked up by
 // CKA_ID (not through a cached handle) and a half that another caller
@@ -698,20 +686,20 @@ func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Hand
 	b.forget(h)
 	defer b.forget(h)
 	// Not bounded by ctx: a half-deleted pair is worse than a late answer.
-	n, err := destroyKeyPair(b.cfg, h)
+	n, err := destroyKeyPair(b.cfg, p, h)
 	if err != nil {
 		// A session of its own: its errors do not retire the context.
 		return classify("destroy key", err)
 	}
 	if n == 0 {
-		return fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
+		return errNoKey
 	}
 	return nil
 }
 
-// destroyKeyPair deletes every private and public key with CKA_ID id and
-// returns how many there were.
-func destroyKeyPair(cfg Config, id []byte) (int, error) {
+// destroyKeyPair deletes every private and public key with CKA_ID id whose
+// label names p's tenant, and returns how many there were.
+func destroyKeyPair(cfg Config, p broker.Partition, id []byte) (int, error) {
 	n := 0
 	err := withTokenSession(cfg, true, func(mod *pkcs11.Ctx, sess pkcs11.SessionHandle) error {
 		for _, class := range []uint{pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
@@ -724,8 +712,18 @@ func destroyKeyPair(cfg Config, id []byte) (int, error) {
 				return err
 			}
 			for _, h := range handles {
+				attrs, err := mod.GetAttributeValue(sess, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+				if isGoneObject(err) {
+					continue // destroyed meanwhile
+				}
+				if err != nil {
+					return err
+				}
+				if tenant, ok := labelTenant(string(attrs[0].Value)); !ok || tenant != p.Tenant {
+					continue // another partition's: not there for p
+				}
 				n++
-				err := mod.DestroyObject(sess, h)
+				err = mod.DestroyObject(sess, h)
 				if err == nil || isGoneObject(err) {
 					continue
 				}
@@ -745,7 +743,7 @@ func destroyKeyPair(cfg Config, id []byte) (int, error) {
 
 // find returns the current context and the key pair with CKA_ID h on it,
 // from the cache or the token.
-func (b *Backend) find(ctx context.Context, h broker.Handle) (*crypto11.Context, crypto11.Signer, error) {
+func (b *Backend) find(ctx context.Context, p broker.Partition, h broker.Handle) (*crypto11.Context, crypto11.Signer, error) {
 	if len(h) != IDLen {
 		return nil, nil, fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
 	}
@@ -756,22 +754,48 @@ func (b *Backend) find(ctx context.Context, h broker.Handle) (*crypto11.Context,
 		_, err := b.context()
 		return nil, nil, err
 	}
-	if cached != nil {
-		return p11, cached, nil
+	if cached.signer == nil {
+		found, err := call(ctx, b, func() ([]crypto11.Signer, error) { return p11.FindKeyPairs(h, nil) })
+		if err != nil {
+			return nil, nil, b.failed(p11, classify("find key", err))
+		}
+		switch len(found) {
+		case 0:
+			return nil, nil, errNoKey
+		case 1:
+		default:
+			return nil, nil, fmt.Errorf("hsm: %d key pairs share one CKA_ID", len(found))
+		}
+		label, err := call(ctx, b, func() (*crypto11.Attribute, error) { return p11.GetAttribute(found[0], crypto11.CkaLabel) })
+		if err != nil {
+			return nil, nil, b.failed(p11, classify("read key label", err))
+		}
+		tenant, ok := labelTenant(string(label.Value))
+		if !ok {
+			return nil, nil, errNoKey // not a key this daemon made
+		}
+		cached = cachedKey{found[0], tenant}
+		b.cache(p11, epoch, h, cached)
 	}
-	found, err := call(ctx, b, func() ([]crypto11.Signer, error) { return p11.FindKeyPairs(h, nil) })
-	if err != nil {
-		return nil, nil, b.failed(p11, classify("find key", err))
+	if cached.tenant != p.Tenant {
+		// Another partition's key looks exactly like no key.
+		return nil, nil, errNoKey
 	}
-	switch len(found) {
-	case 0:
-		return nil, nil, fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
-	case 1:
-	default:
-		return nil, nil, fmt.Errorf("hsm: %d key pairs share one CKA_ID", len(found))
+	return p11, cached.signer, nil
+}
+
+// errNoKey is the answer for a handle of no key of the partition.
+var errNoKey = fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
+
+// labelTenant returns the tenant a key's CKA_LABEL names
+// (labelPrefix + tenant + "/" + name), and whether it is such a label.
+func labelTenant(label string) (string, bool) {
+	rest, ok := strings.CutPrefix(label, labelPrefix)
+	if !ok {
+		return "", false
 	}
-	b.cache(p11, epoch, h, found[0])
-	return p11, found[0], nil
+	tenant, _, ok := strings.Cut(rest, "/")
+	return tenant, ok
 }
 
 // List returns every key pair on the token that the daemon created, with
@@ -794,9 +818,8 @@ func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
 		if len(f.id) != IDLen {
 			continue
 		}
-		rest, ok := strings.CutPrefix(f.label, labelPrefix)
-		tenant, _, hasSlash := strings.Cut(rest, "/")
-		if !ok || !hasSlash {
+		tenant, ok := labelTenant(f.label)
+		if !ok {
 			continue
 		}
 		objs = append(objs, broker.Object{Partition: broker.Partition{Tenant: tenant}, Handle: broker.Handle(f.id)})

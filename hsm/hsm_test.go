@@ -48,7 +48,7 @@ func TestPrivateKeyAttributes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, signer, err := b.find(ctx, h)
+			_, signer, err := b.find(ctx, broker.Partition{}, h)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -93,7 +93,7 @@ func TestPublicKeyAttributes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, signer, _ := b.find(context.Background(), h)
+	_, signer, _ := b.find(context.Background(), broker.Partition{}, h)
 	for typ, w := range map[uint]bool{pkcs11.CKA_VERIFY: true, pkcs11.CKA_ENCRYPT: false, pkcs11.CKA_WRAP: false, pkcs11.CKA_PRIVATE: false} {
 		a, err := b.p11.GetPubAttribute(signer, typ)
 		if err != nil {

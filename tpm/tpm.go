@@ -681,21 +681,12 @@ func nullTicket() tpm2.TPMTTKHashCheck {
 // hash before any TPM command, and travels encrypted in a salted session,
 // the key's reusable one (see keySession).
 func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	if opts == nil {
-		return nil, &broker.FieldError{Field: "hash", Reason: "missing"}
+	if err := broker.CheckSign(opts, digest); err != nil {
+		return nil, err
 	}
 	hash := opts.HashFunc()
-	hashAlg, ok := hashAlgs[hash]
-	if !ok {
-		return nil, &broker.FieldError{Field: "hash", Reason: fmt.Sprintf("got %v, want SHA-256, SHA-384 or SHA-512", hash)}
-	}
-	if len(digest) != hash.Size() {
-		return nil, &broker.FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d for %v", len(digest), hash.Size(), hash)}
-	}
-	pss, isPSS := opts.(*rsa.PSSOptions)
-	if isPSS && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != hash.Size() {
-		return nil, &broker.FieldError{Field: "padding", Reason: "PSS salt length must equal the hash length"}
-	}
+	hashAlg := hashAlgs[hash]
+	_, isPSS := opts.(*rsa.PSSOptions)
 	k, err := b.decoded.decode(h)
 	if err != nil {
 		return nil, err

@@ -61,13 +61,8 @@ func SignerOpts(alg Algorithm, hash crypto.Hash, pad Padding, digest []byte) (cr
 	if hash == 0 {
 		hash = alg.Hash()
 	}
-	switch hash {
-	case crypto.SHA256, crypto.SHA384, crypto.SHA512:
-	default:
-		return nil, &FieldError{Field: "hash", Reason: fmt.Sprintf("got %v, want SHA-256, SHA-384 or SHA-512", hash)}
-	}
-	if len(digest) != hash.Size() {
-		return nil, &FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d for %v", len(digest), hash.Size(), hash)}
+	if err := CheckSign(hash, digest); err != nil {
+		return nil, err
 	}
 	if alg.IsEC() {
 		if pad != PaddingDefault {
@@ -82,4 +77,27 @@ func SignerOpts(alg Algorithm, hash crypto.Hash, pad Padding, digest []byte) (cr
 		return hash, nil
 	}
 	return nil, &FieldError{Field: "padding", Reason: fmt.Sprintf("unknown padding %d", int(pad))}
+}
+
+// CheckSign is the check of a signing request that every layer makes —
+// the server through SignerOpts, and each Backend's Sign before the
+// hardware: opts names SHA-256, SHA-384 or SHA-512, the digest has that
+// hash's length, and a PSS salt is the hash length (RFC 7518 §3.5).
+func CheckSign(opts crypto.SignerOpts, digest []byte) error {
+	if opts == nil {
+		return &FieldError{Field: "hash", Reason: "missing"}
+	}
+	hash := opts.HashFunc()
+	switch hash {
+	case crypto.SHA256, crypto.SHA384, crypto.SHA512:
+	default:
+		return &FieldError{Field: "hash", Reason: fmt.Sprintf("got %v, want SHA-256, SHA-384 or SHA-512", hash)}
+	}
+	if len(digest) != hash.Size() {
+		return &FieldError{Field: "digest", Reason: fmt.Sprintf("length: got %d bytes, want %d for %v", len(digest), hash.Size(), hash)}
+	}
+	if pss, ok := opts.(*rsa.PSSOptions); ok && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != hash.Size() {
+		return &FieldError{Field: "padding", Reason: "PSS salt length must equal the hash length"}
+	}
+	return nil
 }

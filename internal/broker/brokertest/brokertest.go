@@ -48,6 +48,10 @@ func (s Suite) Run(t *testing.T) {
 	t.Run("Destroy", s.testDestroy)
 	t.Run("Concurrent", s.testConcurrent)
 	t.Run("Probe", s.testProbe)
+	t.Run("List", s.testList)
+	t.Run("Partitions", s.testPartitions)
+	t.Run("AfterClose", s.testAfterClose)
+	t.Run("CancelledContext", s.testCancelled)
 }
 
 var part = broker.Partition{Tenant: "conformance"}
@@ -130,20 +134,72 @@ func (s Suite) testSignVerify(t *testing.T) {
 	}
 }
 
+// testBadDigest: for every algorithm, a digest whose length does not match
+// the hash, or a hash the backend does not know, is ErrInvalidArgument.
 func (s Suite) testBadDigest(t *testing.T) {
 	b := s.backend(t)
 	ctx := context.Background()
-	spec := s.Specs[0]
-	h, _, err := b.Generate(ctx, part, spec)
+	for _, spec := range s.Specs {
+		if spec.Alg.IsRSA() && spec.Bits != 2048 {
+			continue // one RSA size is enough for the checks
+		}
+		t.Run(Name(spec), func(t *testing.T) {
+			h, _, err := b.Generate(ctx, part, spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Destroy(ctx, part, h)
+			for _, hash := range []crypto.Hash{crypto.SHA256, crypto.SHA384, crypto.SHA512} {
+				for _, n := range []int{0, 1, hash.Size() - 1, hash.Size() + 1} {
+					_, err := b.Sign(ctx, part, h, make([]byte, n), hash)
+					if !errors.Is(err, broker.ErrInvalidArgument) {
+						t.Errorf("Sign with a %d-byte %v digest: got %v, want ErrInvalidArgument", n, hash, err)
+					}
+				}
+			}
+			if _, err := b.Sign(ctx, part, h, make([]byte, 20), crypto.SHA1); !errors.Is(err, broker.ErrInvalidArgument) {
+				t.Errorf("Sign with SHA-1: got %v, want ErrInvalidArgument", err)
+			}
+		})
+	}
+}
+
+// testList: a backend that lists its objects (broker.Lister) lists a key
+// under the partition it was made in, and no longer once destroyed.
+func (s Suite) testList(t *testing.T) {
+	b := s.backend(t)
+	l, ok := b.(broker.Lister)
+	if !ok {
+		t.Skip("the backend does not list its objects (no broker.Lister)")
+	}
+	ctx := context.Background()
+	h, _, err := b.Generate(ctx, part, s.Specs[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Destroy(ctx, part, h)
-	for _, n := range []int{0, 1, 31, 33, 48, 64} {
-		_, err := b.Sign(ctx, part, h, make([]byte, n), crypto.SHA256)
-		if !errors.Is(err, broker.ErrInvalidArgument) {
-			t.Errorf("Sign with a %d-byte SHA-256 digest: got %v, want ErrInvalidArgument", n, err)
+	listed := func() bool {
+		objs, err := l.List(ctx)
+		if err != nil {
+			t.Fatalf("List: %v", err)
 		}
+		for _, o := range objs {
+			if string(o.Handle) == string(h) {
+				if o.Partition != part {
+					t.Errorf("listed under %+v, want %+v", o.Partition, part)
+				}
+				return true
+			}
+		}
+		return false
+	}
+	if !listed() {
+		t.Fatal("a new key is not listed")
+	}
+	if err := b.Destroy(ctx, part, h); err != nil {
+		t.Fatal(err)
+	}
+	if listed() {
+		t.Error("a destroyed key is still listed")
 	}
 }
 
@@ -214,5 +270,85 @@ func (s Suite) testProbe(t *testing.T) {
 	cancel()
 	if err := b.Probe(ctx); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Probe with a canceled context: got %v, want context.Canceled", err)
+	}
+}
+
+// testPartitions: a handle made under one partition is, under another,
+// exactly what an unknown handle is (ErrNotFound): it neither signs nor is
+// destroyed, and it still signs under its own.
+func (s Suite) testPartitions(t *testing.T) {
+	b := s.backend(t)
+	ctx := context.Background()
+	spec := s.Specs[0]
+	opts := spec.Alg.Hash()
+	h, pub, err := b.Generate(ctx, part, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := broker.Partition{Tenant: "conformance-other"}
+	if _, err := b.Sign(ctx, other, h, digestFor(t, opts), opts); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("Sign under another partition: got %v, want ErrNotFound", err)
+	}
+	if err := b.Destroy(ctx, other, h); !errors.Is(err, broker.ErrNotFound) {
+		t.Errorf("Destroy under another partition: got %v, want ErrNotFound", err)
+	}
+	d := digestFor(t, opts)
+	sig, err := b.Sign(ctx, part, h, d, opts)
+	if err != nil {
+		t.Fatalf("Sign under its own partition after the refusals: %v", err)
+	}
+	if err := Verify(pub, d, sig, opts); err != nil {
+		t.Errorf("signature: %v", err)
+	}
+}
+
+// testAfterClose: a closed backend refuses calls with ErrUnavailable, and
+// does not panic.
+func (s Suite) testAfterClose(t *testing.T) {
+	b := s.New(t)
+	ctx := context.Background()
+	spec := s.Specs[0]
+	opts := spec.Alg.Hash()
+	h, _, err := b.Generate(ctx, part, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, broker.ErrUnavailable) {
+		t.Errorf("Sign after Close: got %v, want ErrUnavailable", err)
+	}
+	if _, _, err := b.Generate(ctx, part, spec); !errors.Is(err, broker.ErrUnavailable) {
+		t.Errorf("Generate after Close: got %v, want ErrUnavailable", err)
+	}
+	if err := b.Probe(ctx); !errors.Is(err, broker.ErrUnavailable) {
+		t.Errorf("Probe after Close: got %v, want ErrUnavailable", err)
+	}
+}
+
+// testCancelled: a call whose context is already done fails with the
+// context's error and reaches no hardware.
+func (s Suite) testCancelled(t *testing.T) {
+	b := s.backend(t)
+	spec := s.Specs[0]
+	opts := spec.Alg.Hash()
+	h, _, err := b.Generate(context.Background(), part, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, context.Canceled) {
+		t.Errorf("Sign with a cancelled context: got %v, want context.Canceled", err)
+	}
+	if _, _, err := b.Generate(ctx, part, spec); !errors.Is(err, context.Canceled) {
+		t.Errorf("Generate with a cancelled context: got %v, want context.Canceled", err)
+	}
+	if err := b.Destroy(ctx, part, h); !errors.Is(err, context.Canceled) {
+		t.Errorf("Destroy with a cancelled context: got %v, want context.Canceled", err)
+	}
+	if _, err := b.Sign(context.Background(), part, h, digestFor(t, opts), opts); err != nil {
+		t.Errorf("Sign after the cancelled calls: %v", err)
 	}
 }
