@@ -67,7 +67,7 @@ type Backend struct {
 	closer sync.Once
 
 	mu      sync.RWMutex
-	p11     *crypto11.Context          // nil while rebuilding
+	p11     *crypto11.Context    // nil while rebuilding
 	keys    map[string]cachedKey // by CKA_ID, of the current p11
 	closed  bool
 	rebuild chan struct{} // closed when the running rebuild ends
@@ -667,7 +667,6 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 		return nil, b.failed(p11, classify("sign", err))
 	}
 }
-
 
 // Destroy deletes both halves of the key pair h. Each half is looked up by
 // CKA_ID (not through a cached handle) and a half that another caller
