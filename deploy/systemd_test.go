@@ -55,12 +55,12 @@ var exposure = regexp.MustCompile(`Overall exposure level for keybroker\.service
 
 // TestSystemdUnits: systemd-analyze verify accepts the units, with and
 // without the PKCS#11 drop-in, without a single warning; `systemd-analyze
-// security` rates the service at most 2.5, and the README records the
+// security` rates the service at most 2.5, and docs/operations.md records the
 // level measured.
 func TestSystemdUnits(t *testing.T) {
 	sa := systemdAnalyze(t)
 	daemon := keybrokerd(t)
-	readme, err := os.ReadFile("../README.md")
+	readme, err := os.ReadFile("../docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestSystemdUnits(t *testing.T) {
 			t.Errorf("exposure level %v (drop-in %v), want at most 2.5:\n%s", level, dropIn, out)
 		}
 		if want := "exposure level " + string(m[1]); !bytes.Contains(readme, []byte(want)) {
-			t.Errorf("README.md does not record %q (drop-in %v)", want, dropIn)
+			t.Errorf("docs/operations.md does not record %q (drop-in %v)", want, dropIn)
 		}
 	}
 }

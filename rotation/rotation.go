@@ -1,5 +1,5 @@
-// Package rotation decides when key versions change state (DESIGN.md "Key
-// model and rotation"). Decisions are pure functions of (key record, policy,
+// Package rotation decides when key versions change state (docs/design.md
+// "Key model and rotation"). Decisions are pure functions of (key record, policy,
 // now): Next says which transition a key is due for and when, and the Apply
 // functions return the record after a transition. The keyring does the
 // hardware work around them and commits each result in one store

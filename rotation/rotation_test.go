@@ -297,7 +297,7 @@ func (s *sim) wantEvents(want []event) {
 }
 
 // defaultTimeline is every transition in two years under DefaultPolicy
-// (DESIGN.md "Key model and rotation", continued past day 210). At days
+// (docs/design.md "Key model and rotation", continued past day 210). At days
 // 180, 270, ... Activate and Expire are due at the same instant; Next
 // orders Activate first.
 var defaultTimeline = []event{
@@ -332,7 +332,7 @@ var defaultTimeline = []event{
 	ev(720, Expire, 7),
 }
 
-// designStates is the DESIGN.md table as version states after each day's
+// designStates is the docs/design.md timeline as version states after each day's
 // transitions.
 var designStates = map[int]string{
 	0:   "1:active",

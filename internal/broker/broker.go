@@ -13,8 +13,10 @@ import (
 // Backend is the contract every hardware backend (PKCS#11, TPM 2.0) meets.
 // Private keys are generated inside the hardware and never leave it. Every
 // method honours ctx where the hardware allows it. Inputs are validated by
-// the caller (see CheckSign); backends may assume a well-formed request but
-// must not trust it blindly.
+// the caller (SignerOpts), and Sign checks them again with CheckSign before
+// the hardware. A handle is usable only in the partition it was generated
+// in: in another, every method answers as for an unknown handle
+// (ErrNotFound).
 type Backend interface {
 	// Generate creates a non-extractable signing key for spec in partition p
 	// and returns its opaque handle and public key.

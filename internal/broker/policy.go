@@ -11,7 +11,7 @@ import (
 // Day is 24 hours; rotation periods are counted in days.
 const Day = 24 * time.Hour
 
-// Policy is a key's rotation schedule (DESIGN.md "Key model and rotation").
+// Policy is a key's rotation schedule (docs/design.md "Key model and rotation").
 type Policy struct {
 	// RotationPeriod: how long a version is the ACTIVE one.
 	RotationPeriod time.Duration `json:"rotation_period"`

@@ -7,7 +7,7 @@ import (
 )
 
 func TestDefaultPolicy(t *testing.T) {
-	// DESIGN.md "Key model and rotation": 90 days active, 90 days overlap,
+	// docs/design.md "Key model and rotation": 90 days active, 90 days overlap,
 	// 7 days lead, 30 days before destruction.
 	want := Policy{RotationPeriod: 90 * 24 * time.Hour, Overlap: 90 * 24 * time.Hour, Lead: 7 * 24 * time.Hour, DestroyDelay: 30 * 24 * time.Hour}
 	if got := DefaultPolicy(); got != want {

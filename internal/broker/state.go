@@ -2,7 +2,7 @@ package broker
 
 import "fmt"
 
-// State is the lifecycle state of a key version (DESIGN.md "Key model").
+// State is the lifecycle state of a key version (docs/design.md "Key model and rotation").
 type State int
 
 // Version states. The zero value is invalid.

@@ -121,7 +121,7 @@ type signed struct {
 }
 
 // TestTwoYearSimulation runs the default policy for two years at one-hour
-// ticks on a real token and checks the invariants of DESIGN.md at every tick.
+// ticks on a real token and checks the invariants of docs/design.md at every tick.
 func TestTwoYearSimulation(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()

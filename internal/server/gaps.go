@@ -23,8 +23,8 @@ import (
 
 // Some calls are refused by gRPC itself, before a unary interceptor runs: a
 // request that does not decode, one over the size limit, a method that does
-// not exist. They are RPCs all the same, and each must be one audit record
-// (issue 4). ServerOptions closes these gaps:
+// not exist. They are RPCs all the same, and each must be one audit record.
+// ServerOptions closes these gaps:
 //
 //   - A KeyBroker request that does not decode reaches the interceptor
 //     anyway, empty and marked malformed: it is authenticated, refused with
