@@ -41,7 +41,7 @@ FUZZTIME ?= 60s
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for FUZZTIME each (default 60s)
 	@set -e; for t in \
-	  "./internal/broker FuzzValidateName" "./internal/broker FuzzSignerOpts" \
+	  "./kms FuzzValidateName" "./kms FuzzSignerOpts" \
 	  "./pop FuzzParseJWS" "./pop FuzzJWK" "./pop FuzzECDSADERToJOSE" \
 	  "./internal/store FuzzDecode" "./internal/config FuzzParse" "./internal/audit FuzzVerify"; do \
 	  set -- $$t; echo "== $$2"; $(GO) test -run '^$$' -fuzz "^$$2$$" -fuzztime $(FUZZTIME) $$1; done

@@ -9,14 +9,14 @@ import (
 	"github.com/miekg/pkcs11"
 	"github.com/thales-e-security/pool"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Error is a failed PKCS#11 operation. Its message carries the CKR_* name
 // for logs; the gRPC server never sends it to a client.
 type Error struct {
 	Op   string
-	Kind error // a broker sentinel, or nil for an internal error
+	Kind error // a kms sentinel, or nil for an internal error
 	Err  error
 }
 
@@ -66,7 +66,7 @@ var goneObject = map[pkcs11.Error]bool{
 	pkcs11.CKR_KEY_HANDLE_INVALID:    true,
 }
 
-// classify wraps err with the broker sentinel that says what a caller can do
+// classify wraps err with the kms sentinel that says what a caller can do
 // about it. nil stays nil.
 func classify(op string, err error) error {
 	if err == nil {
@@ -75,27 +75,27 @@ func classify(op string, err error) error {
 	var kind error
 	var rv pkcs11.Error
 	switch {
-	case errors.Is(err, broker.ErrUnavailable):
+	case errors.Is(err, kms.ErrUnavailable):
 		// Classified already (a call left unanswered by the token).
-		kind = broker.ErrUnavailable
+		kind = kms.ErrUnavailable
 	case errors.Is(err, pool.ErrTimeout), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		// crypto11's pool timed out waiting for a free session.
-		kind = broker.ErrResourceExhausted
+		kind = kms.ErrResourceExhausted
 	case errors.Is(err, pool.ErrClosed):
-		kind = broker.ErrUnavailable
+		kind = kms.ErrUnavailable
 	case closedContext(err):
 		// A call that raced with the retirement of its context.
-		kind = broker.ErrUnavailable
+		kind = kms.ErrUnavailable
 	case errors.As(err, &rv):
 		switch {
 		case unavailable[rv]:
-			kind = broker.ErrUnavailable
+			kind = kms.ErrUnavailable
 		case exhausted[rv]:
-			kind = broker.ErrResourceExhausted
+			kind = kms.ErrResourceExhausted
 		case goneObject[rv]:
-			kind = broker.ErrNotFound
+			kind = kms.ErrNotFound
 		case rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_EXPIRED:
-			kind = broker.ErrFailedPrecondition
+			kind = kms.ErrFailedPrecondition
 		}
 	}
 	return &Error{Op: op, Kind: kind, Err: err}

@@ -14,7 +14,7 @@ import (
 	"github.com/miekg/pkcs11"
 	"github.com/thales-e-security/pool"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
 
@@ -47,8 +47,8 @@ func current(b *Backend) *crypto11.Context {
 func TestStaleCachedKeyIsNotFound(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
-	p := broker.Partition{Tenant: "t"}
-	h, _, err := b.Generate(ctx, p, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	p := kms.Partition{Tenant: "t"}
+	h, _, err := b.Generate(ctx, p, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func TestStaleCachedKeyIsNotFound(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := sha256.Sum256([]byte("x"))
-	if _, err := b.Sign(ctx, p, h, d[:], crypto.SHA256); !errors.Is(err, broker.ErrNotFound) || errors.Is(err, broker.ErrUnavailable) {
+	if _, err := b.Sign(ctx, p, h, d[:], crypto.SHA256); !errors.Is(err, kms.ErrNotFound) || errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Sign with a deleted key: got %v, want NotFound only", err)
 	}
 	b.mu.RLock()
@@ -69,7 +69,7 @@ func TestStaleCachedKeyIsNotFound(t *testing.T) {
 	if cached {
 		t.Error("deleted key still cached")
 	}
-	if err := b.Destroy(ctx, p, h); !errors.Is(err, broker.ErrNotFound) || errors.Is(err, broker.ErrUnavailable) {
+	if err := b.Destroy(ctx, p, h); !errors.Is(err, kms.ErrNotFound) || errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Destroy of a deleted key: got %v, want NotFound only", err)
 	}
 	if current(b) != p11 {
@@ -82,11 +82,11 @@ func TestStaleCachedKeyIsNotFound(t *testing.T) {
 func TestConcurrentDestroy(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
-	p := broker.Partition{Tenant: "t"}
+	p := kms.Partition{Tenant: "t"}
 	d := sha256.Sum256([]byte("x"))
 	p11 := current(b)
 	for i := range 15 {
-		h, _, err := b.Generate(ctx, p, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+		h, _, err := b.Generate(ctx, p, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -103,7 +103,7 @@ func TestConcurrentDestroy(t *testing.T) {
 			t.Errorf("iteration %d: both Destroy calls failed: %v / %v", i, errs[0], errs[1])
 		}
 		for _, err := range errs {
-			if err != nil && !errors.Is(err, broker.ErrNotFound) {
+			if err != nil && !errors.Is(err, kms.ErrNotFound) {
 				t.Errorf("iteration %d: Destroy: %v", i, err)
 			}
 		}
@@ -112,7 +112,7 @@ func TestConcurrentDestroy(t *testing.T) {
 				t.Errorf("iteration %d: %d objects of class %d left", i, n, class)
 			}
 		}
-		if err := b.Destroy(ctx, p, h); !errors.Is(err, broker.ErrNotFound) {
+		if err := b.Destroy(ctx, p, h); !errors.Is(err, kms.ErrNotFound) {
 			t.Errorf("iteration %d: third Destroy: got %v, want NotFound", i, err)
 		}
 	}
@@ -125,8 +125,8 @@ func TestConcurrentDestroy(t *testing.T) {
 func TestDestroyOrphanPublicHalf(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
-	p := broker.Partition{Tenant: "t"}
-	h, _, err := b.Generate(ctx, p, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	p := kms.Partition{Tenant: "t"}
+	h, _, err := b.Generate(ctx, p, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +149,7 @@ func TestDestroyOrphanPublicHalf(t *testing.T) {
 	if n := objectsWithID(t, b, pkcs11.CKO_PUBLIC_KEY, h); n != 0 {
 		t.Errorf("%d public halves left", n)
 	}
-	if err := b.Destroy(ctx, p, h); !errors.Is(err, broker.ErrNotFound) {
+	if err := b.Destroy(ctx, p, h); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("second Destroy: got %v, want NotFound", err)
 	}
 }
@@ -158,11 +158,11 @@ func TestDestroyOrphanPublicHalf(t *testing.T) {
 func TestNoCachingAcrossDestroy(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
-	h, _, err := b.Generate(ctx, broker.Partition{}, broker.KeySpec{Alg: broker.ES256})
+	h, _, err := b.Generate(ctx, kms.Partition{}, kms.KeySpec{Alg: kms.ES256})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p11, signer, err := b.find(ctx, broker.Partition{}, h)
+	p11, signer, err := b.find(ctx, kms.Partition{}, h)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,24 +184,24 @@ func TestClassify(t *testing.T) {
 		err  error
 		want error // nil: internal
 	}{
-		{pkcs11.Error(pkcs11.CKR_OBJECT_HANDLE_INVALID), broker.ErrNotFound},
-		{pkcs11.Error(pkcs11.CKR_KEY_HANDLE_INVALID), broker.ErrNotFound},
-		{pkcs11.Error(pkcs11.CKR_DEVICE_MEMORY), broker.ErrResourceExhausted},
-		{pkcs11.Error(pkcs11.CKR_HOST_MEMORY), broker.ErrResourceExhausted},
+		{pkcs11.Error(pkcs11.CKR_OBJECT_HANDLE_INVALID), kms.ErrNotFound},
+		{pkcs11.Error(pkcs11.CKR_KEY_HANDLE_INVALID), kms.ErrNotFound},
+		{pkcs11.Error(pkcs11.CKR_DEVICE_MEMORY), kms.ErrResourceExhausted},
+		{pkcs11.Error(pkcs11.CKR_HOST_MEMORY), kms.ErrResourceExhausted},
 		{pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED), nil},
 		{pkcs11.Error(pkcs11.CKR_GENERAL_ERROR), nil},
-		{pkcs11.Error(pkcs11.CKR_DEVICE_ERROR), broker.ErrUnavailable},
-		{pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED), broker.ErrUnavailable},
-		{pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID), broker.ErrUnavailable},
-		{pkcs11.Error(pkcs11.CKR_SESSION_CLOSED), broker.ErrUnavailable},
-		{pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN), broker.ErrUnavailable},
-		{pkcs11.Error(pkcs11.CKR_PIN_INCORRECT), broker.ErrFailedPrecondition},
-		{pool.ErrClosed, broker.ErrUnavailable},
-		{errors.New("context is closed"), broker.ErrUnavailable},
-		{pool.ErrTimeout, broker.ErrResourceExhausted},
+		{pkcs11.Error(pkcs11.CKR_DEVICE_ERROR), kms.ErrUnavailable},
+		{pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED), kms.ErrUnavailable},
+		{pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID), kms.ErrUnavailable},
+		{pkcs11.Error(pkcs11.CKR_SESSION_CLOSED), kms.ErrUnavailable},
+		{pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN), kms.ErrUnavailable},
+		{pkcs11.Error(pkcs11.CKR_PIN_INCORRECT), kms.ErrFailedPrecondition},
+		{pool.ErrClosed, kms.ErrUnavailable},
+		{errors.New("context is closed"), kms.ErrUnavailable},
+		{pool.ErrTimeout, kms.ErrResourceExhausted},
 	} {
 		err := classify("op", tc.err)
-		for _, kind := range []error{broker.ErrNotFound, broker.ErrResourceExhausted, broker.ErrUnavailable, broker.ErrFailedPrecondition} {
+		for _, kind := range []error{kms.ErrNotFound, kms.ErrResourceExhausted, kms.ErrUnavailable, kms.ErrFailedPrecondition} {
 			if got := errors.Is(err, kind); got != (kind == tc.want) {
 				t.Errorf("classify(%v): errors.Is(%v) = %v", tc.err, kind, got)
 			}
@@ -220,7 +220,7 @@ func TestListWithoutLogin(t *testing.T) {
 	// logged this module instance in.
 	b := open(t)
 	ctx := context.Background()
-	if _, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"}); err != nil {
+	if _, _, err := b.Generate(ctx, kms.Partition{Tenant: "t"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"}); err != nil {
 		t.Fatal(err)
 	}
 	if objs, err := b.List(ctx); err != nil || len(objs) != 1 {
@@ -245,7 +245,7 @@ func TestListErrorKeepsContext(t *testing.T) {
 	p11 := current(b)
 	b.cfg.TokenLabel = "no-such-token"
 	_, err := b.List(context.Background())
-	if !errors.Is(err, broker.ErrUnavailable) {
+	if !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("List on a missing token: %v", err)
 	}
 	if current(b) != p11 {
@@ -256,8 +256,8 @@ func TestListErrorKeepsContext(t *testing.T) {
 func TestSignUnknownHash(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
-	p := broker.Partition{}
-	h, _, err := b.Generate(ctx, p, broker.KeySpec{Alg: broker.RS256, Bits: 2048})
+	p := kms.Partition{}
+	h, _, err := b.Generate(ctx, p, kms.KeySpec{Alg: kms.RS256, Bits: 2048})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,7 +270,7 @@ func TestSignUnknownHash(t *testing.T) {
 				}
 			}()
 			_, err := b.Sign(ctx, p, h, make([]byte, 32), opts)
-			var fe *broker.FieldError
+			var fe *kms.FieldError
 			if !errors.As(err, &fe) || fe.Field != "hash" {
 				t.Errorf("Sign with %v: got %v, want a FieldError on hash", opts, err)
 			}
@@ -292,8 +292,8 @@ func TestSaturatedPool(t *testing.T) {
 	}
 	defer b.Close()
 	ctx := context.Background()
-	p := broker.Partition{Tenant: "t"}
-	h, _, err := b.Generate(ctx, p, broker.KeySpec{Alg: broker.RS256, Bits: 4096, Label: "k/v1"})
+	p := kms.Partition{Tenant: "t"}
+	h, _, err := b.Generate(ctx, p, kms.KeySpec{Alg: kms.RS256, Bits: 4096, Label: "k/v1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,9 +315,9 @@ func TestSaturatedPool(t *testing.T) {
 			switch {
 			case err == nil:
 				ok++
-			case errors.Is(err, broker.ErrUnavailable):
+			case errors.Is(err, kms.ErrUnavailable):
 				abandoned++ // left while its call was running
-			case errors.Is(err, broker.ErrResourceExhausted):
+			case errors.Is(err, kms.ErrResourceExhausted):
 				exhausted++
 			default:
 				t.Errorf("Sign: %v", err)

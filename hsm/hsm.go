@@ -1,9 +1,9 @@
 // Package hsm is keybroker's PKCS#11 backend, built on crypto11 and
 // miekg/pkcs11. Keys are generated on the token with an explicit
 // non-extractable template and addressed by a random CKA_ID, which is the
-// broker.Handle the store persists. Only the daemon's wiring, tests and
+// kms.Handle the store persists. Only the daemon's wiring, tests and
 // `keybrokerctl bench --baseline` import it; everything else sees a
-// broker.Backend.
+// kms.Backend.
 package hsm
 
 import (
@@ -26,12 +26,12 @@ import (
 	"github.com/ThalesGroup/crypto11"
 	"github.com/miekg/pkcs11"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // IDLen is the length of the random CKA_ID of each key (the caller's
 // KeySpec.ID, or one chosen here).
-const IDLen = broker.ObjectIDLen
+const IDLen = kms.ObjectIDLen
 
 // labelPrefix starts the CKA_LABEL of every key the daemon creates:
 // "keybroker/<tenant>/<spec label>". List only reports such objects, so keys
@@ -53,13 +53,13 @@ type Config struct {
 	PoolWaitTimeout time.Duration
 }
 
-// Backend is a broker.Backend on one PKCS#11 token.
+// Backend is a kms.Backend on one PKCS#11 token.
 //
 // A crypto11 Context cannot recover from a lost token (broken sessions go
 // back into its pool and it never logs in again), so the Backend treats it
 // as a replaceable generation: when an operation fails in a way that means
 // the token, a session or the login is gone, the Backend fails fast with
-// broker.ErrUnavailable, closes that context and opens a new one in the
+// kms.ErrUnavailable, closes that context and opens a new one in the
 // background (re-finding keys by CKA_ID), and serves again once it is up.
 type Backend struct {
 	cfg    Config
@@ -93,7 +93,7 @@ type Backend struct {
 // the metrics endpoint).
 func (b *Backend) SessionsInUse() int { return int(b.inUse.Load()) }
 
-var _ broker.Backend = (*Backend)(nil)
+var _ kms.Backend = (*Backend)(nil)
 
 // cachedKey is a key pair found on the token, and the tenant its label
 // names (its partition).
@@ -226,7 +226,7 @@ func (b *Backend) Close() error {
 
 // ErrRebuilding is wrapped by the errors of calls made while the token is
 // being reopened after a failure.
-var errRebuilding = fmt.Errorf("hsm: reconnecting to the token: %w", broker.ErrUnavailable)
+var errRebuilding = fmt.Errorf("hsm: reconnecting to the token: %w", kms.ErrUnavailable)
 
 // context returns the current crypto11 context, or errRebuilding.
 func (b *Backend) context() (*crypto11.Context, error) {
@@ -234,7 +234,7 @@ func (b *Backend) context() (*crypto11.Context, error) {
 	defer b.mu.RUnlock()
 	if b.p11 == nil {
 		if b.closed {
-			return nil, fmt.Errorf("hsm: backend closed: %w", broker.ErrUnavailable)
+			return nil, fmt.Errorf("hsm: backend closed: %w", kms.ErrUnavailable)
 		}
 		return nil, errRebuilding
 	}
@@ -245,7 +245,7 @@ func (b *Backend) context() (*crypto11.Context, error) {
 // token, a session or the login is gone, that context is retired and a
 // rebuild starts (once). It returns err.
 func (b *Backend) failed(p11 *crypto11.Context, err error) error {
-	if err == nil || !errors.Is(err, broker.ErrUnavailable) {
+	if err == nil || !errors.Is(err, kms.ErrUnavailable) {
 		return err
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, errUnanswered) {
@@ -304,7 +304,7 @@ func (b *Backend) reconnect(old *crypto11.Context, done chan struct{}) {
 			b.log.Info("PKCS#11 token back", "token", b.cfg.TokenLabel, "attempts", attempt)
 			return
 		}
-		if errors.Is(classify("reopen token", err), broker.ErrFailedPrecondition) {
+		if errors.Is(classify("reopen token", err), kms.ErrFailedPrecondition) {
 			b.log.Error("PKCS#11 token refuses the PIN; not retrying (PIN counters lock)", "token", b.cfg.TokenLabel)
 			return
 		}
@@ -358,7 +358,7 @@ func bounded[T any](ctx context.Context, abandoned *atomic.Int64, f func() (T, e
 		}
 		abandoned.Add(1)
 		var zero T
-		return zero, fmt.Errorf("hsm: no answer from the token: %w (%w)", broker.ErrUnavailable, ctx.Err())
+		return zero, fmt.Errorf("hsm: no answer from the token: %w (%w)", kms.ErrUnavailable, ctx.Err())
 	}
 }
 
@@ -385,7 +385,7 @@ func (b *Backend) acquire(ctx context.Context) (release func(), err error) {
 	}
 	if err := ctx.Err(); err != nil {
 		<-b.slots
-		return nil, fmt.Errorf("hsm: waiting for a PKCS#11 session: %w (%w)", broker.ErrResourceExhausted, err)
+		return nil, fmt.Errorf("hsm: waiting for a PKCS#11 session: %w (%w)", kms.ErrResourceExhausted, err)
 	}
 	return func() { <-b.slots }, nil
 }
@@ -399,9 +399,9 @@ var errUnanswered = errors.New("the token does not answer")
 // not answer), and merely saturated otherwise.
 func (b *Backend) noSlot(err error) error {
 	if n := b.abandoned.Load(); n > 0 {
-		return fmt.Errorf("%w: %w (%d calls abandoned by their callers still wait): %w", err, errUnanswered, n, broker.ErrUnavailable)
+		return fmt.Errorf("%w: %w (%d calls abandoned by their callers still wait): %w", err, errUnanswered, n, kms.ErrUnavailable)
 	}
-	return fmt.Errorf("%w: %w", err, broker.ErrResourceExhausted)
+	return fmt.Errorf("%w: %w", err, kms.ErrResourceExhausted)
 }
 
 // call runs the hardware call f holding a session slot, bounded by ctx
@@ -416,7 +416,7 @@ func call[T any](ctx context.Context, b *Backend, f func() (T, error)) (T, error
 		defer release()
 		if err := ctx.Err(); err != nil {
 			var zero T
-			return zero, fmt.Errorf("hsm: %w (%w)", broker.ErrResourceExhausted, err)
+			return zero, fmt.Errorf("hsm: %w (%w)", kms.ErrResourceExhausted, err)
 		}
 		b.inUse.Add(1)
 		defer b.inUse.Add(-1)
@@ -447,7 +447,7 @@ func (b *Backend) Probe(ctx context.Context) error {
 
 // Generate creates a key pair with the template of privateTemplate and
 // checks, by reading the attributes back, that the token honoured it.
-func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (b *Backend) Generate(ctx context.Context, p kms.Partition, spec kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	spec, err := spec.Validate()
 	if err != nil {
 		return nil, nil, err
@@ -499,10 +499,10 @@ func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.
 		return nil, nil, b.failed(p11, err)
 	}
 	b.cache(p11, epoch, id, cachedKey{signer, p.Tenant})
-	return broker.Handle(id), signer.Public(), nil
+	return kms.Handle(id), signer.Public(), nil
 }
 
-func generate(p11 *crypto11.Context, id, label []byte, spec broker.KeySpec, strict bool) (crypto11.Signer, error) {
+func generate(p11 *crypto11.Context, id, label []byte, spec kms.KeySpec, strict bool) (crypto11.Signer, error) {
 	pub, priv, err := templates(id, label, spec.Alg.IsRSA(), strict)
 	if err != nil {
 		return nil, err
@@ -525,7 +525,7 @@ func (b *Backend) cache(p11 *crypto11.Context, epoch uint64, id []byte, k cached
 
 // forget drops the cache entry of h and moves the epoch on, so that no
 // lookup running now caches h.
-func (b *Backend) forget(h broker.Handle) {
+func (b *Backend) forget(h kms.Handle) {
 	b.mu.Lock()
 	delete(b.keys, string(h))
 	b.epoch++
@@ -534,7 +534,7 @@ func (b *Backend) forget(h broker.Handle) {
 
 // drop removes h's cache entry if it still is signer (whose handle the
 // token no longer knows).
-func (b *Backend) drop(h broker.Handle, signer crypto11.Signer) {
+func (b *Backend) drop(h kms.Handle, signer crypto11.Signer) {
 	b.mu.Lock()
 	if b.keys[string(h)].signer == signer {
 		delete(b.keys, string(h))
@@ -632,11 +632,11 @@ func checkAttributes(p11 *crypto11.Context, signer crypto11.Signer) error {
 }
 
 // Sign signs with the key whose CKA_ID is h.
-func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+func (b *Backend) Sign(ctx context.Context, p kms.Partition, h kms.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := broker.CheckSign(opts, digest); err != nil {
+	if err := kms.CheckSign(opts, digest); err != nil {
 		return nil, err
 	}
 	for attempt := 0; ; attempt++ {
@@ -647,7 +647,7 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 		switch signer.Public().(type) {
 		case *ecdsa.PublicKey:
 			if _, ok := opts.(*rsa.PSSOptions); ok {
-				return nil, &broker.FieldError{Field: "padding", Reason: "PSS is for RSA keys"}
+				return nil, &kms.FieldError{Field: "padding", Reason: "PSS is for RSA keys"}
 			}
 		}
 		sig, err := call(ctx, b, func() ([]byte, error) {
@@ -672,12 +672,12 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 // CKA_ID (not through a cached handle) and a half that another caller
 // deleted meanwhile counts as deleted; it reports ErrNotFound only when
 // neither half was on the token.
-func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+func (b *Backend) Destroy(ctx context.Context, p kms.Partition, h kms.Handle) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	if len(h) != IDLen {
-		return fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
+		return fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, kms.ErrNotFound)
 	}
 	if _, err := b.context(); err != nil {
 		return err
@@ -698,7 +698,7 @@ func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Hand
 
 // destroyKeyPair deletes every private and public key with CKA_ID id whose
 // label names p's tenant, and returns how many there were.
-func destroyKeyPair(cfg Config, p broker.Partition, id []byte) (int, error) {
+func destroyKeyPair(cfg Config, p kms.Partition, id []byte) (int, error) {
 	n := 0
 	err := withTokenSession(cfg, true, func(mod *pkcs11.Ctx, sess pkcs11.SessionHandle) error {
 		for _, class := range []uint{pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
@@ -712,11 +712,15 @@ func destroyKeyPair(cfg Config, p broker.Partition, id []byte) (int, error) {
 			}
 			for _, h := range handles {
 				attrs, err := mod.GetAttributeValue(sess, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
-				if isGoneObject(err) {
-					continue // destroyed meanwhile
-				}
 				if err != nil {
-					return err
+					// A concurrent deletion may fail the read otherwise
+					// too (SoftHSM2: CKR_ATTRIBUTE_VALUE_INVALID): an
+					// error only if the object is still there.
+					left, ferr := findObjects(mod, sess, template)
+					if ferr != nil || slices.Contains(left, h) {
+						return err
+					}
+					continue
 				}
 				if tenant, ok := labelTenant(string(attrs[0].Value)); !ok || tenant != p.Tenant {
 					continue // another partition's: not there for p
@@ -742,9 +746,9 @@ func destroyKeyPair(cfg Config, p broker.Partition, id []byte) (int, error) {
 
 // find returns the current context and the key pair with CKA_ID h on it,
 // from the cache or the token.
-func (b *Backend) find(ctx context.Context, p broker.Partition, h broker.Handle) (*crypto11.Context, crypto11.Signer, error) {
+func (b *Backend) find(ctx context.Context, p kms.Partition, h kms.Handle) (*crypto11.Context, crypto11.Signer, error) {
 	if len(h) != IDLen {
-		return nil, nil, fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, broker.ErrNotFound)
+		return nil, nil, fmt.Errorf("hsm: handle length: got %d, want %d: %w", len(h), IDLen, kms.ErrNotFound)
 	}
 	b.mu.RLock()
 	p11, cached, epoch := b.p11, b.keys[string(h)], b.epoch
@@ -784,7 +788,7 @@ func (b *Backend) find(ctx context.Context, p broker.Partition, h broker.Handle)
 }
 
 // errNoKey is the answer for a handle of no key of the partition.
-var errNoKey = fmt.Errorf("hsm: key not on the token: %w", broker.ErrNotFound)
+var errNoKey = fmt.Errorf("hsm: key not on the token: %w", kms.ErrNotFound)
 
 // labelTenant returns the tenant a key's CKA_LABEL names
 // (labelPrefix + tenant + "/" + name), and whether it is such a label.
@@ -799,7 +803,7 @@ func labelTenant(label string) (string, bool) {
 
 // List returns every key pair on the token that the daemon created, with
 // the partition its label names.
-func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
+func (b *Backend) List(ctx context.Context) ([]kms.Object, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -812,7 +816,7 @@ func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
 		// crypto11 context, which must not be retired for them.
 		return nil, classify("list keys", err)
 	}
-	var objs []broker.Object
+	var objs []kms.Object
 	for _, f := range found {
 		if len(f.id) != IDLen {
 			continue
@@ -821,7 +825,7 @@ func (b *Backend) List(ctx context.Context) ([]broker.Object, error) {
 		if !ok {
 			continue
 		}
-		objs = append(objs, broker.Object{Partition: broker.Partition{Tenant: tenant}, Handle: broker.Handle(f.id)})
+		objs = append(objs, kms.Object{Partition: kms.Partition{Tenant: tenant}, Handle: kms.Handle(f.id)})
 	}
 	return objs, nil
 }
@@ -939,4 +943,4 @@ func findObjects(mod *pkcs11.Ctx, sess pkcs11.SessionHandle, template []*pkcs11.
 	return handles, mod.FindObjectsFinal(sess)
 }
 
-var _ broker.Lister = (*Backend)(nil)
+var _ kms.Lister = (*Backend)(nil)

@@ -11,8 +11,8 @@ import (
 
 	"github.com/miekg/pkcs11"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
 
@@ -31,9 +31,9 @@ func open(t testing.TB) *Backend {
 }
 
 func TestConformance(t *testing.T) {
-	brokertest.Suite{
-		New:   func(t testing.TB) broker.Backend { return open(t) },
-		Specs: brokertest.AllSpecs(),
+	kmstest.Suite{
+		New:   func(t testing.TB) kms.Backend { return open(t) },
+		Specs: kmstest.AllSpecs(),
 	}.Run(t)
 }
 
@@ -42,13 +42,13 @@ func TestConformance(t *testing.T) {
 func TestPrivateKeyAttributes(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
-	for _, spec := range []broker.KeySpec{{Alg: broker.ES256}, {Alg: broker.ES384}, {Alg: broker.RS256, Bits: 2048}, {Alg: broker.PS256, Bits: 3072}} {
-		t.Run(brokertest.Name(spec), func(t *testing.T) {
-			h, _, err := b.Generate(ctx, broker.Partition{}, spec)
+	for _, spec := range []kms.KeySpec{{Alg: kms.ES256}, {Alg: kms.ES384}, {Alg: kms.RS256, Bits: 2048}, {Alg: kms.PS256, Bits: 3072}} {
+		t.Run(kmstest.Name(spec), func(t *testing.T) {
+			h, _, err := b.Generate(ctx, kms.Partition{}, spec)
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, signer, err := b.find(ctx, broker.Partition{}, h)
+			_, signer, err := b.find(ctx, kms.Partition{}, h)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -89,11 +89,11 @@ func TestPrivateKeyAttributes(t *testing.T) {
 // TestPublicKeyAttributes checks the public half cannot encrypt or wrap.
 func TestPublicKeyAttributes(t *testing.T) {
 	b := open(t)
-	h, _, err := b.Generate(context.Background(), broker.Partition{}, broker.KeySpec{Alg: broker.RS256, Bits: 2048})
+	h, _, err := b.Generate(context.Background(), kms.Partition{}, kms.KeySpec{Alg: kms.RS256, Bits: 2048})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, signer, _ := b.find(context.Background(), broker.Partition{}, h)
+	_, signer, _ := b.find(context.Background(), kms.Partition{}, h)
 	for typ, w := range map[uint]bool{pkcs11.CKA_VERIFY: true, pkcs11.CKA_ENCRYPT: false, pkcs11.CKA_WRAP: false, pkcs11.CKA_PRIVATE: false} {
 		a, err := b.p11.GetPubAttribute(signer, typ)
 		if err != nil {
@@ -115,7 +115,7 @@ func TestKeysSurviveReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	h, pub, err := b.Generate(ctx, broker.Partition{}, broker.KeySpec{Alg: broker.ES256})
+	h, pub, err := b.Generate(ctx, kms.Partition{}, kms.KeySpec{Alg: kms.ES256})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,11 +126,11 @@ func TestKeysSurviveReopen(t *testing.T) {
 	}
 	defer b.Close()
 	digest := make([]byte, 32)
-	sig, err := b.Sign(ctx, broker.Partition{}, h, digest, crypto.SHA256)
+	sig, err := b.Sign(ctx, kms.Partition{}, h, digest, crypto.SHA256)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := brokertest.Verify(pub, digest, sig, crypto.SHA256); err != nil {
+	if err := kmstest.Verify(pub, digest, sig, crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -159,17 +159,17 @@ func TestGenerateWithChosenID(t *testing.T) {
 	b := open(t)
 	ctx := context.Background()
 	id := bytes.Repeat([]byte{0xa5}, IDLen)
-	h, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1", ID: id})
+	h, _, err := b.Generate(ctx, kms.Partition{Tenant: "t"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v1", ID: id})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(h, id) {
 		t.Errorf("handle %x, want the chosen ID %x", h, id)
 	}
-	if _, err := b.Sign(ctx, broker.Partition{Tenant: "t"}, h, make([]byte, 32), crypto.SHA256); err != nil {
+	if _, err := b.Sign(ctx, kms.Partition{Tenant: "t"}, h, make([]byte, 32), crypto.SHA256); err != nil {
 		t.Errorf("Sign with the chosen-ID key: %v", err)
 	}
-	if _, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v2", ID: id[:5]}); err == nil {
+	if _, _, err := b.Generate(ctx, kms.Partition{Tenant: "t"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v2", ID: id[:5]}); err == nil {
 		t.Error("Generate with a 5-byte ID succeeded")
 	}
 	objs, err := b.List(ctx)

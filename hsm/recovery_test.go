@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/softhsm"
 )
 
@@ -98,7 +98,7 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 	}
 	defer b.Close()
 	ctx := context.Background()
-	h, pub, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	h, pub, err := b.Generate(ctx, kms.Partition{Tenant: "t"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestHungHSM(t *testing.T) {
 	}
 	defer b.Close()
 	ctx := context.Background()
-	h, _, err := b.Generate(ctx, broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	h, _, err := b.Generate(ctx, kms.Partition{Tenant: "t"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,10 +177,10 @@ func TestHungHSM(t *testing.T) {
 	for i := 0; i < 3 || time.Since(stopped) < hold; i++ {
 		cctx, cancel := context.WithTimeout(ctx, deadline)
 		start := time.Now()
-		_, err := b.Sign(cctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+		_, err := b.Sign(cctx, kms.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
 		took := time.Since(start)
 		cancel()
-		if !errors.Is(err, broker.ErrUnavailable) {
+		if !errors.Is(err, kms.ErrUnavailable) {
 			t.Fatalf("Sign to a hung HSM: %v, want ErrUnavailable", err)
 		}
 		if took > deadline+time.Second {
@@ -196,7 +196,7 @@ func TestHungHSM(t *testing.T) {
 	var last error
 	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(50 * time.Millisecond) {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, last = b.Sign(cctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+		_, last = b.Sign(cctx, kms.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
 		cancel()
 		if last == nil {
 			return
@@ -218,7 +218,7 @@ func TestHungThenRestartedHSM(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	h, pub, err := b.Generate(context.Background(), broker.Partition{Tenant: "t"}, broker.KeySpec{Alg: broker.ES256, Label: "k/v1"})
+	h, pub, err := b.Generate(context.Background(), kms.Partition{Tenant: "t"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +259,7 @@ type signLoad struct {
 	wg       sync.WaitGroup
 }
 
-func startSignLoad(b *Backend, h broker.Handle, pub crypto.PublicKey, deadline time.Duration, workers int) *signLoad {
+func startSignLoad(b *Backend, h kms.Handle, pub crypto.PublicKey, deadline time.Duration, workers int) *signLoad {
 	l := &signLoad{stop: make(chan struct{})}
 	digest := sha256.Sum256([]byte("x"))
 	for range workers {
@@ -272,18 +272,18 @@ func startSignLoad(b *Backend, h broker.Handle, pub crypto.PublicKey, deadline t
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), deadline)
 				start := time.Now()
-				sig, err := b.Sign(ctx, broker.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
+				sig, err := b.Sign(ctx, kms.Partition{Tenant: "t"}, h, digest[:], crypto.SHA256)
 				took := time.Since(start)
 				cancel()
 				l.mu.Lock()
 				l.slowest = max(l.slowest, took)
 				switch {
 				case err == nil:
-					if brokertest.Verify(pub, digest[:], sig, crypto.SHA256) != nil {
+					if kmstest.Verify(pub, digest[:], sig, crypto.SHA256) != nil {
 						l.badError = errors.New("a signature does not verify")
 					}
 					l.lastOK = time.Now()
-				case errors.Is(err, broker.ErrUnavailable) || errors.Is(err, broker.ErrResourceExhausted):
+				case errors.Is(err, kms.ErrUnavailable) || errors.Is(err, kms.ErrResourceExhausted):
 					l.failures.Add(1)
 				default:
 					l.badError = err

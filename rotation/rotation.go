@@ -12,8 +12,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Action is a scheduled transition.
@@ -54,16 +53,16 @@ type Step struct {
 // Next returns the earliest transition k is due for; Due may be in the
 // future. ok is false when nothing is scheduled (a key without an ACTIVE
 // version never rotates by itself).
-func Next(k store.Key) (s Step, ok bool) {
+func Next(k Key) (s Step, ok bool) {
 	consider := func(c Step) {
 		if !ok || c.Due.Before(s.Due) {
 			s, ok = c, true
 		}
 	}
 	p := k.Policy
-	if a := k.InState(broker.StateActive); a >= 0 {
+	if a := k.InState(kms.StateActive); a >= 0 {
 		active := k.Versions[a]
-		if pi := k.InState(broker.StatePending); pi >= 0 {
+		if pi := k.InState(kms.StatePending); pi >= 0 {
 			consider(Step{Activate, k.Versions[pi].Version, activationDue(active, k.Versions[pi], p)})
 		} else {
 			consider(Step{Prepare, 0, active.Activated.Add(p.RotationPeriod - p.Lead)})
@@ -71,11 +70,11 @@ func Next(k store.Key) (s Step, ok bool) {
 	}
 	for _, v := range k.Versions {
 		switch v.State {
-		case broker.StateRetired:
+		case kms.StateRetired:
 			consider(Step{Expire, v.Version, v.Retired.Add(p.Overlap)})
-		case broker.StateExpired:
+		case kms.StateExpired:
 			consider(Step{Destroy, v.Version, v.Expired.Add(p.DestroyDelay)})
-		case broker.StateRevoked:
+		case kms.StateRevoked:
 			consider(Step{Destroy, v.Version, v.Revoked.Add(p.DestroyDelay)})
 		}
 	}
@@ -85,7 +84,7 @@ func Next(k store.Key) (s Step, ok bool) {
 // activationDue is when pending replaces active: at the end of active's
 // period, but never before pending has been published for the lead time
 // (after downtime, Prepare may have run late).
-func activationDue(active, pending store.Version, p broker.Policy) time.Time {
+func activationDue(active, pending Version, p kms.Policy) time.Time {
 	due := active.Activated.Add(p.RotationPeriod)
 	if earliest := pending.Created.Add(p.Lead); earliest.After(due) {
 		return earliest
@@ -94,7 +93,7 @@ func activationDue(active, pending store.Version, p broker.Policy) time.Time {
 }
 
 // Due returns the transition k is due for at now, if any.
-func Due(k store.Key, now time.Time) (Step, bool) {
+func Due(k Key, now time.Time) (Step, bool) {
 	s, ok := Next(k)
 	if !ok || s.Due.After(now) {
 		return Step{}, false
@@ -109,27 +108,27 @@ var ErrNotApplicable = errors.New("rotation: step does not apply to this key")
 // version's hardware identity (Handle, Kid, PublicKey); its number, state and
 // times are filled in here. The hardware work (generating nv, destroying for
 // Destroy) is the caller's, before it commits the result.
-func Apply(k store.Key, s Step, now time.Time, nv *store.Version) (store.Key, error) {
+func Apply(k Key, s Step, now time.Time, nv *Version) (Key, error) {
 	k = k.Clone()
 	switch s.Action {
 	case Prepare:
-		if nv == nil || k.InState(broker.StatePending) >= 0 || k.InState(broker.StateActive) < 0 {
+		if nv == nil || k.InState(kms.StatePending) >= 0 || k.InState(kms.StateActive) < 0 {
 			return k, ErrNotApplicable
 		}
 		v := *nv
-		v.Version, v.State, v.Created = k.NextVersion(), broker.StatePending, now
+		v.Version, v.State, v.Created = k.NextVersion(), kms.StatePending, now
 		k.Versions = append(k.Versions, v)
 		return k, nil
 	case Activate:
-		pi, ai := k.Index(s.Version), k.InState(broker.StateActive)
-		if pi < 0 || ai < 0 || k.Versions[pi].State != broker.StatePending {
+		pi, ai := k.Index(s.Version), k.InState(kms.StateActive)
+		if pi < 0 || ai < 0 || k.Versions[pi].State != kms.StatePending {
 			return k, ErrNotApplicable
 		}
 		activate(&k, pi, ai, now)
 		return k, nil
 	case Expire:
 		i := k.Index(s.Version)
-		if i < 0 || k.Versions[i].State != broker.StateRetired {
+		if i < 0 || k.Versions[i].State != kms.StateRetired {
 			return k, ErrNotApplicable
 		}
 		// The scheduled time, not now: the version stopped signing at
@@ -140,44 +139,44 @@ func Apply(k store.Key, s Step, now time.Time, nv *store.Version) (store.Key, er
 		if at.IsZero() || at.After(now) {
 			at = now
 		}
-		k.Versions[i].State, k.Versions[i].Expired = broker.StateExpired, at
+		k.Versions[i].State, k.Versions[i].Expired = kms.StateExpired, at
 		return k, nil
 	case Destroy:
 		i := k.Index(s.Version)
-		if i < 0 || (k.Versions[i].State != broker.StateExpired && k.Versions[i].State != broker.StateRevoked) {
+		if i < 0 || (k.Versions[i].State != kms.StateExpired && k.Versions[i].State != kms.StateRevoked) {
 			return k, ErrNotApplicable
 		}
-		k.Versions[i].State, k.Versions[i].Destroyed = broker.StateDestroyed, now
+		k.Versions[i].State, k.Versions[i].Destroyed = kms.StateDestroyed, now
 		return k, nil
 	}
 	return k, ErrNotApplicable
 }
 
 // activate makes version pi ACTIVE and retires version ai.
-func activate(k *store.Key, pi, ai int, now time.Time) {
-	k.Versions[ai].State, k.Versions[ai].Retired = broker.StateRetired, now
-	k.Versions[pi].State, k.Versions[pi].Activated = broker.StateActive, now
+func activate(k *Key, pi, ai int, now time.Time) {
+	k.Versions[ai].State, k.Versions[ai].Retired = kms.StateRetired, now
+	k.Versions[pi].State, k.Versions[pi].Activated = kms.StateActive, now
 }
 
 // NeedsNewVersion reports whether Rotate or Revoke of version n would need a
 // freshly generated version (there is no PENDING one to promote).
-func NeedsNewVersion(k store.Key, revoke uint32) bool {
-	if k.InState(broker.StatePending) >= 0 {
+func NeedsNewVersion(k Key, revoke uint32) bool {
+	if k.InState(kms.StatePending) >= 0 {
 		return false
 	}
 	if revoke == 0 {
 		return true
 	}
 	i := k.Index(revoke)
-	return i >= 0 && k.Versions[i].State == broker.StateActive
+	return i >= 0 && k.Versions[i].State == kms.StateActive
 }
 
 // Rotate is an immediate rotation: the PENDING version, if any, becomes
 // ACTIVE; otherwise nv (required then) is added as ACTIVE. The previous
 // ACTIVE version is RETIRED.
-func Rotate(k store.Key, now time.Time, nv *store.Version) (store.Key, error) {
+func Rotate(k Key, now time.Time, nv *Version) (Key, error) {
 	k = k.Clone()
-	ai := k.InState(broker.StateActive)
+	ai := k.InState(kms.StateActive)
 	if ai < 0 {
 		return k, fmt.Errorf("%w: no active version", ErrNotApplicable)
 	}
@@ -190,15 +189,15 @@ func Rotate(k store.Key, now time.Time, nv *store.Version) (store.Key, error) {
 }
 
 // promotable returns the index of the PENDING version, or appends nv as one.
-func promotable(k *store.Key, now time.Time, nv *store.Version) (int, error) {
-	if pi := k.InState(broker.StatePending); pi >= 0 {
+func promotable(k *Key, now time.Time, nv *Version) (int, error) {
+	if pi := k.InState(kms.StatePending); pi >= 0 {
 		return pi, nil
 	}
 	if nv == nil {
 		return -1, fmt.Errorf("%w: a new version is needed", ErrNotApplicable)
 	}
 	v := *nv
-	v.Version, v.State, v.Created = k.NextVersion(), broker.StatePending, now
+	v.Version, v.State, v.Created = k.NextVersion(), kms.StatePending, now
 	k.Versions = append(k.Versions, v)
 	return len(k.Versions) - 1, nil
 }
@@ -207,42 +206,42 @@ func promotable(k *store.Key, now time.Time, nv *store.Version) (int, error) {
 // If it was ACTIVE, the PENDING version or else nv becomes ACTIVE in the
 // same record. Revoking a REVOKED version changes nothing; a DESTROYED one
 // cannot be revoked.
-func Revoke(k store.Key, n uint32, now time.Time, nv *store.Version) (store.Key, error) {
+func Revoke(k Key, n uint32, now time.Time, nv *Version) (Key, error) {
 	k = k.Clone()
 	i := k.Index(n)
 	if i < 0 {
 		return k, fmt.Errorf("%w: no version %d", ErrNotApplicable, n)
 	}
 	switch k.Versions[i].State {
-	case broker.StateRevoked:
+	case kms.StateRevoked:
 		return k, nil
-	case broker.StateDestroyed:
+	case kms.StateDestroyed:
 		return k, fmt.Errorf("%w: version %d is destroyed", ErrNotApplicable, n)
-	case broker.StateActive:
+	case kms.StateActive:
 		pi, err := promotable(&k, now, nv)
 		if err != nil {
 			return k, err
 		}
-		k.Versions[pi].State, k.Versions[pi].Activated = broker.StateActive, now
+		k.Versions[pi].State, k.Versions[pi].Activated = kms.StateActive, now
 	}
-	k.Versions[i].State, k.Versions[i].Revoked = broker.StateRevoked, now
+	k.Versions[i].State, k.Versions[i].Revoked = kms.StateRevoked, now
 	return k, nil
 }
 
 // Check verifies a record's invariants: version numbers unique and
 // ascending, exactly one ACTIVE version, at most one PENDING.
-func Check(k store.Key) error {
+func Check(k Key) error {
 	var active, pending int
 	for i, v := range k.Versions {
 		if i > 0 && v.Version <= k.Versions[i-1].Version {
 			return fmt.Errorf("versions out of order at %d", v.Version)
 		}
 		switch v.State {
-		case broker.StateActive:
+		case kms.StateActive:
 			active++
-		case broker.StatePending:
+		case kms.StatePending:
 			pending++
-		case broker.StateUnknown:
+		case kms.StateUnknown:
 			return fmt.Errorf("version %d has no state", v.Version)
 		}
 	}
@@ -257,31 +256,31 @@ func Check(k store.Key) error {
 // DESTROYED versions, and a PENDING one while no version is ACTIVE.
 // For the ACTIVE version without a PENDING successor it is the projected end
 // of its period.
-func VersionNext(k store.Key, v store.Version) (next broker.State, at time.Time, ok bool) {
+func VersionNext(k Key, v Version) (next kms.State, at time.Time, ok bool) {
 	p := k.Policy
 	switch v.State {
-	case broker.StatePending:
-		if ai := k.InState(broker.StateActive); ai >= 0 {
-			return broker.StateActive, activationDue(k.Versions[ai], v, p), true
+	case kms.StatePending:
+		if ai := k.InState(kms.StateActive); ai >= 0 {
+			return kms.StateActive, activationDue(k.Versions[ai], v, p), true
 		}
-	case broker.StateActive:
-		if pi := k.InState(broker.StatePending); pi >= 0 {
-			return broker.StateRetired, activationDue(v, k.Versions[pi], p), true
+	case kms.StateActive:
+		if pi := k.InState(kms.StatePending); pi >= 0 {
+			return kms.StateRetired, activationDue(v, k.Versions[pi], p), true
 		}
-		return broker.StateRetired, v.Activated.Add(p.RotationPeriod), true
-	case broker.StateRetired:
-		return broker.StateExpired, v.Retired.Add(p.Overlap), true
-	case broker.StateExpired:
-		return broker.StateDestroyed, v.Expired.Add(p.DestroyDelay), true
-	case broker.StateRevoked:
-		return broker.StateDestroyed, v.Revoked.Add(p.DestroyDelay), true
+		return kms.StateRetired, v.Activated.Add(p.RotationPeriod), true
+	case kms.StateRetired:
+		return kms.StateExpired, v.Retired.Add(p.Overlap), true
+	case kms.StateExpired:
+		return kms.StateDestroyed, v.Expired.Add(p.DestroyDelay), true
+	case kms.StateRevoked:
+		return kms.StateDestroyed, v.Revoked.Add(p.DestroyDelay), true
 	}
-	return broker.StateUnknown, time.Time{}, false
+	return kms.StateUnknown, time.Time{}, false
 }
 
 // NextRotation is when k's next version becomes ACTIVE (zero if never).
-func NextRotation(k store.Key) time.Time {
-	ai := k.InState(broker.StateActive)
+func NextRotation(k Key) time.Time {
+	ai := k.InState(kms.StateActive)
 	if ai < 0 {
 		return time.Time{}
 	}

@@ -9,54 +9,53 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // t0 is day 0 of every test: version 1 becomes ACTIVE then.
 var t0 = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // day is t0 plus n days.
-func day(n int) time.Time { return t0.Add(time.Duration(n) * broker.Day) }
+func day(n int) time.Time { return t0.Add(time.Duration(n) * kms.Day) }
 
 // testPolicy has a different length for every field, so that a test fails
 // when one is used in place of another (DefaultPolicy's period and overlap
 // are both 90 days).
-var testPolicy = broker.Policy{
-	RotationPeriod: 30 * broker.Day,
-	Overlap:        45 * broker.Day,
-	Lead:           5 * broker.Day,
-	DestroyDelay:   11 * broker.Day,
+var testPolicy = kms.Policy{
+	RotationPeriod: 30 * kms.Day,
+	Overlap:        45 * kms.Day,
+	Lead:           5 * kms.Day,
+	DestroyDelay:   11 * kms.Day,
 }
 
 // hw is a fake hardware identity for a new version, as the keyring passes
 // to Apply, Rotate and Revoke: only Handle, Kid and PublicKey are set.
-func hw(id string) *store.Version {
-	return &store.Version{Kid: "kid-" + id, Handle: broker.Handle("handle-" + id), PublicKey: []byte("pub-" + id)}
+func hw(id string) *Version {
+	return &Version{Kid: "kid-" + id, Handle: kms.Handle("handle-" + id), PublicKey: []byte("pub-" + id)}
 }
 
 // ver is version n in state s with a fake identity; times are the caller's.
-func ver(n uint32, s broker.State) store.Version {
+func ver(n uint32, s kms.State) Version {
 	v := *hw(fmt.Sprint(n))
 	v.Version, v.State = n, s
 	return v
 }
 
 // key is a key under policy p with versions vs.
-func key(p broker.Policy, vs ...store.Version) store.Key {
-	return store.Key{Schema: 1, Tenant: "acme", Name: "signing", Alg: broker.ES256, Backend: "fake", Created: t0, Policy: p, Versions: vs}
+func key(p kms.Policy, vs ...Version) Key {
+	return Key{Schema: 1, Tenant: "acme", Name: "signing", Alg: kms.ES256, Backend: "fake", Created: t0, Policy: p, Versions: vs}
 }
 
 // active1 is version 1, ACTIVE since t0.
-func active1() store.Version {
-	v := ver(1, broker.StateActive)
+func active1() Version {
+	v := ver(1, kms.StateActive)
 	v.Created, v.Activated = t0, t0
 	return v
 }
 
 // unchanged fails if k differs from its snapshot before (the functions
 // under test must not modify the record they are given).
-func unchanged(t testing.TB, what string, before, k store.Key) {
+func unchanged(t testing.TB, what string, before, k Key) {
 	t.Helper()
 	if !reflect.DeepEqual(before, k) {
 		t.Errorf("%s modified its input record:\n got %+v\nwant %+v", what, k.Versions, before.Versions)
@@ -64,7 +63,7 @@ func unchanged(t testing.TB, what string, before, k store.Key) {
 }
 
 // states is k's version states, "1:active 2:pending".
-func states(k store.Key) string {
+func states(k Key) string {
 	var b strings.Builder
 	for i, v := range k.Versions {
 		if i > 0 {
@@ -85,13 +84,13 @@ type event struct {
 }
 
 func (e event) String() string {
-	if e.At%broker.Day == 0 {
-		return fmt.Sprintf("day %d: %v v%d", e.At/broker.Day, e.Action, e.Version)
+	if e.At%kms.Day == 0 {
+		return fmt.Sprintf("day %d: %v v%d", e.At/kms.Day, e.Action, e.Version)
 	}
-	return fmt.Sprintf("day %d+%v: %v v%d", e.At/broker.Day, e.At%broker.Day, e.Action, e.Version)
+	return fmt.Sprintf("day %d+%v: %v v%d", e.At/kms.Day, e.At%kms.Day, e.Action, e.Version)
 }
 
-func ev(d int, a Action, n uint32) event { return event{time.Duration(d) * broker.Day, a, n} }
+func ev(d int, a Action, n uint32) event { return event{time.Duration(d) * kms.Day, a, n} }
 
 // seen is what the simulation observed of one version at its ticks: the
 // first tick it was in each situation.
@@ -107,7 +106,7 @@ type seen struct {
 // does, and checks the invariants at every tick.
 type sim struct {
 	t      *testing.T
-	k      store.Key
+	k      Key
 	events []event
 	steps  []Step // every step applied, in order
 	seen   map[uint32]*seen
@@ -116,7 +115,7 @@ type sim struct {
 	newID  int
 }
 
-func newSim(t *testing.T, k store.Key) *sim {
+func newSim(t *testing.T, k Key) *sim {
 	s := &sim{t: t, k: k, seen: map[uint32]*seen{}, kids: map[string]uint32{}}
 	s.observe(t0)
 	return s
@@ -139,7 +138,7 @@ func (s *sim) advance(now time.Time) []Step {
 		if n := len(s.steps); n > 0 && st.Due.Before(s.steps[n-1].Due) {
 			t.Fatalf("%v: step %+v is due before the previous step %+v", now, st, s.steps[n-1])
 		}
-		var nv *store.Version
+		var nv *Version
 		if st.Action == Prepare {
 			s.newID++
 			nv = hw(fmt.Sprintf("sim-%d", s.newID))
@@ -175,7 +174,7 @@ func (s *sim) advance(now time.Time) []Step {
 // checkTimes checks the timestamps of version v, which action has just
 // moved at now: the record itself must show the lead, overlap and destroy
 // delay respected.
-func (s *sim) checkTimes(now time.Time, a Action, v store.Version) {
+func (s *sim) checkTimes(now time.Time, a Action, v Version) {
 	t, p := s.t, s.k.Policy
 	t.Helper()
 	var stamp time.Time
@@ -234,10 +233,10 @@ func (s *sim) observe(now time.Time) {
 			o = &seen{}
 			s.seen[v.Version] = o
 		}
-		if v.State == broker.StatePending && o.pending.IsZero() {
+		if v.State == kms.StatePending && o.pending.IsZero() {
 			o.pending = now
 		}
-		if v.State == broker.StateActive && o.active.IsZero() {
+		if v.State == kms.StateActive && o.active.IsZero() {
 			o.active = now
 			// Version 1 is created ACTIVE; every later version must
 			// have been seen published as PENDING for the lead time.
@@ -249,7 +248,7 @@ func (s *sim) observe(now time.Time) {
 				}
 			}
 		}
-		if v.State != broker.StateActive && !o.active.IsZero() && o.stopActive.IsZero() {
+		if v.State != kms.StateActive && !o.active.IsZero() && o.stopActive.IsZero() {
 			o.stopActive = now
 		}
 		if v.State.Published() {
@@ -278,10 +277,10 @@ func (s *sim) run(from, until time.Time, wantStates map[int]string) {
 	for now := from.Add(time.Hour); !now.After(until); now = now.Add(time.Hour) {
 		s.advance(now)
 		s.observe(now)
-		if d := now.Sub(t0); d%broker.Day == 0 {
-			if want, ok := wantStates[int(d/broker.Day)]; ok {
+		if d := now.Sub(t0); d%kms.Day == 0 {
+			if want, ok := wantStates[int(d/kms.Day)]; ok {
 				if got := states(s.k); got != want {
-					s.t.Errorf("day %d: states %q, want %q", d/broker.Day, got, want)
+					s.t.Errorf("day %d: states %q, want %q", d/kms.Day, got, want)
 				}
 			}
 		}
@@ -349,12 +348,12 @@ var designStates = map[int]string{
 }
 
 func TestSimulateTwoYears(t *testing.T) {
-	s := newSim(t, key(broker.DefaultPolicy(), active1()))
+	s := newSim(t, key(kms.DefaultPolicy(), active1()))
 	s.run(t0, day(730), designStates)
 	s.wantEvents(defaultTimeline)
 
 	// The record's timestamps tell the same story as the events.
-	want := map[uint32]store.Version{
+	want := map[uint32]Version{
 		1: {Created: day(0), Activated: day(0), Retired: day(90), Expired: day(180), Destroyed: day(210)},
 		2: {Created: day(83), Activated: day(90), Retired: day(180), Expired: day(270), Destroyed: day(300)},
 		3: {Created: day(173), Activated: day(180), Retired: day(270), Expired: day(360), Destroyed: day(390)},
@@ -391,7 +390,7 @@ func TestSimulateDowntime(t *testing.T) {
 		last, resume int
 		wantSteps    []Step // applied by the Advance at resume
 		wantStates   string // after it
-		check        func(t *testing.T, k store.Key)
+		check        func(t *testing.T, k Key)
 		until        int
 		wantEvents   []event // from resume on
 		laterStates  map[int]string
@@ -402,7 +401,7 @@ func TestSimulateDowntime(t *testing.T) {
 			name: "pending", last: 85, resume: 215,
 			wantSteps:  []Step{{Activate, 2, day(90)}},
 			wantStates: "1:retired 2:active",
-			check: func(t *testing.T, k store.Key) {
+			check: func(t *testing.T, k Key) {
 				v1, v2 := k.Versions[k.Index(1)], k.Versions[k.Index(2)]
 				if !v1.Retired.Equal(day(215)) || !v2.Activated.Equal(day(215)) {
 					t.Errorf("v1 retired %v, v2 activated %v; want both at day 215", v1.Retired, v2.Activated)
@@ -428,7 +427,7 @@ func TestSimulateDowntime(t *testing.T) {
 			name: "several due", last: 175, resume: 215,
 			wantSteps:  []Step{{Activate, 3, day(180)}, {Expire, 1, day(180)}, {Destroy, 1, day(210)}},
 			wantStates: "1:destroyed 2:retired 3:active",
-			check: func(t *testing.T, k store.Key) {
+			check: func(t *testing.T, k Key) {
 				v1 := k.Versions[k.Index(1)]
 				// Expire records when the overlap ended, not the restart.
 				if !v1.Expired.Equal(day(180)) || !v1.Destroyed.Equal(day(215)) {
@@ -456,14 +455,14 @@ func TestSimulateDowntime(t *testing.T) {
 			name: "late prepare", last: 82, resume: 215,
 			wantSteps:  []Step{{Prepare, 0, day(83)}},
 			wantStates: "1:active 2:pending",
-			check: func(t *testing.T, k store.Key) {
+			check: func(t *testing.T, k Key) {
 				if got, ok := Next(k); !ok || got != (Step{Activate, 2, day(222)}) {
 					t.Errorf("Next = %+v, %v; want Activate v2 at day 222", got, ok)
 				}
 				if got := NextRotation(k); !got.Equal(day(222)) {
 					t.Errorf("NextRotation = %v, want day 222", got)
 				}
-				if st, at, ok := VersionNext(k, k.Versions[k.Index(2)]); !ok || st != broker.StateActive || !at.Equal(day(222)) {
+				if st, at, ok := VersionNext(k, k.Versions[k.Index(2)]); !ok || st != kms.StateActive || !at.Equal(day(222)) {
 					t.Errorf("VersionNext(v2) = %v, %v, %v; want active at day 222", st, at, ok)
 				}
 			},
@@ -480,11 +479,11 @@ func TestSimulateDowntime(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := newSim(t, key(broker.DefaultPolicy(), active1()))
+			s := newSim(t, key(kms.DefaultPolicy(), active1()))
 			s.run(t0, day(tc.last), designStates)
 			var before []event
 			for _, e := range defaultTimeline {
-				if e.At <= time.Duration(tc.last)*broker.Day {
+				if e.At <= time.Duration(tc.last)*kms.Day {
 					before = append(before, e)
 				}
 			}
@@ -511,34 +510,34 @@ func TestSimulateDowntime(t *testing.T) {
 
 func TestNext(t *testing.T) {
 	p := testPolicy // period 30d, overlap 45d, lead 5d, destroy delay 11d
-	pending := func(n uint32, created time.Time) store.Version {
-		v := ver(n, broker.StatePending)
+	pending := func(n uint32, created time.Time) Version {
+		v := ver(n, kms.StatePending)
 		v.Created = created
 		return v
 	}
-	retired := func(n uint32, at time.Time) store.Version {
-		v := ver(n, broker.StateRetired)
+	retired := func(n uint32, at time.Time) Version {
+		v := ver(n, kms.StateRetired)
 		v.Retired = at
 		return v
 	}
-	expired := func(n uint32, at time.Time) store.Version {
-		v := ver(n, broker.StateExpired)
+	expired := func(n uint32, at time.Time) Version {
+		v := ver(n, kms.StateExpired)
 		v.Expired = at
 		return v
 	}
-	revoked := func(n uint32, at time.Time) store.Version {
-		v := ver(n, broker.StateRevoked)
+	revoked := func(n uint32, at time.Time) Version {
+		v := ver(n, kms.StateRevoked)
 		v.Revoked = at
 		return v
 	}
-	activeAt := func(n uint32, at time.Time) store.Version {
-		v := ver(n, broker.StateActive)
+	activeAt := func(n uint32, at time.Time) Version {
+		v := ver(n, kms.StateActive)
 		v.Created, v.Activated = at, at
 		return v
 	}
 	for _, tc := range []struct {
 		name string
-		k    store.Key
+		k    Key
 		want Step
 		ok   bool
 	}{
@@ -557,7 +556,7 @@ func TestNext(t *testing.T) {
 		// revoked versions are still destroyed.
 		{"no active, revoked", key(p, revoked(1, day(0))), Step{Destroy, 1, day(11)}, true},
 		{"no active, pending", key(p, pending(2, day(0))), Step{}, false},
-		{"only destroyed", key(p, ver(1, broker.StateDestroyed)), Step{}, false},
+		{"only destroyed", key(p, ver(1, kms.StateDestroyed)), Step{}, false},
 		{"no versions", key(p), Step{}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -591,30 +590,30 @@ func TestApply(t *testing.T) {
 	p := testPolicy
 	now := day(40)
 	active := active1()
-	pending := ver(2, broker.StatePending)
+	pending := ver(2, kms.StatePending)
 	pending.Created = day(25)
-	retired := ver(1, broker.StateRetired)
+	retired := ver(1, kms.StateRetired)
 	retired.Created, retired.Activated, retired.Retired = day(-30), day(-30), day(0)
-	active2 := ver(2, broker.StateActive)
+	active2 := ver(2, kms.StateActive)
 	active2.Created, active2.Activated = day(-5), day(0)
 	expired := retired
-	expired.State, expired.Expired = broker.StateExpired, day(20)
-	revoked := ver(3, broker.StateRevoked)
+	expired.State, expired.Expired = kms.StateExpired, day(20)
+	revoked := ver(3, kms.StateRevoked)
 	revoked.Created, revoked.Revoked = day(20), day(21)
 	destroyed := expired
-	destroyed.State, destroyed.Destroyed = broker.StateDestroyed, day(31)
+	destroyed.State, destroyed.Destroyed = kms.StateDestroyed, day(31)
 
 	// set returns v with f applied.
-	set := func(v store.Version, f func(*store.Version)) store.Version {
+	set := func(v Version, f func(*Version)) Version {
 		f(&v)
 		return v
 	}
 	for _, tc := range []struct {
 		name string
-		k    store.Key
+		k    Key
 		s    Step
-		nv   *store.Version
-		want store.Key // ignored when err
+		nv   *Version
+		want Key // ignored when err
 		err  error
 	}{
 		{
@@ -622,8 +621,8 @@ func TestApply(t *testing.T) {
 			k:    key(p, active),
 			s:    Step{Prepare, 0, day(25)},
 			// The number, state and times are Apply's, whatever nv says.
-			nv: &store.Version{Version: 7, State: broker.StateActive, Kid: "kid-new", Handle: broker.Handle("h-new"), PublicKey: []byte("pub-new"), Activated: day(1)},
-			want: key(p, active, store.Version{Version: 2, State: broker.StatePending, Kid: "kid-new", Handle: broker.Handle("h-new"), PublicKey: []byte("pub-new"),
+			nv: &Version{Version: 7, State: kms.StateActive, Kid: "kid-new", Handle: kms.Handle("h-new"), PublicKey: []byte("pub-new"), Activated: day(1)},
+			want: key(p, active, Version{Version: 2, State: kms.StatePending, Kid: "kid-new", Handle: kms.Handle("h-new"), PublicKey: []byte("pub-new"),
 				Created: now, Activated: day(1)}),
 		},
 		{name: "prepare without nv", k: key(p, active), s: Step{Prepare, 0, day(25)}, err: ErrNotApplicable},
@@ -635,33 +634,33 @@ func TestApply(t *testing.T) {
 			k:    key(p, active, pending),
 			s:    Step{Activate, 2, day(30)},
 			want: key(p,
-				set(active, func(v *store.Version) { v.State, v.Retired = broker.StateRetired, now }),
-				set(pending, func(v *store.Version) { v.State, v.Activated = broker.StateActive, now })),
+				set(active, func(v *Version) { v.State, v.Retired = kms.StateRetired, now }),
+				set(pending, func(v *Version) { v.State, v.Activated = kms.StateActive, now })),
 		},
 		{name: "activate unknown version", k: key(p, active, pending), s: Step{Activate, 3, day(30)}, err: ErrNotApplicable},
 		{name: "activate the active version", k: key(p, active, pending), s: Step{Activate, 1, day(30)}, err: ErrNotApplicable},
 		{name: "activate a retired version", k: key(p, retired, active2), s: Step{Activate, 1, day(30)}, err: ErrNotApplicable},
-		{name: "activate without active", k: key(p, revoked, set(pending, func(v *store.Version) { v.Version = 4 })), s: Step{Activate, 4, day(30)}, err: ErrNotApplicable},
+		{name: "activate without active", k: key(p, revoked, set(pending, func(v *Version) { v.Version = 4 })), s: Step{Activate, 4, day(30)}, err: ErrNotApplicable},
 
 		{
 			name: "expire",
 			k:    key(p, retired, active2),
 			s:    Step{Expire, 1, day(35)},
 			// Expired is the step's due time, not now.
-			want: key(p, set(retired, func(v *store.Version) { v.State, v.Expired = broker.StateExpired, day(35) }), active2),
+			want: key(p, set(retired, func(v *Version) { v.State, v.Expired = kms.StateExpired, day(35) }), active2),
 		},
 		{
 			name: "expire due in the future",
 			k:    key(p, retired, active2),
 			s:    Step{Expire, 1, day(45)},
 			// A due time after now is never recorded: now is.
-			want: key(p, set(retired, func(v *store.Version) { v.State, v.Expired = broker.StateExpired, now }), active2),
+			want: key(p, set(retired, func(v *Version) { v.State, v.Expired = kms.StateExpired, now }), active2),
 		},
 		{
 			name: "expire without due time",
 			k:    key(p, retired, active2),
 			s:    Step{Action: Expire, Version: 1},
-			want: key(p, set(retired, func(v *store.Version) { v.State, v.Expired = broker.StateExpired, now }), active2),
+			want: key(p, set(retired, func(v *Version) { v.State, v.Expired = kms.StateExpired, now }), active2),
 		},
 		{name: "expire unknown version", k: key(p, retired, active2), s: Step{Expire, 3, day(45)}, err: ErrNotApplicable},
 		{name: "expire the active version", k: key(p, retired, active2), s: Step{Expire, 2, day(45)}, err: ErrNotApplicable},
@@ -671,13 +670,13 @@ func TestApply(t *testing.T) {
 			name: "destroy expired",
 			k:    key(p, expired, active2),
 			s:    Step{Destroy, 1, day(31)},
-			want: key(p, set(expired, func(v *store.Version) { v.State, v.Destroyed = broker.StateDestroyed, now }), active2),
+			want: key(p, set(expired, func(v *Version) { v.State, v.Destroyed = kms.StateDestroyed, now }), active2),
 		},
 		{
 			name: "destroy revoked",
 			k:    key(p, active2, revoked),
 			s:    Step{Destroy, 3, day(32)},
-			want: key(p, active2, set(revoked, func(v *store.Version) { v.State, v.Destroyed = broker.StateDestroyed, now })),
+			want: key(p, active2, set(revoked, func(v *Version) { v.State, v.Destroyed = kms.StateDestroyed, now })),
 		},
 		{name: "destroy unknown version", k: key(p, expired, active2), s: Step{Destroy, 9, day(31)}, err: ErrNotApplicable},
 		{name: "destroy a retired version", k: key(p, retired, active2), s: Step{Destroy, 1, day(31)}, err: ErrNotApplicable},
@@ -718,23 +717,23 @@ func TestRotate(t *testing.T) {
 	now := day(12)
 	active := active1()
 	retiredActive := active
-	retiredActive.State, retiredActive.Retired = broker.StateRetired, now
-	pending := ver(2, broker.StatePending)
+	retiredActive.State, retiredActive.Retired = kms.StateRetired, now
+	pending := ver(2, kms.StatePending)
 	pending.Created = day(10)
 	promoted := pending
-	promoted.State, promoted.Activated = broker.StateActive, now
-	fresh := store.Version{Version: 2, State: broker.StateActive, Kid: "kid-new", Handle: broker.Handle("handle-new"), PublicKey: []byte("pub-new"), Created: now, Activated: now}
+	promoted.State, promoted.Activated = kms.StateActive, now
+	fresh := Version{Version: 2, State: kms.StateActive, Kid: "kid-new", Handle: kms.Handle("handle-new"), PublicKey: []byte("pub-new"), Created: now, Activated: now}
 	// v3 was PENDING, then revoked and destroyed: its number stays taken.
-	gone := ver(3, broker.StateDestroyed)
+	gone := ver(3, kms.StateDestroyed)
 	gone.Created, gone.Revoked, gone.Destroyed = day(1), day(2), day(3)
 	fresh4 := fresh
 	fresh4.Version = 4
 
 	for _, tc := range []struct {
 		name string
-		k    store.Key
-		nv   *store.Version
-		want store.Key
+		k    Key
+		nv   *Version
+		want Key
 		err  bool
 	}{
 		{name: "promotes pending", k: key(p, active, pending), want: key(p, retiredActive, promoted)},
@@ -773,37 +772,37 @@ func TestRevoke(t *testing.T) {
 	p := testPolicy
 	now := day(12)
 	active := active1()
-	pending := ver(2, broker.StatePending)
+	pending := ver(2, kms.StatePending)
 	pending.Created = day(10)
-	retired := ver(1, broker.StateRetired)
+	retired := ver(1, kms.StateRetired)
 	retired.Created, retired.Activated, retired.Retired = day(-30), day(-30), day(0)
-	active2 := ver(2, broker.StateActive)
+	active2 := ver(2, kms.StateActive)
 	active2.Created, active2.Activated = day(-5), day(0)
 	expired := retired
-	expired.State, expired.Expired = broker.StateExpired, day(5)
+	expired.State, expired.Expired = kms.StateExpired, day(5)
 	alreadyRevoked := retired
-	alreadyRevoked.State, alreadyRevoked.Revoked = broker.StateRevoked, day(3)
+	alreadyRevoked.State, alreadyRevoked.Revoked = kms.StateRevoked, day(3)
 	destroyed := expired
-	destroyed.State, destroyed.Destroyed = broker.StateDestroyed, day(8)
+	destroyed.State, destroyed.Destroyed = kms.StateDestroyed, day(8)
 
-	revokedAt := func(v store.Version) store.Version {
-		v.State, v.Revoked = broker.StateRevoked, now
+	revokedAt := func(v Version) Version {
+		v.State, v.Revoked = kms.StateRevoked, now
 		return v
 	}
-	activated := func(v store.Version) store.Version {
-		v.State, v.Activated = broker.StateActive, now
+	activated := func(v Version) Version {
+		v.State, v.Activated = kms.StateActive, now
 		return v
 	}
-	fresh := func(n uint32) store.Version {
-		return store.Version{Version: n, State: broker.StateActive, Kid: "kid-new", Handle: broker.Handle("handle-new"), PublicKey: []byte("pub-new"), Created: now, Activated: now}
+	fresh := func(n uint32) Version {
+		return Version{Version: n, State: kms.StateActive, Kid: "kid-new", Handle: kms.Handle("handle-new"), PublicKey: []byte("pub-new"), Created: now, Activated: now}
 	}
 
 	for _, tc := range []struct {
 		name string
-		k    store.Key
+		k    Key
 		n    uint32
-		nv   *store.Version
-		want store.Key
+		nv   *Version
+		want Key
 		err  bool
 	}{
 		{name: "active promotes pending", k: key(p, active, pending), n: 1, want: key(p, revokedAt(active), activated(pending))},
@@ -847,15 +846,15 @@ func TestRevoke(t *testing.T) {
 func TestNeedsNewVersion(t *testing.T) {
 	p := testPolicy
 	active := active1()
-	pending := ver(2, broker.StatePending)
-	retired := ver(1, broker.StateRetired)
-	active2 := ver(2, broker.StateActive)
-	revoked := ver(3, broker.StateRevoked)
+	pending := ver(2, kms.StatePending)
+	retired := ver(1, kms.StateRetired)
+	active2 := ver(2, kms.StateActive)
+	revoked := ver(3, kms.StateRevoked)
 	withPending := key(p, active, pending)
 	noPending := key(p, retired, active2, revoked)
 	for _, tc := range []struct {
 		name   string
-		k      store.Key
+		k      Key
 		revoke uint32
 		want   bool
 	}{
@@ -894,20 +893,20 @@ func TestCheck(t *testing.T) {
 	v := ver
 	for _, tc := range []struct {
 		name string
-		k    store.Key
+		k    Key
 		want string // substring of the error; "" for none
 	}{
-		{"active", key(p, v(1, broker.StateActive)), ""},
-		{"active and pending", key(p, v(1, broker.StateActive), v(2, broker.StatePending)), ""},
-		{"every state", key(p, v(1, broker.StateDestroyed), v(2, broker.StateRevoked), v(3, broker.StateExpired), v(4, broker.StateRetired), v(5, broker.StateActive), v(6, broker.StatePending)), ""},
-		{"gap in numbers", key(p, v(1, broker.StateRetired), v(5, broker.StateActive)), ""},
+		{"active", key(p, v(1, kms.StateActive)), ""},
+		{"active and pending", key(p, v(1, kms.StateActive), v(2, kms.StatePending)), ""},
+		{"every state", key(p, v(1, kms.StateDestroyed), v(2, kms.StateRevoked), v(3, kms.StateExpired), v(4, kms.StateRetired), v(5, kms.StateActive), v(6, kms.StatePending)), ""},
+		{"gap in numbers", key(p, v(1, kms.StateRetired), v(5, kms.StateActive)), ""},
 		{"no versions", key(p), "0 active and 0 pending"},
-		{"no active", key(p, v(1, broker.StateRetired), v(2, broker.StatePending)), "0 active and 1 pending"},
-		{"two active", key(p, v(1, broker.StateActive), v(2, broker.StateActive)), "2 active and 0 pending"},
-		{"two pending", key(p, v(1, broker.StateActive), v(2, broker.StatePending), v(3, broker.StatePending)), "1 active and 2 pending"},
-		{"out of order", key(p, v(2, broker.StateRetired), v(1, broker.StateActive)), "out of order at 1"},
-		{"duplicate", key(p, v(1, broker.StateRetired), v(1, broker.StateActive)), "out of order at 1"},
-		{"no state", key(p, v(1, broker.StateActive), v(2, broker.StateUnknown)), "version 2 has no state"},
+		{"no active", key(p, v(1, kms.StateRetired), v(2, kms.StatePending)), "0 active and 1 pending"},
+		{"two active", key(p, v(1, kms.StateActive), v(2, kms.StateActive)), "2 active and 0 pending"},
+		{"two pending", key(p, v(1, kms.StateActive), v(2, kms.StatePending), v(3, kms.StatePending)), "1 active and 2 pending"},
+		{"out of order", key(p, v(2, kms.StateRetired), v(1, kms.StateActive)), "out of order at 1"},
+		{"duplicate", key(p, v(1, kms.StateRetired), v(1, kms.StateActive)), "out of order at 1"},
+		{"no state", key(p, v(1, kms.StateActive), v(2, kms.StateUnknown)), "version 2 has no state"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := Check(tc.k)
@@ -928,39 +927,39 @@ func TestCheck(t *testing.T) {
 func TestVersionNext(t *testing.T) {
 	p := testPolicy // period 30d, overlap 45d, lead 5d, destroy delay 11d
 	active := active1()
-	pending := ver(2, broker.StatePending)
+	pending := ver(2, kms.StatePending)
 	pending.Created = day(24)
 	late := pending
 	late.Created = day(29)
-	retired := ver(1, broker.StateRetired)
+	retired := ver(1, kms.StateRetired)
 	retired.Retired = day(3)
-	active2 := ver(2, broker.StateActive)
+	active2 := ver(2, kms.StateActive)
 	active2.Created, active2.Activated = day(0), day(3)
 	expired := retired
-	expired.State, expired.Expired = broker.StateExpired, day(48)
-	revoked := ver(3, broker.StateRevoked)
+	expired.State, expired.Expired = kms.StateExpired, day(48)
+	revoked := ver(3, kms.StateRevoked)
 	revoked.Revoked = day(7)
 	destroyed := expired
-	destroyed.State, destroyed.Destroyed = broker.StateDestroyed, day(59)
+	destroyed.State, destroyed.Destroyed = kms.StateDestroyed, day(59)
 
 	for _, tc := range []struct {
 		name string
-		k    store.Key
-		v    store.Version
-		next broker.State
+		k    Key
+		v    Version
+		next kms.State
 		at   time.Time
 		ok   bool
 	}{
-		{"pending", key(p, active, pending), pending, broker.StateActive, day(30), true},
-		{"pending late", key(p, active, late), late, broker.StateActive, day(34), true},
-		{"pending without active", key(p, revoked, pending), pending, broker.StateUnknown, time.Time{}, false},
-		{"active with pending", key(p, active, pending), active, broker.StateRetired, day(30), true},
-		{"active with late pending", key(p, active, late), active, broker.StateRetired, day(34), true},
-		{"active alone", key(p, retired, active2), active2, broker.StateRetired, day(33), true},
-		{"retired", key(p, retired, active2), retired, broker.StateExpired, day(48), true},
-		{"expired", key(p, expired, active2), expired, broker.StateDestroyed, day(59), true},
-		{"revoked", key(p, active2, revoked), revoked, broker.StateDestroyed, day(18), true},
-		{"destroyed", key(p, destroyed, active2), destroyed, broker.StateUnknown, time.Time{}, false},
+		{"pending", key(p, active, pending), pending, kms.StateActive, day(30), true},
+		{"pending late", key(p, active, late), late, kms.StateActive, day(34), true},
+		{"pending without active", key(p, revoked, pending), pending, kms.StateUnknown, time.Time{}, false},
+		{"active with pending", key(p, active, pending), active, kms.StateRetired, day(30), true},
+		{"active with late pending", key(p, active, late), active, kms.StateRetired, day(34), true},
+		{"active alone", key(p, retired, active2), active2, kms.StateRetired, day(33), true},
+		{"retired", key(p, retired, active2), retired, kms.StateExpired, day(48), true},
+		{"expired", key(p, expired, active2), expired, kms.StateDestroyed, day(59), true},
+		{"revoked", key(p, active2, revoked), revoked, kms.StateDestroyed, day(18), true},
+		{"destroyed", key(p, destroyed, active2), destroyed, kms.StateUnknown, time.Time{}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			next, at, ok := VersionNext(tc.k, tc.v)
@@ -974,14 +973,14 @@ func TestVersionNext(t *testing.T) {
 func TestNextRotation(t *testing.T) {
 	p := testPolicy
 	active := active1()
-	pending := ver(2, broker.StatePending)
+	pending := ver(2, kms.StatePending)
 	pending.Created = day(20)
 	late := pending
 	late.Created = day(40)
-	revoked := ver(1, broker.StateRevoked)
+	revoked := ver(1, kms.StateRevoked)
 	for _, tc := range []struct {
 		name string
-		k    store.Key
+		k    Key
 		want time.Time
 	}{
 		{"active alone", key(p, active), day(30)},
@@ -1009,18 +1008,18 @@ func TestNextRotation(t *testing.T) {
 func TestVersionNumbersNeverReused(t *testing.T) {
 	p := testPolicy
 	// v6 was PENDING, revoked and destroyed; v5 is ACTIVE.
-	gone := func(n uint32) store.Version {
-		v := ver(n, broker.StateDestroyed)
+	gone := func(n uint32) Version {
+		v := ver(n, kms.StateDestroyed)
 		v.Destroyed = day(-1)
 		return v
 	}
-	active5 := ver(5, broker.StateActive)
+	active5 := ver(5, kms.StateActive)
 	active5.Created, active5.Activated = day(-1), day(-1)
 	k := key(p, gone(1), gone(2), gone(4), active5, gone(6))
 	if got := k.NextVersion(); got != 7 {
 		t.Errorf("NextVersion = %d, want 7", got)
 	}
-	newest := func(what string, k store.Key, err error) {
+	newest := func(what string, k Key, err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatalf("%s: %v", what, err)

@@ -12,7 +12,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Attester is an optional Backend capability: evidence, signed inside the
@@ -20,7 +20,7 @@ import (
 type Attester interface {
 	// Attest certifies the key h with the TPM's attestation key over nonce
 	// (at most 64 bytes, the size of a TPM2B_DATA).
-	Attest(ctx context.Context, p broker.Partition, h broker.Handle, nonce []byte) (*Attestation, error)
+	Attest(ctx context.Context, p kms.Partition, h kms.Handle, nonce []byte) (*Attestation, error)
 }
 
 // Attestation is the result of TPM2_Certify of a key by the attestation key
@@ -48,9 +48,9 @@ const maxNonce = 64
 // the TPM's endorsement key: a relying party must trust it by enrolment
 // (for example TPM2_MakeCredential/ActivateCredential against the EK),
 // which this package does not do.
-func (b *Backend) Attest(ctx context.Context, p broker.Partition, h broker.Handle, nonce []byte) (*Attestation, error) {
+func (b *Backend) Attest(ctx context.Context, p kms.Partition, h kms.Handle, nonce []byte) (*Attestation, error) {
 	if len(nonce) > maxNonce {
-		return nil, &broker.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most %d", len(nonce), maxNonce)}
+		return nil, &kms.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most %d", len(nonce), maxNonce)}
 	}
 	k, err := decodeHandle(h)
 	if err != nil {

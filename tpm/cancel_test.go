@@ -17,8 +17,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/tpm/swtpmtest"
 )
 
@@ -144,7 +144,7 @@ func TestCancelledCallLeavesNothingLoaded(t *testing.T) {
 				if err != nil && !errors.Is(err, context.Canceled) {
 					t.Errorf("%s cancelled at command %d (%v, in flight %v): got %v, want context.Canceled", op.name, n, sent[n-1], inFlight, err)
 				}
-				if err != nil && !errors.Is(err, broker.ErrUnavailable) {
+				if err != nil && !errors.Is(err, kms.ErrUnavailable) {
 					t.Errorf("%s cancelled at command %d: %v does not wrap ErrUnavailable", op.name, n, err)
 				}
 				if b.conn != cc {
@@ -258,7 +258,7 @@ func TestCancelledCallersDoNotDisturbOthers(t *testing.T) {
 		d := digest(t, crypto.SHA256)
 		sig, err := b.Sign(ctx, tenantA, hA, d, crypto.SHA256)
 		if err == nil {
-			err = brokertest.Verify(pubA, d, sig, crypto.SHA256)
+			err = kmstest.Verify(pubA, d, sig, crypto.SHA256)
 		}
 		if err != nil {
 			fails++

@@ -14,7 +14,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // response builds a TPM response with code rc and body.
@@ -140,13 +140,13 @@ func TestLinkDropsBrokenConnection(t *testing.T) {
 	b.objs["x"] = &object{id: "x"}
 	l := &link{b: b, ctx: context.Background(), timeout: time.Second}
 	_, err := tpm2.GetRandom{BytesRequested: 1}.Execute(l)
-	if !errors.Is(err, broker.ErrUnavailable) || !errors.Is(err, io.ErrUnexpectedEOF) {
+	if !errors.Is(err, kms.ErrUnavailable) || !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Errorf("got %v, want ErrUnavailable wrapping the cause", err)
 	}
 	if b.conn != nil || len(b.objs) != 0 {
 		t.Error("the broken connection and its objects were kept")
 	}
-	if _, err := (tpm2.GetRandom{BytesRequested: 1}).Execute(l); !errors.Is(err, broker.ErrUnavailable) {
+	if _, err := (tpm2.GetRandom{BytesRequested: 1}).Execute(l); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("without a connection: got %v, want ErrUnavailable", err)
 	}
 }
@@ -156,16 +156,16 @@ func TestClassify(t *testing.T) {
 		err  error
 		want error
 	}{
-		{tpm2.TPMRCObjectMemory, broker.ErrResourceExhausted},
-		{tpm2.TPMRCRetry, broker.ErrUnavailable},
-		{tpm2.TPMRCFailure, broker.ErrUnavailable},
-		{tpm2.TPMRCInitialize, broker.ErrUnavailable},
+		{tpm2.TPMRCObjectMemory, kms.ErrResourceExhausted},
+		{tpm2.TPMRCRetry, kms.ErrUnavailable},
+		{tpm2.TPMRCFailure, kms.ErrUnavailable},
+		{tpm2.TPMRCInitialize, kms.ErrUnavailable},
 	} {
 		if got := classify("op", c.err); !errors.Is(got, c.want) {
 			t.Errorf("classify(%v) = %v, want %v", c.err, got, c.want)
 		}
 	}
-	if got := classify("op", tpm2.TPMRCScheme); errors.Is(got, broker.ErrUnavailable) || errors.Is(got, broker.ErrInvalidArgument) {
+	if got := classify("op", tpm2.TPMRCScheme); errors.Is(got, kms.ErrUnavailable) || errors.Is(got, kms.ErrInvalidArgument) {
 		t.Errorf("classify(TPM_RC_SCHEME) = %v, want an internal error", got)
 	}
 	if classify("op", nil) != nil {

@@ -6,7 +6,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // ErrDataLoss means the TPM's storage root key is not the one pinned in the
@@ -16,13 +16,13 @@ import (
 // an operator resets the pin: stop the daemon, remove srk.name and the
 // parents directory from the state directory, and mark the lost keys
 // destroyed in the store.
-var ErrDataLoss = fmt.Errorf("tpm: the storage root key changed: the TPM was cleared or replaced and its keys are lost: %w", broker.ErrDataLoss)
+var ErrDataLoss = fmt.Errorf("tpm: the storage root key changed: the TPM was cleared or replaced and its keys are lost: %w", kms.ErrDataLoss)
 
 // Error is a failed TPM operation. Its message names the TPM command and
 // response code for logs; the gRPC server never sends it to a client.
 type Error struct {
 	Op   string
-	Kind error // a broker sentinel or ErrDataLoss, or nil for an internal error
+	Kind error // a kms sentinel or ErrDataLoss, or nil for an internal error
 	Err  error
 }
 
@@ -35,7 +35,7 @@ func (e *Error) Unwrap() []error {
 	return []error{e.Kind, e.Err}
 }
 
-// classify wraps err from a TPM command with the broker sentinel that says
+// classify wraps err from a TPM command with the kms sentinel that says
 // what a caller can do about it. Errors the transport already classified
 // and nil pass through.
 func classify(op string, err error) error {
@@ -51,15 +51,15 @@ func classify(op string, err error) error {
 	if errors.As(err, &rc) {
 		switch {
 		case isMemoryWarning(rc):
-			kind = broker.ErrResourceExhausted
+			kind = kms.ErrResourceExhausted
 		case rc.IsWarning():
 			// TPM_RC_RETRY and friends after our own retries,
 			// TPM_RC_CANCELED, TPM_RC_NV_RATE, TPM_RC_LOCKOUT: the TPM
 			// may answer later.
-			kind = broker.ErrUnavailable
+			kind = kms.ErrUnavailable
 		case rc == tpm2.TPMRCFailure, rc == tpm2.TPMRCInitialize:
 			// Failure mode, or a TPM that was not started.
-			kind = broker.ErrUnavailable
+			kind = kms.ErrUnavailable
 		}
 	}
 	return &Error{Op: op, Kind: kind, Err: err}

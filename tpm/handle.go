@@ -15,7 +15,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // A Handle (the bytes the daemon's store keeps for a key) is, in version 1:
@@ -77,7 +77,7 @@ type key struct {
 }
 
 // encode returns the Handle of k.
-func (k *key) encode() broker.Handle {
+func (k *key) encode() kms.Handle {
 	h := make([]byte, 0, len(handleMagic)+1+6+len(k.public)+len(k.private)+len(k.auth))
 	h = append(h, handleMagic...)
 	h = append(h, handleVersion)
@@ -85,7 +85,7 @@ func (k *key) encode() broker.Handle {
 		h = binary.BigEndian.AppendUint16(h, uint16(len(part)))
 		h = append(h, part...)
 	}
-	return broker.Handle(h)
+	return kms.Handle(h)
 }
 
 // errBadHandle is a handle this backend did not make.
@@ -93,10 +93,10 @@ var errBadHandle = errors.New("not a TPM key handle")
 
 // decodeHandle parses h and checks that its public area is a signing key
 // this backend creates. A malformed handle is an error wrapping
-// broker.ErrNotFound: no such key.
-func decodeHandle(h broker.Handle) (*key, error) {
+// kms.ErrNotFound: no such key.
+func decodeHandle(h kms.Handle) (*key, error) {
 	bad := func(reason string) error {
-		return &Error{Op: "decode handle", Kind: broker.ErrNotFound, Err: fmt.Errorf("%w: %s", errBadHandle, reason)}
+		return &Error{Op: "decode handle", Kind: kms.ErrNotFound, Err: fmt.Errorf("%w: %s", errBadHandle, reason)}
 	}
 	if len(h) < len(handleMagic)+1 || string(h[:len(handleMagic)]) != handleMagic {
 		return nil, bad("no magic")
@@ -153,7 +153,7 @@ type handleCache struct {
 
 // decode is decodeHandle(h), from the cache when h was decoded before.
 // The key returned is shared: callers must not modify it.
-func (c *handleCache) decode(h broker.Handle) (*key, error) {
+func (c *handleCache) decode(h kms.Handle) (*key, error) {
 	c.mu.Lock()
 	k := c.m[string(h)]
 	c.mu.Unlock()
@@ -175,7 +175,7 @@ func (c *handleCache) decode(h broker.Handle) (*key, error) {
 }
 
 // forget drops h from the cache.
-func (c *handleCache) forget(h broker.Handle) {
+func (c *handleCache) forget(h kms.Handle) {
 	c.mu.Lock()
 	delete(c.m, string(h))
 	c.mu.Unlock()
@@ -183,7 +183,7 @@ func (c *handleCache) forget(h broker.Handle) {
 
 // PublicArea returns the TPM2B_PUBLIC of the key h (a size and the
 // TPMT_PUBLIC), as VerifyAttestation takes it.
-func PublicArea(h broker.Handle) ([]byte, error) {
+func PublicArea(h kms.Handle) ([]byte, error) {
 	k, err := decodeHandle(h)
 	if err != nil {
 		return nil, err
@@ -273,7 +273,7 @@ func publicKey(pub *tpm2.TPMTPublic) (crypto.PublicKey, error) {
 // keyTemplate is the TPMT_PUBLIC template of a signing key for spec. The
 // scheme is TPM_ALG_NULL so that each TPM2_Sign picks it (ECDSA with the
 // digest's hash, RSASSA or RSAPSS).
-func keyTemplate(spec broker.KeySpec) tpm2.TPMTPublic {
+func keyTemplate(spec kms.KeySpec) tpm2.TPMTPublic {
 	if spec.Alg.IsRSA() {
 		return tpm2.TPMTPublic{
 			Type:             tpm2.TPMAlgRSA,
@@ -288,7 +288,7 @@ func keyTemplate(spec broker.KeySpec) tpm2.TPMTPublic {
 		}
 	}
 	curve := tpm2.TPMECCNistP256
-	if spec.Alg == broker.ES384 {
+	if spec.Alg == kms.ES384 {
 		curve = tpm2.TPMECCNistP384
 	}
 	return tpm2.TPMTPublic{

@@ -11,7 +11,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // A TPM holds only a few transient objects at once (TPM_PT_HR_TRANSIENT_MIN
@@ -402,7 +402,7 @@ func (b *Backend) parentFile(l *link, tenant string, srk *object) (*parentFile, 
 
 // loadKey returns the loaded key k of tenant, loading it under the tenant's
 // parent. A blob that does not load there (another tenant's, another TPM's,
-// or damaged) is an error wrapping broker.ErrNotFound.
+// or damaged) is an error wrapping kms.ErrNotFound.
 func (b *Backend) loadKey(l *link, tenant string, k *key, keep []*object) (*object, error) {
 	id := keyID(tenant, k)
 	if o := b.cached(id); o != nil {
@@ -424,7 +424,7 @@ func (b *Backend) loadKey(l *link, tenant string, k *key, keep []*object) (*obje
 		return r.ObjectHandle, nil
 	})
 	if isParameterError(err) {
-		return nil, &Error{Op: "load the key", Kind: broker.ErrNotFound, Err: err}
+		return nil, &Error{Op: "load the key", Kind: kms.ErrNotFound, Err: err}
 	}
 	if err != nil {
 		return nil, classify("load the key", err)

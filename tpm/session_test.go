@@ -11,8 +11,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/tpm/swtpmtest"
 )
 
@@ -94,14 +94,14 @@ func checkSessions(t *testing.T, b *Backend) int {
 	return n
 }
 
-func signAndVerify(t *testing.T, b *Backend, p broker.Partition, h broker.Handle, pub crypto.PublicKey) {
+func signAndVerify(t *testing.T, b *Backend, p kms.Partition, h kms.Handle, pub crypto.PublicKey) {
 	t.Helper()
 	d := digest(t, crypto.SHA256)
 	sig, err := b.Sign(context.Background(), p, h, d, crypto.SHA256)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := brokertest.Verify(pub, d, sig, crypto.SHA256); err != nil {
+	if err := kmstest.Verify(pub, d, sig, crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -109,14 +109,14 @@ func signAndVerify(t *testing.T, b *Backend, p broker.Partition, h broker.Handle
 // signWhenBack signs with h until the TPM answers again, within 5 s, and
 // verifies the signature; an error for which outage is false fails t at
 // once.
-func signWhenBack(t *testing.T, b *Backend, p broker.Partition, h broker.Handle, pub crypto.PublicKey, outage func(error) bool) {
+func signWhenBack(t *testing.T, b *Backend, p kms.Partition, h kms.Handle, pub crypto.PublicKey, outage func(error) bool) {
 	t.Helper()
 	d := digest(t, crypto.SHA256)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		sig, err := b.Sign(context.Background(), p, h, d, crypto.SHA256)
 		if err == nil {
-			if err := brokertest.Verify(pub, d, sig, crypto.SHA256); err != nil {
+			if err := kmstest.Verify(pub, d, sig, crypto.SHA256); err != nil {
 				t.Fatal(err)
 			}
 			return
@@ -167,8 +167,8 @@ func TestSessionEviction(t *testing.T) {
 			b := open(t, sim, t.TempDir(), func(c *Config) { c.LoadedObjects = loaded })
 			ctx := context.Background()
 			type k struct {
-				p   broker.Partition
-				h   broker.Handle
+				p   kms.Partition
+				h   kms.Handle
 				pub crypto.PublicKey
 			}
 			var keys []k
@@ -232,7 +232,7 @@ func TestSessionFailure(t *testing.T) {
 
 	// An error for the client: the next call still signs.
 	s.failNext(tpm2.TPMCCSign, tpm2.TPMRCCanceled)
-	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256); !errors.Is(err, broker.ErrUnavailable) {
+	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Sign with TPM_RC_CANCELED: got %v, want ErrUnavailable", err)
 	}
 	checkSessions(t, b)
@@ -268,7 +268,7 @@ func TestSessionRestart(t *testing.T) {
 	for cycle := range 2 {
 		sim.Kill()
 		sim.Restart(t)
-		signWhenBack(t, b, tenantA, h, pub, func(err error) bool { return errors.Is(err, broker.ErrUnavailable) })
+		signWhenBack(t, b, tenantA, h, pub, func(err error) bool { return errors.Is(err, kms.ErrUnavailable) })
 		for range 5 {
 			signAndVerify(t, b, tenantA, h, pub)
 		}

@@ -1,9 +1,9 @@
 // Package tpm is keybroker's TPM 2.0 backend, built on go-tpm's tpm2
 // package. Signing keys are generated inside the TPM under a per-tenant
 // storage parent and leave it only as blobs wrapped by that parent; the
-// broker.Handle the store persists is such a blob plus the key's auth
+// kms.Handle the store persists is such a blob plus the key's auth
 // value (see handle.go). Only the daemon's wiring and tests import it;
-// everything else sees a broker.Backend and, by type assertion, Attester.
+// everything else sees a kms.Backend and, by type assertion, Attester.
 //
 // One connection carries every command, one at a time, each bounded by a
 // deadline; a broken connection is reopened by the next call, which also
@@ -37,7 +37,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Defaults for Config.
@@ -113,7 +113,7 @@ func (c Config) withDefaults() (Config, error) {
 	return c, nil
 }
 
-// Backend is a broker.Backend on one TPM 2.0. It is safe for concurrent
+// Backend is a kms.Backend on one TPM 2.0. It is safe for concurrent
 // use; commands reach the TPM one at a time.
 type Backend struct {
 	cfg Config
@@ -153,8 +153,8 @@ type Backend struct {
 }
 
 var (
-	_ broker.Backend = (*Backend)(nil)
-	_ Attester       = (*Backend)(nil)
+	_ kms.Backend = (*Backend)(nil)
+	_ Attester    = (*Backend)(nil)
 )
 
 // Open connects to the TPM, flushes leftover transient objects and
@@ -215,7 +215,7 @@ func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
 	}
 	if b.closed {
 		<-b.sem
-		return nil, nil, &Error{Op: "use the TPM", Kind: broker.ErrUnavailable, Err: errors.New("backend closed")}
+		return nil, nil, &Error{Op: "use the TPM", Kind: kms.ErrUnavailable, Err: errors.New("backend closed")}
 	}
 	l := &link{b: b, ctx: ctx, timeout: b.cfg.Timeout}
 	unlock := func() {
@@ -246,9 +246,9 @@ const stuckAfter = time.Second
 // generation.
 func (b *Backend) waitKind() error {
 	if f := b.inflight.Load(); f != nil && !f.slow && time.Since(f.sent) > stuckAfter {
-		return broker.ErrUnavailable
+		return kms.ErrUnavailable
 	}
-	return broker.ErrResourceExhausted
+	return kms.ErrResourceExhausted
 }
 
 // connect opens the connection if there is none, and makes the TPM ready:
@@ -263,7 +263,7 @@ func (b *Backend) connect(l *link) error {
 		}
 		c, err := dial(l.ctx, b.cfg, deadline)
 		if err != nil {
-			return &Error{Op: "connect", Kind: broker.ErrUnavailable, Err: err}
+			return &Error{Op: "connect", Kind: kms.ErrUnavailable, Err: err}
 		}
 		b.conn, b.ready = c, false
 	}
@@ -508,11 +508,11 @@ func (b *Backend) Probe(ctx context.Context) error {
 }
 
 // checkPartition returns the tenant name, which names its parent file.
-func checkPartition(p broker.Partition) error {
-	if err := broker.ValidateName(p.Tenant); err != nil {
-		var fe *broker.FieldError
+func checkPartition(p kms.Partition) error {
+	if err := kms.ValidateName(p.Tenant); err != nil {
+		var fe *kms.FieldError
 		if errors.As(err, &fe) {
-			return &broker.FieldError{Field: "partition", Reason: "tenant " + fe.Reason}
+			return &kms.FieldError{Field: "partition", Reason: "tenant " + fe.Reason}
 		}
 		return err
 	}
@@ -521,16 +521,16 @@ func checkPartition(p broker.Partition) error {
 
 // Generate creates a signing key for spec under the tenant's storage
 // parent, with a random auth value, and returns its blobs as the handle.
-func (b *Backend) Generate(ctx context.Context, p broker.Partition, spec broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (b *Backend) Generate(ctx context.Context, p kms.Partition, spec kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	spec, err := spec.Validate()
 	if err != nil {
 		return nil, nil, err
 	}
 	if spec.Alg.IsRSA() && !b.rsaBits[spec.Bits] {
-		return nil, nil, &broker.FieldError{Field: "bits", Reason: fmt.Sprintf("got %d: the TPM does not support RSA-%d keys (want %s)", spec.Bits, spec.Bits, b.supportedRSA())}
+		return nil, nil, &kms.FieldError{Field: "bits", Reason: fmt.Sprintf("got %d: the TPM does not support RSA-%d keys (want %s)", spec.Bits, spec.Bits, b.supportedRSA())}
 	}
-	if spec.Alg == broker.PS256 && !b.pssHashSalt {
-		return nil, nil, &broker.FieldError{Field: "algorithm", Reason: "PS256: the TPM's RSASSA-PSS salt is not the hash length"}
+	if spec.Alg == kms.PS256 && !b.pssHashSalt {
+		return nil, nil, &kms.FieldError{Field: "algorithm", Reason: "PS256: the TPM's RSASSA-PSS salt is not the hash length"}
 	}
 	if err := checkPartition(p); err != nil {
 		return nil, nil, err
@@ -680,8 +680,8 @@ func nullTicket() tpm2.TPMTTKHashCheck {
 // salt equal to the hash length for PSS). The digest is checked against the
 // hash before any TPM command, and travels encrypted in a salted session,
 // the key's reusable one (see keySession).
-func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	if err := broker.CheckSign(opts, digest); err != nil {
+func (b *Backend) Sign(ctx context.Context, p kms.Partition, h kms.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := kms.CheckSign(opts, digest); err != nil {
 		return nil, err
 	}
 	hash := opts.HashFunc()
@@ -694,11 +694,11 @@ func (b *Backend) Sign(ctx context.Context, p broker.Partition, h broker.Handle,
 	var scheme tpm2.TPMTSigScheme
 	switch {
 	case k.pub.Type == tpm2.TPMAlgECC && isPSS:
-		return nil, &broker.FieldError{Field: "padding", Reason: "PSS is for RSA keys"}
+		return nil, &kms.FieldError{Field: "padding", Reason: "PSS is for RSA keys"}
 	case k.pub.Type == tpm2.TPMAlgECC:
 		scheme = sigScheme(tpm2.TPMAlgECDSA, hashAlg)
 	case isPSS && !b.pssHashSalt:
-		return nil, &broker.FieldError{Field: "padding", Reason: "PSS: the TPM's salt is not the hash length"}
+		return nil, &kms.FieldError{Field: "padding", Reason: "PSS: the TPM's salt is not the hash length"}
 	case isPSS:
 		scheme = sigScheme(tpm2.TPMAlgRSAPSS, hashAlg)
 	default:
@@ -780,9 +780,9 @@ func derSignature(sig *tpm2.TPMSSignatureECC) ([]byte, error) {
 
 // checkUsable refuses destroyed keys and, in the data loss state, every
 // key.
-func (b *Backend) checkUsable(h broker.Handle) error {
+func (b *Backend) checkUsable(h kms.Handle) error {
 	if b.destroyed[sha256.Sum256(h)] {
-		return &Error{Op: "use the key", Kind: broker.ErrNotFound, Err: errors.New("key destroyed")}
+		return &Error{Op: "use the key", Kind: kms.ErrNotFound, Err: errors.New("key destroyed")}
 	}
 	if b.dataLoss {
 		return b.dataLossError()
@@ -795,9 +795,9 @@ func (b *Backend) checkUsable(h broker.Handle) error {
 // does when it records the key DESTROYED. Destroy checks that h is a key of
 // this tenant on this TPM (by loading it), flushes it, and remembers, for
 // the life of this process, that it is destroyed: Sign and Destroy of it
-// then fail with broker.ErrNotFound. A later process would load the blob
+// then fail with kms.ErrNotFound. A later process would load the blob
 // again if asked; the store, which has dropped the handle, never asks.
-func (b *Backend) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+func (b *Backend) Destroy(ctx context.Context, p kms.Partition, h kms.Handle) error {
 	k, err := decodeHandle(h)
 	if err != nil {
 		return err

@@ -21,8 +21,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/tpm/swtpmtest"
 )
 
@@ -79,14 +79,14 @@ func withTPM(t testing.TB, b *Backend, fn func(l *link)) {
 }
 
 var (
-	tenantA = broker.Partition{Tenant: "tenant-a"}
-	tenantB = broker.Partition{Tenant: "tenant-b"}
-	es256   = broker.KeySpec{Alg: broker.ES256}
+	tenantA = kms.Partition{Tenant: "tenant-a"}
+	tenantB = kms.Partition{Tenant: "tenant-b"}
+	es256   = kms.KeySpec{Alg: kms.ES256}
 )
 
 func TestConformance(t *testing.T) {
-	brokertest.Suite{
-		New: func(t testing.TB) broker.Backend {
+	kmstest.Suite{
+		New: func(t testing.TB) kms.Backend {
 			sim := swtpmtest.Start(t)
 			cfg := Config{Socket: sim.Socket, StateDir: t.TempDir(), Timeout: 10 * time.Second}
 			b, err := Open(context.Background(), cfg, testLogger(t))
@@ -95,10 +95,10 @@ func TestConformance(t *testing.T) {
 			}
 			return b // the suite closes it
 		},
-		Specs: []broker.KeySpec{
-			{Alg: broker.ES256}, {Alg: broker.ES384},
-			{Alg: broker.RS256, Bits: 2048}, {Alg: broker.RS256, Bits: 3072},
-			{Alg: broker.PS256, Bits: 2048}, {Alg: broker.PS256, Bits: 3072},
+		Specs: []kms.KeySpec{
+			{Alg: kms.ES256}, {Alg: kms.ES384},
+			{Alg: kms.RS256, Bits: 2048}, {Alg: kms.RS256, Bits: 3072},
+			{Alg: kms.PS256, Bits: 2048}, {Alg: kms.PS256, Bits: 3072},
 		},
 	}.Run(t)
 }
@@ -115,8 +115,8 @@ const wantAttributes = 0x00040472
 func TestKeyAttributes(t *testing.T) {
 	b, _ := start(t)
 	ctx := context.Background()
-	for _, spec := range []broker.KeySpec{es256, {Alg: broker.ES384}, {Alg: broker.RS256, Bits: 2048}, {Alg: broker.PS256, Bits: 2048}} {
-		t.Run(brokertest.Name(spec), func(t *testing.T) {
+	for _, spec := range []kms.KeySpec{es256, {Alg: kms.ES384}, {Alg: kms.RS256, Bits: 2048}, {Alg: kms.PS256, Bits: 2048}} {
+		t.Run(kmstest.Name(spec), func(t *testing.T) {
 			h, _, err := b.Generate(ctx, tenantA, spec)
 			if err != nil {
 				t.Fatal(err)
@@ -193,13 +193,13 @@ func TestTenantIsolation(t *testing.T) {
 	if err == nil {
 		t.Fatalf("tenant B signed with tenant A's key (signature %x)", sig)
 	}
-	if !errors.Is(err, broker.ErrNotFound) {
+	if !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Sign as tenant B: got %v, want ErrNotFound", err)
 	}
-	if err := b.Destroy(ctx, tenantB, h); !errors.Is(err, broker.ErrNotFound) {
+	if err := b.Destroy(ctx, tenantB, h); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Destroy as tenant B: got %v, want ErrNotFound", err)
 	}
-	if _, err := b.Attest(ctx, tenantB, h, []byte("nonce")); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := b.Attest(ctx, tenantB, h, []byte("nonce")); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Attest as tenant B: got %v, want ErrNotFound", err)
 	}
 	// Tenant A's key is untouched, also while it is loaded: a cache hit
@@ -209,10 +209,10 @@ func TestTenantIsolation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := brokertest.Verify(pub, d, sig, crypto.SHA256); err != nil {
+		if err := kmstest.Verify(pub, d, sig, crypto.SHA256); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.Sign(ctx, tenantB, h, d, crypto.SHA256); !errors.Is(err, broker.ErrNotFound) {
+		if _, err := b.Sign(ctx, tenantB, h, d, crypto.SHA256); !errors.Is(err, kms.ErrNotFound) {
 			t.Errorf("Sign as tenant B with A's key loaded: got %v, want ErrNotFound", err)
 		}
 	}
@@ -225,7 +225,7 @@ func TestTenantIsolation(t *testing.T) {
 			t.Errorf("%s: mode %v, want 0600", name, fi.Mode().Perm())
 		}
 	}
-	if _, _, err := b.Generate(ctx, broker.Partition{Tenant: "../evil"}, es256); !errors.Is(err, broker.ErrInvalidArgument) {
+	if _, _, err := b.Generate(ctx, kms.Partition{Tenant: "../evil"}, es256); !errors.Is(err, kms.ErrInvalidArgument) {
 		t.Errorf("Generate for tenant ../evil: got %v, want ErrInvalidArgument", err)
 	}
 }
@@ -236,7 +236,7 @@ func TestRoundRobin(t *testing.T) {
 	b, _ := start(t)
 	ctx := context.Background()
 	type k struct {
-		h    broker.Handle
+		h    kms.Handle
 		pub  crypto.PublicKey
 		hash crypto.Hash
 	}
@@ -245,10 +245,10 @@ func TestRoundRobin(t *testing.T) {
 		spec := es256
 		switch i % 4 {
 		case 1:
-			spec = broker.KeySpec{Alg: broker.ES384}
+			spec = kms.KeySpec{Alg: kms.ES384}
 		case 3:
 			if i == 3 {
-				spec = broker.KeySpec{Alg: broker.RS256, Bits: 2048}
+				spec = kms.KeySpec{Alg: kms.RS256, Bits: 2048}
 			}
 		}
 		h, pub, err := b.Generate(ctx, tenantA, spec)
@@ -269,7 +269,7 @@ func TestRoundRobin(t *testing.T) {
 				d := digest(t, key.hash)
 				sig, err := b.Sign(ctx, tenantA, key.h, d, key.hash)
 				if err == nil {
-					err = brokertest.Verify(key.pub, d, sig, key.hash)
+					err = kmstest.Verify(key.pub, d, sig, key.hash)
 				}
 				if err != nil {
 					failures.Add(1)
@@ -295,7 +295,7 @@ func TestObjectMemory(t *testing.T) {
 	sim := swtpmtest.Start(t)
 	b := open(t, sim, t.TempDir(), func(c *Config) { c.LoadedObjects = 10 })
 	ctx := context.Background()
-	var hs []broker.Handle
+	var hs []kms.Handle
 	var pubs []crypto.PublicKey
 	for range 5 {
 		h, pub, err := b.Generate(ctx, tenantA, es256)
@@ -311,7 +311,7 @@ func TestObjectMemory(t *testing.T) {
 			if err != nil {
 				t.Fatalf("round %d key %d: %v", r, i, err)
 			}
-			if err := brokertest.Verify(pubs[i], d, sig, crypto.SHA256); err != nil {
+			if err := kmstest.Verify(pubs[i], d, sig, crypto.SHA256); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -320,10 +320,10 @@ func TestObjectMemory(t *testing.T) {
 
 func TestRSA4096Refused(t *testing.T) {
 	b, _ := start(t)
-	for _, alg := range []broker.Algorithm{broker.RS256, broker.PS256} {
-		_, _, err := b.Generate(context.Background(), tenantA, broker.KeySpec{Alg: alg, Bits: 4096})
-		var fe *broker.FieldError
-		if !errors.As(err, &fe) || fe.Field != "bits" || !errors.Is(err, broker.ErrInvalidArgument) {
+	for _, alg := range []kms.Algorithm{kms.RS256, kms.PS256} {
+		_, _, err := b.Generate(context.Background(), tenantA, kms.KeySpec{Alg: alg, Bits: 4096})
+		var fe *kms.FieldError
+		if !errors.As(err, &fe) || fe.Field != "bits" || !errors.Is(err, kms.ErrInvalidArgument) {
 			t.Fatalf("Generate %v-4096: got %v, want a FieldError on bits", alg, err)
 		}
 		if !strings.Contains(fe.Reason, "does not support RSA-4096") {
@@ -355,18 +355,18 @@ func TestChecksBeforeHardware(t *testing.T) {
 		{"PSS on EC", make([]byte, 32), &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}, "padding"},
 	} {
 		_, err := b.Sign(ctx, tenantA, h, c.digest, c.opts)
-		var fe *broker.FieldError
+		var fe *kms.FieldError
 		if !errors.As(err, &fe) || fe.Field != c.field {
 			t.Errorf("%s: got %v, want a FieldError on %s", c.name, err, c.field)
 		}
 	}
-	if _, err := b.Sign(ctx, tenantA, broker.Handle("garbage"), make([]byte, 32), crypto.SHA256); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := b.Sign(ctx, tenantA, kms.Handle("garbage"), make([]byte, 32), crypto.SHA256); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Sign with a garbage handle: got %v, want ErrNotFound", err)
 	}
-	if _, err := b.Sign(ctx, tenantA, h, make([]byte, 32), crypto.SHA256); !errors.Is(err, broker.ErrUnavailable) {
+	if _, err := b.Sign(ctx, tenantA, h, make([]byte, 32), crypto.SHA256); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Sign with swtpm killed: got %v, want ErrUnavailable", err)
 	}
-	if err := b.Probe(ctx); !errors.Is(err, broker.ErrUnavailable) {
+	if err := b.Probe(ctx); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Probe with swtpm killed: got %v, want ErrUnavailable", err)
 	}
 }
@@ -387,7 +387,7 @@ func TestHungTPM(t *testing.T) {
 		began := time.Now()
 		_, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256)
 		took := time.Since(began)
-		if !errors.Is(err, broker.ErrUnavailable) {
+		if !errors.Is(err, kms.ErrUnavailable) {
 			t.Errorf("Sign on a hung TPM: got %v, want ErrUnavailable", err)
 		}
 		if took > timeout+500*time.Millisecond {
@@ -426,11 +426,11 @@ func TestWaitBehindCommand(t *testing.T) {
 		_, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256)
 		return err
 	}
-	if err := wait(); !errors.Is(err, broker.ErrResourceExhausted) || errors.Is(err, broker.ErrUnavailable) {
+	if err := wait(); !errors.Is(err, kms.ErrResourceExhausted) || errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("waiting behind a command sent %v ago: %v, want ErrResourceExhausted", time.Since(sent), err)
 	}
 	time.Sleep(stuckAfter - time.Since(sent) + 50*time.Millisecond)
-	if err := wait(); !errors.Is(err, broker.ErrUnavailable) {
+	if err := wait(); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("waiting behind a command sent %v ago: %v, want ErrUnavailable", time.Since(sent), err)
 	}
 	sim.Resume(t)
@@ -478,7 +478,7 @@ func TestRestartRecovery(t *testing.T) {
 				took := time.Since(began)
 				cancel()
 				if err == nil {
-					if verr := brokertest.Verify(pub, d, sig, crypto.SHA256); verr != nil {
+					if verr := kmstest.Verify(pub, d, sig, crypto.SHA256); verr != nil {
 						err = fmt.Errorf("bad signature: %w", verr)
 					}
 				}
@@ -489,7 +489,7 @@ func TestRestartRecovery(t *testing.T) {
 					if restarted && firstOK.IsZero() {
 						firstOK = time.Now()
 					}
-				case errors.Is(err, broker.ErrUnavailable):
+				case errors.Is(err, kms.ErrUnavailable):
 					outageErrs++
 				default:
 					unexpected = append(unexpected, err)
@@ -581,7 +581,7 @@ func TestSRKPin(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Sign after reopening on the same TPM: %v", err)
 	}
-	if err := brokertest.Verify(pub, d, sig, crypto.SHA256); err != nil {
+	if err := kmstest.Verify(pub, d, sig, crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
 	if err := b2.Close(); err != nil {
@@ -608,7 +608,7 @@ func TestSRKPin(t *testing.T) {
 	if _, _, err := b3.Generate(ctx, tenantA, es256); !errors.Is(err, ErrDataLoss) {
 		t.Errorf("Generate: got %v, want ErrDataLoss", err)
 	}
-	if _, _, err := b3.Generate(ctx, broker.Partition{Tenant: "new-tenant"}, es256); !errors.Is(err, ErrDataLoss) {
+	if _, _, err := b3.Generate(ctx, kms.Partition{Tenant: "new-tenant"}, es256); !errors.Is(err, ErrDataLoss) {
 		t.Errorf("Generate for a new tenant: got %v, want ErrDataLoss", err)
 	}
 	if err := b3.Destroy(ctx, tenantA, h); !errors.Is(err, ErrDataLoss) {
@@ -641,7 +641,7 @@ func TestAttestation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, _, err := b.Generate(ctx, tenantA, broker.KeySpec{Alg: broker.RS256, Bits: 2048})
+	other, _, err := b.Generate(ctx, tenantA, kms.KeySpec{Alg: kms.RS256, Bits: 2048})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -706,8 +706,8 @@ func TestAttestation(t *testing.T) {
 	if !bytes.Equal(a2.CertifyingKey, a.CertifyingKey) {
 		t.Error("the attestation key changed between calls")
 	}
-	// The broker.Attester form carries the key's public area along.
-	var ba broker.Attester = b
+	// The kms.Attester form carries the key's public area along.
+	var ba kms.Attester = b
 	ka, err := ba.AttestKey(ctx, tenantA, h, nonce)
 	if err != nil {
 		t.Fatal(err)
@@ -719,7 +719,7 @@ func TestAttestation(t *testing.T) {
 	if err := VerifyAttestation(viaBroker, ka.KeyPublic, nonce); err != nil {
 		t.Errorf("VerifyAttestation of AttestKey's result: %v", err)
 	}
-	if _, err := b.Attest(ctx, tenantA, h, make([]byte, 65)); !errors.Is(err, broker.ErrInvalidArgument) {
+	if _, err := b.Attest(ctx, tenantA, h, make([]byte, 65)); !errors.Is(err, kms.ErrInvalidArgument) {
 		t.Errorf("Attest with a 65-byte nonce: got %v, want ErrInvalidArgument", err)
 	}
 }
@@ -733,22 +733,22 @@ func TestPSS(t *testing.T) {
 		t.Fatal("the probe says swtpm's PSS salt is not the hash length")
 	}
 	ctx := context.Background()
-	h, _, err := b.Generate(ctx, tenantA, broker.KeySpec{Alg: broker.PS256, Bits: 2048})
+	h, _, err := b.Generate(ctx, tenantA, kms.KeySpec{Alg: kms.PS256, Bits: 2048})
 	if err != nil {
 		t.Fatal(err)
 	}
 	pss := &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}
-	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthAuto}); !errors.Is(err, broker.ErrInvalidArgument) {
+	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthAuto}); !errors.Is(err, kms.ErrInvalidArgument) {
 		t.Errorf("PSS with the maximal salt: got %v, want ErrInvalidArgument", err)
 	}
 
 	b.pssHashSalt = false // as on a TPM that uses the maximal salt
 	defer func() { b.pssHashSalt = true }()
-	var fe *broker.FieldError
+	var fe *kms.FieldError
 	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), pss); !errors.As(err, &fe) || fe.Field != "padding" {
 		t.Errorf("PSS on a max-salt TPM: got %v, want a FieldError on padding", err)
 	}
-	if _, _, err := b.Generate(ctx, tenantA, broker.KeySpec{Alg: broker.PS256, Bits: 2048}); !errors.As(err, &fe) || fe.Field != "algorithm" {
+	if _, _, err := b.Generate(ctx, tenantA, kms.KeySpec{Alg: kms.PS256, Bits: 2048}); !errors.As(err, &fe) || fe.Field != "algorithm" {
 		t.Errorf("Generate PS256 on a max-salt TPM: got %v, want a FieldError on algorithm", err)
 	}
 	// PKCS#1 v1.5 still works with the same key.
@@ -781,8 +781,8 @@ func TestPSSSaltLength(t *testing.T) {
 func TestDestroy(t *testing.T) {
 	b, _ := start(t)
 	ctx := context.Background()
-	for _, h := range []broker.Handle{nil, broker.Handle("kbtp\x01"), broker.Handle("something else")} {
-		if err := b.Destroy(ctx, tenantA, h); !errors.Is(err, broker.ErrNotFound) {
+	for _, h := range []kms.Handle{nil, kms.Handle("kbtp\x01"), kms.Handle("something else")} {
+		if err := b.Destroy(ctx, tenantA, h); !errors.Is(err, kms.ErrNotFound) {
 			t.Errorf("Destroy(%q): got %v, want ErrNotFound", h, err)
 		}
 	}
@@ -802,7 +802,7 @@ func TestDestroy(t *testing.T) {
 			t.Error("the destroyed key is still loaded")
 		}
 	})
-	if _, err := b.Attest(ctx, tenantA, h, nil); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := b.Attest(ctx, tenantA, h, nil); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Attest after Destroy: got %v, want ErrNotFound", err)
 	}
 	b.decoded.mu.Lock()
@@ -812,7 +812,7 @@ func TestDestroy(t *testing.T) {
 		t.Error("the destroyed key's handle is still in the decode cache")
 	}
 	// A Sign after Destroy decodes h again, is refused, and does not keep it.
-	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := b.Sign(ctx, tenantA, h, digest(t, crypto.SHA256), crypto.SHA256); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Sign after Destroy: got %v, want ErrNotFound", err)
 	}
 	b.decoded.mu.Lock()
@@ -855,7 +855,7 @@ func TestHandleCache(t *testing.T) {
 	// Errors are not cached, and a bad handle stays bad.
 	bad := append(bytes.Clone(h), 0)
 	for range 2 {
-		if _, err := c.decode(bad); !errors.Is(err, broker.ErrNotFound) {
+		if _, err := c.decode(bad); !errors.Is(err, kms.ErrNotFound) {
 			t.Fatalf("decode of a handle with a trailing byte: got %v, want ErrNotFound", err)
 		}
 	}
@@ -912,7 +912,7 @@ func TestHandleEncoding(t *testing.T) {
 		t.Error("PublicArea holds another key than Generate returned")
 	}
 	for i := range len(h) {
-		if _, err := decodeHandle(h[:i]); !errors.Is(err, broker.ErrNotFound) {
+		if _, err := decodeHandle(h[:i]); !errors.Is(err, kms.ErrNotFound) {
 			t.Fatalf("truncated to %d bytes: got %v, want ErrNotFound", i, err)
 		}
 	}
@@ -935,7 +935,7 @@ func TestOpenErrors(t *testing.T) {
 		}
 	}
 	_, err := Open(ctx, Config{Socket: filepath.Join(dir, "no-such.sock"), StateDir: dir}, nil)
-	if !errors.Is(err, broker.ErrUnavailable) {
+	if !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Open of a missing socket: got %v, want ErrUnavailable", err)
 	}
 }

@@ -25,7 +25,7 @@ import (
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/hsm"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/tpm"
 )
 
@@ -222,7 +222,7 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 		if err != nil {
 			return err
 		}
-		alg, err := broker.ParseAlgorithm(algName(key.GetAlgorithm()))
+		alg, err := kms.ParseAlgorithm(algName(key.GetAlgorithm()))
 		if err != nil {
 			return fmt.Errorf("key %q: %w", name, err)
 		}
@@ -298,8 +298,8 @@ func (a *app) benchKey(ctx context.Context, conn *grpc.ClientConn, name string) 
 
 // benchInProcess measures Sign on the backend itself with a throwaway key
 // of alg, destroyed afterwards.
-func (a *app) benchInProcess(ctx context.Context, f benchFlags, alg broker.Algorithm, bits int, digest []byte) (benchResult, error) {
-	var backend broker.Backend
+func (a *app) benchInProcess(ctx context.Context, f benchFlags, alg kms.Algorithm, bits int, digest []byte) (benchResult, error) {
+	var backend kms.Backend
 	switch f.backend {
 	case "pkcs11":
 		if f.softhsm2Conf != "" {
@@ -341,9 +341,9 @@ func (a *app) benchInProcess(ctx context.Context, f benchFlags, alg broker.Algor
 	if alg.IsEC() {
 		bits = 0
 	}
-	p := broker.Partition{Tenant: "bench"}
+	p := kms.Partition{Tenant: "bench"}
 	genCtx, cancel := context.WithTimeout(ctx, max(a.timeout, 2*time.Minute))
-	h, _, err := backend.Generate(genCtx, p, broker.KeySpec{Alg: alg, Bits: bits, Label: "bench-baseline"})
+	h, _, err := backend.Generate(genCtx, p, kms.KeySpec{Alg: alg, Bits: bits, Label: "bench-baseline"})
 	cancel()
 	if err != nil {
 		return benchResult{}, fmt.Errorf("generate a %s key: %w", alg, err)
@@ -353,7 +353,7 @@ func (a *app) benchInProcess(ctx context.Context, f benchFlags, alg broker.Algor
 			fmt.Fprintf(os.Stderr, "keybrokerctl: bench: destroying the baseline key: %v\n", err)
 		}
 	}()
-	opts, err := broker.SignerOpts(alg, 0, broker.PaddingDefault, digest)
+	opts, err := kms.SignerOpts(alg, 0, kms.PaddingDefault, digest)
 	if err != nil {
 		return benchResult{}, err
 	}

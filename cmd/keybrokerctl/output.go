@@ -16,7 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // enumFlag maps the values of a flag, spelled as its help shows them, to
@@ -94,13 +94,13 @@ func nextStateName(s kbv1.KeyState) string {
 	return stateName(s)
 }
 
-// formatDuration prints d as broker.FormatDuration does ("90d"), or "-"
+// formatDuration prints d as kms.FormatDuration does ("90d"), or "-"
 // when unset.
 func formatDuration(d *durationpb.Duration) string {
 	if d == nil {
 		return "-"
 	}
-	return broker.FormatDuration(d.AsDuration())
+	return kms.FormatDuration(d.AsDuration())
 }
 
 // formatTime prints ts in RFC 3339, UTC, or "-" when unset.

@@ -14,18 +14,18 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // durationFlag is a flag holding a positive duration in the syntax of
-// broker.ParseDuration: Go's plus a "d" (day) unit, as in "90d" or "1d12h".
+// kms.ParseDuration: Go's plus a "d" (day) unit, as in "90d" or "1d12h".
 type durationFlag struct {
 	d   time.Duration
 	set bool // given on the command line
 }
 
 func (f *durationFlag) Set(s string) error {
-	d, err := broker.ParseDuration(s)
+	d, err := kms.ParseDuration(s)
 	if err != nil || d <= 0 {
 		return errors.New("want a positive duration such as 90d, 1d12h or 36h")
 	}
@@ -37,7 +37,7 @@ func (f *durationFlag) String() string {
 	if f.d == 0 {
 		return ""
 	}
-	return broker.FormatDuration(f.d)
+	return kms.FormatDuration(f.d)
 }
 
 func (f *durationFlag) Type() string { return "duration" }

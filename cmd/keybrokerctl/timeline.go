@@ -14,7 +14,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // kidWidth is how much of a kid "keys timeline" shows in text mode.
@@ -42,7 +42,7 @@ type timelineEvent struct {
 //     generation of the version after it, lead before its activation.
 //
 // Overdue transitions (due before now) keep their due time. Without a
-// policy (or with a rotation period under broker.MinPeriod) only the
+// policy (or with a rotation period under kms.MinPeriod) only the
 // reported next transitions are projected.
 func projectTimeline(k *kbv1.Key, now time.Time, horizon time.Duration) []timelineEvent {
 	end := now.Add(horizon)
@@ -57,7 +57,7 @@ func projectTimeline(k *kbv1.Key, now time.Time, horizon time.Duration) []timeli
 	lead, destroyDelay := p.GetPrePublicationLead().AsDuration(), p.GetDestroyDelay().AsDuration()
 	// keybrokerd refuses shorter periods; a shorter one here would make the
 	// loop below run nearly forever.
-	havePolicy := p != nil && period >= broker.MinPeriod
+	havePolicy := p != nil && period >= kms.MinPeriod
 
 	var active, pending, last uint32
 	for _, v := range k.GetVersions() {
@@ -120,7 +120,7 @@ type eventOutput struct {
 }
 
 func newKeysTimelineCmd(a *app) *cobra.Command {
-	horizon := durationFlag{d: 365 * broker.Day}
+	horizon := durationFlag{d: 365 * kms.Day}
 	var from string
 	cmd := &cobra.Command{
 		Use:   "timeline NAME [--horizon D]",

@@ -9,10 +9,10 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/daemon"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm"
 )
 
@@ -79,8 +79,8 @@ func (e *devEnv) welcome(ctx context.Context, d *daemon.Daemon, cfg config.Confi
 	tenant := devTenant
 	k, err := ring.GetKey(ctx, tenant, devKey)
 	created := false
-	if errors.Is(err, broker.ErrNotFound) {
-		k, err = ring.CreateKey(ctx, tenant, devKey, broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	if errors.Is(err, kms.ErrNotFound) {
+		k, err = ring.CreateKey(ctx, tenant, devKey, kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 		created = true
 	}
 	if err != nil {

@@ -11,8 +11,8 @@
 // returns only once the record is on disk, and the server refuses the RPC
 // (UNAVAILABLE) when it cannot, so nothing is done that is not recorded.
 // keybrokerctl ("audit verify") checks a log with Verify, without the daemon.
-// The package imports the standard library and internal/broker (for
-// broker.ErrUnavailable) only.
+// The package imports the standard library and kms (for
+// kms.ErrUnavailable) only.
 //
 // Records must never carry secrets: no PINs, no auth values, no private key
 // material, no whole tokens, and never a digest itself (only its SHA-256, see
@@ -34,7 +34,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Record is one line of the audit log: one RPC, whatever its outcome
@@ -124,13 +124,13 @@ const stillFailingEvery = time.Minute
 // ErrUnavailable is returned (wrapped) by Write when it could not make its
 // record durable: the sink failed, earlier or now, it did not finish within
 // Options.Timeout, the context ended, or the log is closed. It wraps
-// broker.ErrUnavailable, so the server answers UNAVAILABLE.
+// kms.ErrUnavailable, so the server answers UNAVAILABLE.
 var ErrUnavailable error = unavailableError{}
 
 type unavailableError struct{}
 
 func (unavailableError) Error() string { return "audit log unavailable" }
-func (unavailableError) Unwrap() error { return broker.ErrUnavailable }
+func (unavailableError) Unwrap() error { return kms.ErrUnavailable }
 
 // ErrRefused is wrapped by Open's error when the log fails its check
 // against its head file (see Verify): it was tampered with, or damaged,

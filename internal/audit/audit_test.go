@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // returnBound is how long a Write that must fail may take before the test
@@ -616,7 +616,7 @@ func TestBlockedSink(t *testing.T) {
 
 	start := time.Now()
 	err := writeAsync(t, l, record(1))
-	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, broker.ErrUnavailable) {
+	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Write to a blocked sink: %v, want ErrUnavailable", err)
 	}
 	if took := time.Since(start); took < timeout {
@@ -625,11 +625,11 @@ func TestBlockedSink(t *testing.T) {
 	<-sink.entered
 	// The writer goroutine is stuck; later Writes time out as well.
 	for i := range 3 {
-		if err := writeAsync(t, l, record(2+i)); !errors.Is(err, broker.ErrUnavailable) {
+		if err := writeAsync(t, l, record(2+i)); !errors.Is(err, kms.ErrUnavailable) {
 			t.Errorf("Write %d to a blocked sink: %v, want ErrUnavailable", 2+i, err)
 		}
 	}
-	if err := l.Close(); !errors.Is(err, broker.ErrUnavailable) {
+	if err := l.Close(); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Close with a blocked sink: %v, want ErrUnavailable", err)
 	}
 }
@@ -688,7 +688,7 @@ func TestFailingSink(t *testing.T) {
 
 			for i := range 5 {
 				err := writeAsync(t, l, record(i))
-				if !errors.Is(err, ErrUnavailable) || !errors.Is(err, broker.ErrUnavailable) {
+				if !errors.Is(err, ErrUnavailable) || !errors.Is(err, kms.ErrUnavailable) {
 					t.Errorf("Write %d: %v, want ErrUnavailable", i, err)
 				}
 				if want := map[bool]string{true: "no space left", false: "input/output error"}[failWrite]; err != nil && !strings.Contains(err.Error(), want) {
@@ -704,7 +704,7 @@ func TestFailingSink(t *testing.T) {
 			if h := l.Head(); h != (Head{0, ZeroHash}) {
 				t.Errorf("Head() = %+v, want nothing durable", h)
 			}
-			if err := l.Close(); !errors.Is(err, broker.ErrUnavailable) {
+			if err := l.Close(); !errors.Is(err, kms.ErrUnavailable) {
 				t.Errorf("Close of a failed log: %v, want ErrUnavailable", err)
 			}
 		})
@@ -733,7 +733,7 @@ func TestWriteRefusals(t *testing.T) {
 	// None of them took a seq.
 	writeN(t, l, 0, 1)
 	closeLog(t, l)
-	if err := l.Write(t.Context(), record(1)); !errors.Is(err, broker.ErrUnavailable) {
+	if err := l.Write(t.Context(), record(1)); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Write after Close: %v, want ErrUnavailable", err)
 	}
 	b, err := os.ReadFile(path)
@@ -902,7 +902,7 @@ func TestHeadWriteFails(t *testing.T) {
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "recording head") {
 		t.Errorf("Write after the head failed: %v, want ErrUnavailable naming the head", err)
 	}
-	if err := l.Close(); !errors.Is(err, broker.ErrUnavailable) {
+	if err := l.Close(); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Close: %v, want ErrUnavailable", err)
 	}
 	if n := logs.count(slog.LevelError); n != 1 {

@@ -3,7 +3,7 @@
 // certificate of an mTLS peer — and maps their identities to tenants.
 //
 // Only the gRPC server, the daemon wiring and the config (to validate the
-// tenants' identities with [NewResolver]) may import it; the core (broker,
+// tenants' identities with [NewResolver]) may import it; the core (kms,
 // keyring, backends) sees tenant names, never identities.
 package authn
 

@@ -18,7 +18,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/keybroker/keybroker/internal/authn"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Config is the daemon's configuration file.
@@ -466,7 +466,7 @@ func (c Config) validateTenants() Problems {
 		if t.Name != "" {
 			where = fmt.Sprintf("tenants[%d] (%s)", i, t.Name)
 		}
-		if err := broker.ValidateName(t.Name); err != nil {
+		if err := kms.ValidateName(t.Name); err != nil {
 			add("%s.name: %v", where, strings.TrimPrefix(err.Error(), "invalid name: "))
 		}
 		id := t.Identities

@@ -34,12 +34,12 @@ import (
 	"github.com/keybroker/keybroker/hsm"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/authn"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/metrics"
 	"github.com/keybroker/keybroker/internal/server"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/rotation"
 )
 
@@ -74,7 +74,7 @@ type Daemon struct {
 	cfg     config.Config // as started; fields that need a restart stay as they are
 	log     *slog.Logger
 	level   *slog.LevelVar // nil: the log level is not reloadable
-	backend broker.Backend
+	backend kms.Backend
 	store   *store.Store
 	audit   *audit.Log
 	ring    *keyring.Keyring
@@ -113,7 +113,7 @@ type Options struct {
 	LogLevel *slog.LevelVar
 	// WrapBackend, when set, wraps the opened backend (tests: a backend
 	// whose probe fails on demand).
-	WrapBackend func(broker.Backend) broker.Backend
+	WrapBackend func(kms.Backend) kms.Backend
 }
 
 // New validates cfg, opens the backend and the store, loads the keys and
@@ -181,7 +181,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 			Help: "PKCS#11 sessions held by calls in progress.",
 		}, func() float64 { return float64(sessions.SessionsInUse()) }))
 	}
-	if r, ok := d.backend.(*broker.Router); ok {
+	if r, ok := d.backend.(*kms.Router); ok {
 		var own []string
 		for name := range r.ByTenant {
 			own = append(own, name)
@@ -193,7 +193,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	// The shared backend, as the prober: a tenant's own token may come
 	// later (see lateToken).
 	shared := d.backend
-	if r, ok := d.backend.(*broker.Router); ok {
+	if r, ok := d.backend.(*kms.Router); ok {
 		shared = r.Shared
 	}
 	start := time.Now()
@@ -252,7 +252,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 
 // openBackend opens the TPM, or the shared token and each tenant's own
 // token.
-func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err error) {
+func openBackend(cfg config.Config, log *slog.Logger) (b kms.Backend, err error) {
 	if cfg.Backend == "tpm" {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("state dir: %w", err)
@@ -299,7 +299,7 @@ func openBackend(cfg config.Config, log *slog.Logger) (b broker.Backend, err err
 	if err != nil {
 		return nil, err
 	}
-	r := &broker.Router{Shared: shared, ByTenant: map[string]broker.Backend{}}
+	r := &kms.Router{Shared: shared, ByTenant: map[string]kms.Backend{}}
 	defer func() {
 		if err != nil {
 			r.Close()

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/keybroker/keybroker/hsm"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // lateToken is a tenant's own PKCS#11 token that could not be opened at
@@ -72,7 +72,7 @@ func (l *lateToken) retry() {
 }
 
 // errNotOpen is the answer of a lateToken that is not open yet.
-var errNotOpen = fmt.Errorf("the tenant's own PKCS#11 token is not open yet: %w", broker.ErrUnavailable)
+var errNotOpen = fmt.Errorf("the tenant's own PKCS#11 token is not open yet: %w", kms.ErrUnavailable)
 
 func (l *lateToken) backend() (*hsm.Backend, error) {
 	l.mu.RLock()
@@ -83,7 +83,7 @@ func (l *lateToken) backend() (*hsm.Backend, error) {
 	return l.b, nil
 }
 
-func (l *lateToken) Generate(ctx context.Context, p broker.Partition, spec broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (l *lateToken) Generate(ctx context.Context, p kms.Partition, spec kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	b, err := l.backend()
 	if err != nil {
 		return nil, nil, err
@@ -91,7 +91,7 @@ func (l *lateToken) Generate(ctx context.Context, p broker.Partition, spec broke
 	return b.Generate(ctx, p, spec)
 }
 
-func (l *lateToken) Sign(ctx context.Context, p broker.Partition, h broker.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+func (l *lateToken) Sign(ctx context.Context, p kms.Partition, h kms.Handle, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	b, err := l.backend()
 	if err != nil {
 		return nil, err
@@ -99,7 +99,7 @@ func (l *lateToken) Sign(ctx context.Context, p broker.Partition, h broker.Handl
 	return b.Sign(ctx, p, h, digest, opts)
 }
 
-func (l *lateToken) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+func (l *lateToken) Destroy(ctx context.Context, p kms.Partition, h kms.Handle) error {
 	b, err := l.backend()
 	if err != nil {
 		return err
@@ -116,7 +116,7 @@ func (l *lateToken) Probe(ctx context.Context) error {
 }
 
 // List lists the token's keys once it is open.
-func (l *lateToken) List(ctx context.Context) ([]broker.Object, error) {
+func (l *lateToken) List(ctx context.Context) ([]kms.Object, error) {
 	b, err := l.backend()
 	if err != nil {
 		return nil, err
@@ -139,6 +139,6 @@ func (l *lateToken) Close() error {
 }
 
 var (
-	_ broker.Backend = (*lateToken)(nil)
-	_ broker.Lister  = (*lateToken)(nil)
+	_ kms.Backend = (*lateToken)(nil)
+	_ kms.Lister  = (*lateToken)(nil)
 )

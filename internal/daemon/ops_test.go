@@ -25,14 +25,14 @@ import (
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
 
 // flaky wraps a backend whose Probe fails while down is set.
 type flaky struct {
-	broker.Backend
+	kms.Backend
 	down atomic.Bool
 }
 
@@ -226,7 +226,7 @@ func TestNotifyWatchdogFollowsHealth(t *testing.T) {
 	t.Setenv("WATCHDOG_PID", "")
 	var fb *flaky
 	r := startDaemon(t, func(c *config.Config) { c.Health.ProbeInterval = time.Hour }, Options{
-		WrapBackend: func(b broker.Backend) broker.Backend { fb = &flaky{Backend: b}; return fb },
+		WrapBackend: func(b kms.Backend) kms.Backend { fb = &flaky{Backend: b}; return fb },
 	})
 	if m := next(t, notes, 5*time.Second); !hasLine(m, "READY=1") {
 		t.Fatalf("first notification %q, want READY=1", m)
@@ -288,7 +288,7 @@ func TestHealthProberWithoutSystemd(t *testing.T) {
 	t.Setenv("WATCHDOG_USEC", "")
 	var fb *flaky
 	r := startDaemon(t, func(c *config.Config) { c.Health.ProbeInterval = 100 * time.Millisecond }, Options{
-		WrapBackend: func(b broker.Backend) broker.Backend { fb = &flaky{Backend: b}; return fb },
+		WrapBackend: func(b kms.Backend) kms.Backend { fb = &flaky{Backend: b}; return fb },
 	})
 	checkHealth(t, r, healthpb.HealthCheckResponse_SERVING)
 	fb.down.Store(true)
@@ -325,7 +325,7 @@ func TestMetrics(t *testing.T) {
 	r := startDaemon(t, func(c *config.Config) {
 		c.Admin.Address = "127.0.0.1:0"
 		c.Health.ProbeInterval = 100 * time.Millisecond
-	}, Options{WrapBackend: func(b broker.Backend) broker.Backend { fb = &flaky{Backend: b}; return fb }})
+	}, Options{WrapBackend: func(b kms.Backend) kms.Backend { fb = &flaky{Backend: b}; return fb }})
 	ctx := ctx10(t)
 	if _, err := r.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "m", Algorithm: kbv1.Algorithm_ALGORITHM_ES256}); err != nil {
 		t.Fatal(err)

@@ -7,9 +7,9 @@ import (
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Reload re-reads the configuration with load (SIGHUP) and applies what
@@ -85,8 +85,8 @@ type keySource struct{ d *Daemon }
 func (k keySource) Stats() keyring.Stats { return k.d.ring.Stats() }
 
 // VersionStates counts the versions of every configured tenant's keys.
-func (k keySource) VersionStates() map[broker.State]int {
-	counts := map[broker.State]int{}
+func (k keySource) VersionStates() map[kms.State]int {
+	counts := map[kms.State]int{}
 	ctx := context.Background()
 	for _, t := range k.d.live.Load().EffectiveTenants() {
 		after := ""

@@ -13,26 +13,26 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // slowSigner is a backend whose Sign, once slow is set, signs and then
 // takes `slow` more before it returns, ignoring cancellation (hardware that
 // answers late).
 type slowSigner struct {
-	broker.Backend
+	kms.Backend
 	slow     atomic.Int64 // time.Duration
 	signed   atomic.Int32
 	entered  chan struct{} // a slow Sign has signed
 	returned chan struct{} // a slow Sign has returned
 }
 
-func newSlowSigner(b broker.Backend) *slowSigner {
+func newSlowSigner(b kms.Backend) *slowSigner {
 	return &slowSigner{Backend: b, entered: make(chan struct{}, 1), returned: make(chan struct{}, 1)}
 }
 
-func (s *slowSigner) Sign(ctx context.Context, p broker.Partition, h broker.Handle, d []byte, o crypto.SignerOpts) ([]byte, error) {
+func (s *slowSigner) Sign(ctx context.Context, p kms.Partition, h kms.Handle, d []byte, o crypto.SignerOpts) ([]byte, error) {
 	sig, err := s.Backend.Sign(ctx, p, h, d, o)
 	if err == nil {
 		s.signed.Add(1)
@@ -103,7 +103,7 @@ func signRecords(t *testing.T, r *running) int {
 func TestHardStopWaitsForRunningCalls(t *testing.T) {
 	var sb *slowSigner
 	r := startDaemon(t, func(c *config.Config) { c.Limits.ShutdownTimeout = 200 * time.Millisecond },
-		Options{WrapBackend: func(b broker.Backend) broker.Backend { sb = newSlowSigner(b); return sb }})
+		Options{WrapBackend: func(b kms.Backend) kms.Backend { sb = newSlowSigner(b); return sb }})
 	took := signDuringStop(t, r, sb, time.Second)
 	if took < 700*time.Millisecond {
 		t.Errorf("stop took %v: it did not wait for the running Sign (1s in the hardware)", took)
@@ -129,7 +129,7 @@ func TestHardStopLeavesLogOpenForHungCall(t *testing.T) {
 		c.Limits.ShutdownTimeout = 100 * time.Millisecond
 		c.Limits.CallTimeout = 500 * time.Millisecond
 		c.Audit.WriteTimeout = 100 * time.Millisecond
-	}, Options{WrapBackend: func(b broker.Backend) broker.Backend { sb = newSlowSigner(b); return sb }})
+	}, Options{WrapBackend: func(b kms.Backend) kms.Backend { sb = newSlowSigner(b); return sb }})
 	took := signDuringStop(t, r, sb, 3*time.Second)
 	if took > 2500*time.Millisecond {
 		t.Errorf("stop took %v: the wait for a hung call is not bounded", took)

@@ -17,7 +17,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // notify sends state to systemd when NOTIFY_SOCKET is set (Type=notify);
@@ -96,7 +96,7 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 	defer cancel()
 	shared := d.backend
 	var tenants sync.WaitGroup
-	if r, ok := d.backend.(*broker.Router); ok {
+	if r, ok := d.backend.(*kms.Router); ok {
 		shared = r.Shared
 		for name, b := range r.ByTenant {
 			tenants.Go(func() { d.tenantProbe.probe(pctx, ctx, d.log, name, b) })
@@ -110,7 +110,7 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 		return false // stopping: the probe was cut short, not failed
 	}
 	// A pool saturated by live calls is busy, not down.
-	backendUp := err == nil || errors.Is(err, broker.ErrResourceExhausted) && !errors.Is(err, broker.ErrUnavailable)
+	backendUp := err == nil || errors.Is(err, kms.ErrResourceExhausted) && !errors.Is(err, kms.ErrUnavailable)
 	auditErr := d.audit.Err()
 	up := backendUp && auditErr == nil
 	was := d.healthy.Swap(up)
@@ -136,12 +136,12 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 
 // errProbeStuck is the probe's answer while an earlier probe has not
 // returned.
-var errProbeStuck = fmt.Errorf("%w: an earlier probe has not returned", broker.ErrUnavailable)
+var errProbeStuck = fmt.Errorf("%w: an earlier probe has not returned", kms.ErrUnavailable)
 
 // probeBounded runs b.Probe, returning when ctx ends even if the backend
 // does not (a TPM finishes the command it sent first). At most one such
 // probe runs: while it has not returned, the backend counts as down.
-func (d *Daemon) probeBounded(ctx context.Context, b broker.Backend) error {
+func (d *Daemon) probeBounded(ctx context.Context, b kms.Backend) error {
 	if !d.probing.CompareAndSwap(false, true) {
 		return errProbeStuck
 	}
@@ -154,11 +154,11 @@ func (d *Daemon) probeBounded(ctx context.Context, b broker.Backend) error {
 	case err := <-done:
 		return err
 	case <-ctx.Done():
-		return fmt.Errorf("%w: no answer to a probe: %w", broker.ErrUnavailable, ctx.Err())
+		return fmt.Errorf("%w: no answer to a probe: %w", kms.ErrUnavailable, ctx.Err())
 	}
 }
 
-// tenantTokens follows the tenants' own PKCS#11 tokens (broker.Router's
+// tenantTokens follows the tenants' own PKCS#11 tokens (kms.Router's
 // ByTenant): up or not at the last probe, as keybroker_tenant_token_up.
 type tenantTokens struct {
 	mu   sync.Mutex
@@ -183,7 +183,7 @@ func (t *tenantTokens) register(reg prometheus.Registerer, tenants []string) {
 
 // probe probes tenant's own token b within pctx and records the result;
 // nothing is recorded when ctx (the prober's) ended.
-func (t *tenantTokens) probe(pctx, ctx context.Context, log *slog.Logger, tenant string, b broker.Backend) {
+func (t *tenantTokens) probe(pctx, ctx context.Context, log *slog.Logger, tenant string, b kms.Backend) {
 	err := b.Probe(pctx)
 	if ctx.Err() != nil {
 		return

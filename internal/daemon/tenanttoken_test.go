@@ -16,9 +16,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/testpki"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
 
@@ -40,8 +40,8 @@ func TestTenantTokenDownKeepsDaemonServing(t *testing.T) {
 			{Name: "usbhsm", Identities: config.Identities{UIDs: []uint32{uint32(os.Getuid()) + 1}}, Roles: []string{"signer"},
 				PKCS11: &config.TenantToken{TokenLabel: own.Label, PINFile: own.PINFile}},
 		}
-	}, Options{WrapBackend: func(b broker.Backend) broker.Backend {
-		rt := b.(*broker.Router)
+	}, Options{WrapBackend: func(b kms.Backend) kms.Backend {
+		rt := b.(*kms.Router)
 		fb = &flaky{Backend: rt.ByTenant["usbhsm"]}
 		rt.ByTenant["usbhsm"] = fb
 		return rt

@@ -6,12 +6,12 @@ import (
 	"log/slog"
 	"path/filepath"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/tpm"
 )
 
-func openTPM(ctx context.Context, cfg config.Config, log *slog.Logger) (broker.Backend, error) {
+func openTPM(ctx context.Context, cfg config.Config, log *slog.Logger) (kms.Backend, error) {
 	b, err := tpm.Open(ctx, tpm.Config{
 		Device:   cfg.TPM.Device,
 		Socket:   cfg.TPM.Socket,

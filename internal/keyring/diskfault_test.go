@@ -4,7 +4,7 @@ import (
 	"context"
 	"testing"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // TestRotationWithStoreFailure: the store cannot be written when a
@@ -16,12 +16,12 @@ import (
 func TestRotationWithStoreFailure(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	k, err := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	k, err := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.store.Close() // every write fails from here
-	f.clock.add(84 * broker.Day)
+	f.clock.add(84 * kms.Day)
 	if err := f.ring.Advance(ctx, f.clock.now()); err == nil {
 		t.Fatal("Advance succeeded with a broken store")
 	}
@@ -44,7 +44,7 @@ func TestRotationWithStoreFailure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got.Versions) != 2 || got.Versions[1].State != broker.StatePending || got.ActiveKid != k.ActiveKid {
+	if len(got.Versions) != 2 || got.Versions[1].State != kms.StatePending || got.ActiveKid != k.ActiveKid {
 		t.Errorf("after recovery: %+v, want v1 ACTIVE and v2 PENDING", got.Versions)
 	}
 }

@@ -1,7 +1,7 @@
 // Package keyring is keybroker's core: it ties the metadata store to a
 // hardware backend, keeps every key version in memory for O(1) lookups, and
 // implements the operations the gRPC server exposes (create, read, list,
-// sign, public keys, JWKS) in terms of the broker vocabulary. It never sees
+// sign, public keys, JWKS) in terms of the kms vocabulary. It never sees
 // protobuf types; the tenant is always an argument supplied by the server
 // from the authenticated caller.
 package keyring
@@ -20,15 +20,15 @@ import (
 	"sync"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/pop"
 	"github.com/keybroker/keybroker/rotation"
 )
 
 // Keyring serves keys from memory and signs through the backend.
 type Keyring struct {
-	backend     broker.Backend
+	backend     kms.Backend
 	backendName string
 	store       *store.Store
 	log         *slog.Logger
@@ -64,7 +64,7 @@ type version struct {
 
 // Options configures a Keyring.
 type Options struct {
-	Backend     broker.Backend
+	Backend     kms.Backend
 	BackendName string // "pkcs11" or "tpm", shown in key metadata
 	Store       *store.Store
 	Log         *slog.Logger
@@ -152,7 +152,7 @@ func newKey(rec store.Key) (*key, error) {
 		jwk.Use, jwk.Alg, jwk.Kid = "sig", rec.Alg.String(), sv.Kid
 		v := &version{Version: sv, pub: pub, jwk: jwk}
 		k.versions = append(k.versions, v)
-		if sv.State == broker.StateActive {
+		if sv.State == kms.StateActive {
 			k.active = v
 		}
 	}
@@ -162,11 +162,11 @@ func newKey(rec store.Key) (*key, error) {
 // KeyInfo describes a key for the API.
 type KeyInfo struct {
 	Name          string
-	Alg           broker.Algorithm
+	Alg           kms.Algorithm
 	Bits          int
 	Backend       string
 	Created       time.Time
-	Policy        broker.Policy
+	Policy        kms.Policy
 	ActiveVersion uint32
 	ActiveKid     string
 	NextRotation  time.Time // when the next version becomes ACTIVE
@@ -177,10 +177,10 @@ type KeyInfo struct {
 type VersionInfo struct {
 	Version                                                  uint32
 	Kid                                                      string
-	State                                                    broker.State
+	State                                                    kms.State
 	Created, Activated, Retired, Expired, Revoked, Destroyed time.Time
 	// NextState and NextTransition: what the policy does to it next.
-	NextState      broker.State
+	NextState      kms.State
 	NextTransition time.Time
 }
 
@@ -204,16 +204,16 @@ func (k *key) info() KeyInfo {
 // CreateKey generates version 1 of a new key in hardware and records it.
 // The name, spec and policy (zero: the default) are validated before the
 // hardware is touched.
-func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broker.KeySpec, policy broker.Policy) (KeyInfo, error) {
-	if err := broker.ValidateName(name); err != nil {
+func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec kms.KeySpec, policy kms.Policy) (KeyInfo, error) {
+	if err := kms.ValidateName(name); err != nil {
 		return KeyInfo{}, err
 	}
 	spec, err := spec.Validate()
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	if policy == (broker.Policy{}) {
-		policy = broker.DefaultPolicy()
+	if policy == (kms.Policy{}) {
+		policy = kms.DefaultPolicy()
 	}
 	if err := policy.Validate(); err != nil {
 		return KeyInfo{}, err
@@ -222,11 +222,11 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 	r.mu.Lock()
 	if r.keys[id] != nil || r.creating[id] {
 		r.mu.Unlock()
-		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrAlreadyExists, Msg: fmt.Sprintf("key %q already exists", name)}
+		return KeyInfo{}, &kms.ClientError{Kind: kms.ErrAlreadyExists, Msg: fmt.Sprintf("key %q already exists", name)}
 	}
 	if max := r.maxKeys(tenant); max > 0 && r.countLocked(tenant) >= max {
 		r.mu.Unlock()
-		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrResourceExhausted, Reason: ReasonKeyQuota,
+		return KeyInfo{}, &kms.ClientError{Kind: kms.ErrResourceExhausted, Reason: ReasonKeyQuota,
 			Msg: fmt.Sprintf("key quota exceeded: the tenant has %d keys, the most it may have", max)}
 	}
 	r.creating[id] = true
@@ -243,7 +243,7 @@ func (r *Keyring) CreateKey(ctx context.Context, tenant, name string, spec broke
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	v.Version, v.State, v.Created, v.Activated = 1, broker.StateActive, now, now
+	v.Version, v.State, v.Created, v.Activated = 1, kms.StateActive, now, now
 	rec.Versions = []store.Version{v}
 	k, err := r.record(ctx, rec, &v, r.store.CreateKey)
 	if err != nil {
@@ -273,13 +273,13 @@ func (r *Keyring) countLocked(tenant string) int {
 // identity (handle, kid, public key); the caller fills in number, state and
 // times, and must record it or destroy it.
 func (r *Keyring) generate(ctx context.Context, rec store.Key) (store.Version, error) {
-	spec := broker.KeySpec{Alg: rec.Alg, Bits: rec.Bits, Label: fmt.Sprintf("%s/v%d", rec.Name, rec.NextVersion())}
-	p := broker.Partition{Tenant: rec.Tenant}
-	if _, ok := r.backend.(broker.Lister); ok {
+	spec := kms.KeySpec{Alg: rec.Alg, Bits: rec.Bits, Label: fmt.Sprintf("%s/v%d", rec.Name, rec.NextVersion())}
+	p := kms.Partition{Tenant: rec.Tenant}
+	if _, ok := r.backend.(kms.Lister); ok {
 		// The object's ID is chosen and recorded before it exists, so
 		// that Reconcile removes it after a crash before its commit, and
 		// only it: other objects on the token may be another store's.
-		spec.ID = make(broker.Handle, broker.ObjectIDLen)
+		spec.ID = make(kms.Handle, kms.ObjectIDLen)
 		if _, err := rand.Read(spec.ID); err != nil {
 			return store.Version{}, err
 		}
@@ -302,7 +302,7 @@ func (r *Keyring) generate(ctx context.Context, rec store.Key) (store.Version, e
 	return v, nil
 }
 
-func describe(spec broker.KeySpec, h broker.Handle, pub crypto.PublicKey) (store.Version, error) {
+func describe(spec kms.KeySpec, h kms.Handle, pub crypto.PublicKey) (store.Version, error) {
 	if !spec.Alg.MatchesPublicKey(pub, spec.Bits) {
 		return store.Version{}, fmt.Errorf("backend returned a %T that does not match %v", pub, spec.Alg)
 	}
@@ -335,7 +335,7 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 	}
 	if err != nil {
 		if nv != nil {
-			r.destroyOrphan(ctx, broker.Partition{Tenant: rec.Tenant}, nv.Handle)
+			r.destroyOrphan(ctx, kms.Partition{Tenant: rec.Tenant}, nv.Handle)
 		}
 		return nil, fmt.Errorf("record %s: %w", rec.Name, err)
 	}
@@ -355,7 +355,7 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 	return k, nil
 }
 
-func (r *Keyring) destroyOrphan(ctx context.Context, p broker.Partition, h broker.Handle) {
+func (r *Keyring) destroyOrphan(ctx context.Context, p kms.Partition, h kms.Handle) {
 	if err := r.backend.Destroy(context.WithoutCancel(ctx), p, h); err != nil {
 		r.log.Error("removing a hardware key that could not be recorded", "tenant", p.Tenant, "err", err)
 		return
@@ -366,8 +366,8 @@ func (r *Keyring) destroyOrphan(ctx context.Context, p broker.Partition, h broke
 // dropIntent removes the intent of an object now recorded or destroyed. A
 // failure leaves it for Reconcile, which finds the object recorded (and
 // keeps it) or gone.
-func (r *Keyring) dropIntent(tenant string, h broker.Handle) {
-	if _, ok := r.backend.(broker.Lister); !ok {
+func (r *Keyring) dropIntent(tenant string, h kms.Handle) {
+	if _, ok := r.backend.(kms.Lister); !ok {
 		return
 	}
 	if err := r.store.DeleteIntent(tenant, h); err != nil {
@@ -378,14 +378,14 @@ func (r *Keyring) dropIntent(tenant string, h broker.Handle) {
 // lookup returns the key (tenant, name). A key of another tenant is
 // indistinguishable from one that does not exist.
 func (r *Keyring) lookup(tenant, name string) (*key, error) {
-	if err := broker.ValidateName(name); err != nil {
+	if err := kms.ValidateName(name); err != nil {
 		return nil, err
 	}
 	r.mu.RLock()
 	k := r.keys[keyID{tenant, name}]
 	r.mu.RUnlock()
 	if k == nil {
-		return nil, broker.NotFound("key", name)
+		return nil, kms.NotFound("key", name)
 	}
 	return k, nil
 }
@@ -406,14 +406,14 @@ const MaxPageSize = 1000
 // `after`, and the name to pass as `after` for the next page ("" at the end).
 func (r *Keyring) ListKeys(ctx context.Context, tenant, after string, limit int) ([]KeyInfo, string, error) {
 	if limit < 0 || limit > MaxPageSize {
-		return nil, "", &broker.FieldError{Field: "page_size", Reason: fmt.Sprintf("got %d, want 0..%d", limit, MaxPageSize)}
+		return nil, "", &kms.FieldError{Field: "page_size", Reason: fmt.Sprintf("got %d, want 0..%d", limit, MaxPageSize)}
 	}
 	if limit == 0 {
 		limit = 100
 	}
 	if after != "" {
-		if err := broker.ValidateName(after); err != nil {
-			return nil, "", &broker.FieldError{Field: "page_token", Reason: "not a token from a previous response"}
+		if err := kms.ValidateName(after); err != nil {
+			return nil, "", &kms.FieldError{Field: "page_token", Reason: "not a token from a previous response"}
 		}
 	}
 	r.mu.RLock()
@@ -448,24 +448,24 @@ type VersionRef struct {
 func (k *key) version(ref VersionRef) (*version, error) {
 	switch {
 	case ref.Version != 0 && ref.Kid != "":
-		return nil, &broker.FieldError{Field: "kid", Reason: "give a version or a kid, not both"}
+		return nil, &kms.FieldError{Field: "kid", Reason: "give a version or a kid, not both"}
 	case ref.Version != 0:
 		for _, v := range k.versions {
 			if v.Version.Version == ref.Version {
 				return v, nil
 			}
 		}
-		return nil, &broker.ClientError{Kind: broker.ErrNotFound, Msg: fmt.Sprintf("key %q has no version %d", k.rec.Name, ref.Version)}
+		return nil, &kms.ClientError{Kind: kms.ErrNotFound, Msg: fmt.Sprintf("key %q has no version %d", k.rec.Name, ref.Version)}
 	case ref.Kid != "":
 		for _, v := range k.versions {
 			if v.Kid == ref.Kid {
 				return v, nil
 			}
 		}
-		return nil, &broker.ClientError{Kind: broker.ErrNotFound, Msg: fmt.Sprintf("key %q has no version with kid %q", k.rec.Name, ref.Kid)}
+		return nil, &kms.ClientError{Kind: kms.ErrNotFound, Msg: fmt.Sprintf("key %q has no version with kid %q", k.rec.Name, ref.Kid)}
 	}
 	if k.active == nil {
-		return nil, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Msg: fmt.Sprintf("key %q has no active version", k.rec.Name)}
+		return nil, &kms.ClientError{Kind: kms.ErrFailedPrecondition, Msg: fmt.Sprintf("key %q has no active version", k.rec.Name)}
 	}
 	return k.active, nil
 }
@@ -474,8 +474,8 @@ func (k *key) version(ref VersionRef) (*version, error) {
 const ReasonNotUsable = "KEY_VERSION_NOT_USABLE"
 
 func notUsable(name string, v *version) error {
-	return &broker.ClientError{
-		Kind:   broker.ErrFailedPrecondition,
+	return &kms.ClientError{
+		Kind:   kms.ErrFailedPrecondition,
 		Msg:    fmt.Sprintf("key %q version %d is %v and cannot sign", name, v.Version.Version, v.State),
 		Reason: ReasonNotUsable,
 		Meta:   map[string]string{"state": strings.ToUpper(v.State.String()), "version": strconv.FormatUint(uint64(v.Version.Version), 10)},
@@ -488,7 +488,7 @@ type SignRequest struct {
 	Ref     VersionRef
 	Digest  []byte
 	Hash    crypto.Hash // 0: the algorithm's hash
-	Padding broker.Padding
+	Padding kms.Padding
 	JOSE    bool // ECDSA as r||s instead of DER
 }
 
@@ -497,7 +497,7 @@ type Signature struct {
 	Signature []byte
 	Kid       string
 	Version   uint32
-	Alg       broker.Algorithm
+	Alg       kms.Algorithm
 }
 
 // Sign validates the request completely, then signs in hardware (after
@@ -514,14 +514,14 @@ func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Sig
 	if !v.State.CanSign() {
 		return Signature{}, notUsable(req.Name, v)
 	}
-	opts, err := broker.SignerOpts(k.rec.Alg, req.Hash, req.Padding, req.Digest)
+	opts, err := kms.SignerOpts(k.rec.Alg, req.Hash, req.Padding, req.Digest)
 	if err != nil {
 		return Signature{}, err
 	}
 	if err := admit(ctx); err != nil {
 		return Signature{}, err
 	}
-	sig, err := r.backend.Sign(ctx, broker.Partition{Tenant: tenant}, v.Handle, req.Digest, opts)
+	sig, err := r.backend.Sign(ctx, kms.Partition{Tenant: tenant}, v.Handle, req.Digest, opts)
 	if err != nil {
 		return Signature{}, err
 	}
@@ -537,7 +537,7 @@ func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Sig
 type PublicKey struct {
 	Kid     string
 	Version uint32
-	Alg     broker.Algorithm
+	Alg     kms.Algorithm
 	Key     crypto.PublicKey
 	DER     []byte // PKIX
 	JWK     pop.JWK

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Benchmarks of the keyring's hot paths with 10,000 keys across 1,000
@@ -32,16 +32,16 @@ const (
 // crypto, nothing but the call.
 type instantBackend struct{ sig []byte }
 
-func (b instantBackend) Generate(context.Context, broker.Partition, broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (b instantBackend) Generate(context.Context, kms.Partition, kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	return nil, nil, fmt.Errorf("instantBackend: no Generate")
 }
 
-func (b instantBackend) Sign(context.Context, broker.Partition, broker.Handle, []byte, crypto.SignerOpts) ([]byte, error) {
+func (b instantBackend) Sign(context.Context, kms.Partition, kms.Handle, []byte, crypto.SignerOpts) ([]byte, error) {
 	return b.sig, nil
 }
-func (instantBackend) Destroy(context.Context, broker.Partition, broker.Handle) error { return nil }
-func (instantBackend) Probe(context.Context) error                                    { return nil }
-func (instantBackend) Close() error                                                   { return nil }
+func (instantBackend) Destroy(context.Context, kms.Partition, kms.Handle) error { return nil }
+func (instantBackend) Probe(context.Context) error                              { return nil }
+func (instantBackend) Close() error                                             { return nil }
 
 var (
 	benchRecsOnce sync.Once
@@ -61,14 +61,14 @@ func benchKeyRecords(tb testing.TB) ([]store.Key, []byte) {
 				if err != nil {
 					panic(err)
 				}
-				v, err := describe(broker.KeySpec{Alg: broker.ES256}, broker.Handle(fmt.Sprintf("%016d", t*benchPerTenant+n)), priv.Public())
+				v, err := describe(kms.KeySpec{Alg: kms.ES256}, kms.Handle(fmt.Sprintf("%016d", t*benchPerTenant+n)), priv.Public())
 				if err != nil {
 					panic(err)
 				}
-				v.Version, v.State, v.Created, v.Activated = 1, broker.StateActive, now, now
+				v.Version, v.State, v.Created, v.Activated = 1, kms.StateActive, now, now
 				benchRecs = append(benchRecs, store.Key{
-					Tenant: fmt.Sprintf("t%04d", t), Name: fmt.Sprintf("key-%02d", n), Alg: broker.ES256,
-					Backend: "bench", Created: now, Policy: broker.DefaultPolicy(), Versions: []store.Version{v},
+					Tenant: fmt.Sprintf("t%04d", t), Name: fmt.Sprintf("key-%02d", n), Alg: kms.ES256,
+					Backend: "bench", Created: now, Policy: kms.DefaultPolicy(), Versions: []store.Version{v},
 				})
 				if benchSig == nil {
 					d := sha256.Sum256([]byte("bench"))

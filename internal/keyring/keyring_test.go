@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/keybroker/keybroker/hsm"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
@@ -24,16 +24,16 @@ func TestMain(m *testing.M) { softhsmtest.Main(m) }
 
 // recorder counts Generate and Destroy calls on a real backend.
 type recorder struct {
-	broker.Backend
+	kms.Backend
 	generated, destroyed atomic.Int64
 }
 
-func (r *recorder) Generate(ctx context.Context, p broker.Partition, s broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (r *recorder) Generate(ctx context.Context, p kms.Partition, s kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	r.generated.Add(1)
 	return r.Backend.Generate(ctx, p, s)
 }
 
-func (r *recorder) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+func (r *recorder) Destroy(ctx context.Context, p kms.Partition, h kms.Handle) error {
 	r.destroyed.Add(1)
 	return r.Backend.Destroy(ctx, p, h)
 }
@@ -67,10 +67,10 @@ func TestRestartKeepsKids(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	specs := map[string]broker.KeySpec{"ec": {Alg: broker.ES384}, "rsa": {Alg: broker.PS256, Bits: 2048}}
+	specs := map[string]kms.KeySpec{"ec": {Alg: kms.ES384}, "rsa": {Alg: kms.PS256, Bits: 2048}}
 	kids := map[string]string{}
 	for name, spec := range specs {
-		k, err := ring.CreateKey(ctx, "t", name, spec, broker.Policy{})
+		k, err := ring.CreateKey(ctx, "t", name, spec, kms.Policy{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -127,11 +127,11 @@ func TestConcurrentCreateSameName(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := ring.CreateKey(context.Background(), "t", "same", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+			_, err := ring.CreateKey(context.Background(), "t", "same", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 			switch {
 			case err == nil:
 				ok.Add(1)
-			case errors.Is(err, broker.ErrAlreadyExists):
+			case errors.Is(err, kms.ErrAlreadyExists):
 				exists.Add(1)
 			default:
 				t.Error(err)
@@ -159,14 +159,14 @@ func TestCreateRollsBackHardwareKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close() // every write now fails
-	_, err = ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	_, err = ring.CreateKey(context.Background(), "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 	if err == nil {
 		t.Fatal("CreateKey succeeded with a closed store")
 	}
 	if b.generated.Load() != 1 || b.destroyed.Load() != 1 {
 		t.Errorf("generated %d, destroyed %d; want 1 and 1", b.generated.Load(), b.destroyed.Load())
 	}
-	if _, err := ring.GetKey(context.Background(), "t", "k"); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := ring.GetKey(context.Background(), "t", "k"); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("GetKey after failed create: got %v, want ErrNotFound", err)
 	}
 }
@@ -184,12 +184,12 @@ func TestTenantsAreSeparate(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if _, err := ring.CreateKey(ctx, "a", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+	if _, err := ring.CreateKey(ctx, "a", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 		t.Fatal(err)
 	}
 	_, errForeign := ring.Sign(ctx, "b", SignRequest{Name: "k", Digest: make([]byte, 32)})
 	_, errAbsent := ring.Sign(ctx, "b", SignRequest{Name: "zz", Digest: make([]byte, 32)})
-	if !errors.Is(errForeign, broker.ErrNotFound) {
+	if !errors.Is(errForeign, kms.ErrNotFound) {
 		t.Fatalf("foreign key: got %v, want ErrNotFound", errForeign)
 	}
 	if errForeign.Error() != `key "k" not found` || errAbsent.Error() != `key "zz" not found` {
@@ -202,7 +202,7 @@ func TestTenantsAreSeparate(t *testing.T) {
 		t.Errorf("tenant b JWKS %s, want empty", j)
 	}
 	// The same name is free in another tenant.
-	if _, err := ring.CreateKey(ctx, "b", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+	if _, err := ring.CreateKey(ctx, "b", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 		t.Errorf("same name in tenant b: %v", err)
 	}
 }
@@ -215,9 +215,9 @@ func TestSignJOSE(t *testing.T) {
 	defer st.Close()
 	ring, _ := New(Options{Backend: b, Store: st})
 	ctx := context.Background()
-	for alg, size := range map[broker.Algorithm]int{broker.ES256: 64, broker.ES384: 96} {
-		name := map[broker.Algorithm]string{broker.ES256: "p256", broker.ES384: "p384"}[alg]
-		if _, err := ring.CreateKey(ctx, "t", name, broker.KeySpec{Alg: alg}, broker.Policy{}); err != nil {
+	for alg, size := range map[kms.Algorithm]int{kms.ES256: 64, kms.ES384: 96} {
+		name := map[kms.Algorithm]string{kms.ES256: "p256", kms.ES384: "p384"}[alg]
+		if _, err := ring.CreateKey(ctx, "t", name, kms.KeySpec{Alg: alg}, kms.Policy{}); err != nil {
 			t.Fatal(err)
 		}
 		pk, _ := ring.PublicKey(ctx, "t", name, VersionRef{})
@@ -244,7 +244,7 @@ func TestSignJOSE(t *testing.T) {
 // its refusal is returned as it is and nothing is signed.
 func TestAdmission(t *testing.T) {
 	ring := newRing(t, Options{})
-	if _, err := ring.CreateKey(context.Background(), "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+	if _, err := ring.CreateKey(context.Background(), "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 		t.Fatal(err)
 	}
 	var calls int
@@ -257,10 +257,10 @@ func TestAdmission(t *testing.T) {
 	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: digest[:31]}); err == nil {
 		t.Fatal("Sign with a short digest succeeded")
 	}
-	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "absent", Digest: digest}); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := ring.Sign(ctx, "t", SignRequest{Name: "absent", Digest: digest}); !errors.Is(err, kms.ErrNotFound) {
 		t.Fatalf("Sign of an absent key: got %v, want ErrNotFound", err)
 	}
-	if _, err := ring.Sign(ctx, "other", SignRequest{Name: "k", Digest: digest}); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := ring.Sign(ctx, "other", SignRequest{Name: "k", Digest: digest}); !errors.Is(err, kms.ErrNotFound) {
 		t.Fatalf("Sign of another tenant's key: got %v, want ErrNotFound", err)
 	}
 	if calls != 0 {
@@ -331,7 +331,7 @@ func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
 	ctx := context.Background()
 	first := make(chan error, 1)
 	go func() {
-		_, err := r.CreateKey(ctx, "t", "k1", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+		_, err := r.CreateKey(ctx, "t", "k1", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 		first <- err
 	}()
 	select {
@@ -339,7 +339,7 @@ func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the first CreateKey did not record its key")
 	}
-	_, err := r.CreateKey(ctx, "t", "k2", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	_, err := r.CreateKey(ctx, "t", "k2", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 	close(h.release)
 	if e := <-first; e != nil {
 		t.Fatal(e)
@@ -348,7 +348,7 @@ func TestKeyQuotaCountsANewKeyOnce(t *testing.T) {
 		t.Errorf("the second of two allowed keys: %v", err)
 	}
 	// The quota still holds: a third key is refused.
-	if _, err := r.CreateKey(ctx, "t", "k3", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); !errors.Is(err, broker.ErrResourceExhausted) {
+	if _, err := r.CreateKey(ctx, "t", "k3", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); !errors.Is(err, kms.ErrResourceExhausted) {
 		t.Errorf("a third key over a quota of 2: got %v, want ErrResourceExhausted", err)
 	}
 }

@@ -10,8 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/rotation"
 )
 
@@ -108,7 +108,7 @@ func (r *Keyring) advanceKey(ctx context.Context, id keyID, now time.Time) error
 // apply does the hardware work of one step, then commits its record.
 func (r *Keyring) apply(ctx context.Context, k *key, step rotation.Step, now time.Time) error {
 	rec := k.rec
-	p := broker.Partition{Tenant: rec.Tenant}
+	p := kms.Partition{Tenant: rec.Tenant}
 	var nv *store.Version
 	switch step.Action {
 	case rotation.Prepare:
@@ -121,7 +121,7 @@ func (r *Keyring) apply(ctx context.Context, k *key, step rotation.Step, now tim
 		v := rec.Versions[rec.Index(step.Version)]
 		// Hardware first: a crash after this and before the commit leaves
 		// a record whose next Destroy finds the object already gone.
-		if err := r.backend.Destroy(ctx, p, v.Handle); err != nil && !errors.Is(err, broker.ErrNotFound) {
+		if err := r.backend.Destroy(ctx, p, v.Handle); err != nil && !errors.Is(err, kms.ErrNotFound) {
 			return err
 		}
 	}
@@ -222,7 +222,7 @@ func (r *Keyring) RotateKey(ctx context.Context, tenant, name string, ifActive u
 	next, err := rotation.Rotate(k.rec, now, nv)
 	if err != nil {
 		if nv != nil {
-			r.destroyOrphan(ctx, broker.Partition{Tenant: tenant}, nv.Handle)
+			r.destroyOrphan(ctx, kms.Partition{Tenant: tenant}, nv.Handle)
 		}
 		return KeyInfo{}, false, err
 	}
@@ -244,7 +244,7 @@ func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref
 		return KeyInfo{}, err
 	}
 	if ref.Version == 0 && ref.Kid == "" {
-		return KeyInfo{}, &broker.FieldError{Field: "version", Reason: "give the version or the kid to revoke"}
+		return KeyInfo{}, &kms.FieldError{Field: "version", Reason: "give the version or the kid to revoke"}
 	}
 	id := keyID{tenant, name}
 	defer r.lockKey(id)()
@@ -254,11 +254,11 @@ func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref
 		return KeyInfo{}, err
 	}
 	n := v.Version.Version
-	if v.State == broker.StateDestroyed {
-		return KeyInfo{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Reason: ReasonNotUsable,
+	if v.State == kms.StateDestroyed {
+		return KeyInfo{}, &kms.ClientError{Kind: kms.ErrFailedPrecondition, Reason: ReasonNotUsable,
 			Msg: fmt.Sprintf("key %q version %d is destroyed", name, n), Meta: map[string]string{"state": "DESTROYED"}}
 	}
-	if v.State == broker.StateRevoked {
+	if v.State == kms.StateRevoked {
 		return k.info(), nil
 	}
 	var nv *store.Version
@@ -272,7 +272,7 @@ func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref
 	next, err := rotation.Revoke(k.rec, n, r.now().UTC(), nv)
 	if err != nil {
 		if nv != nil {
-			r.destroyOrphan(ctx, broker.Partition{Tenant: tenant}, nv.Handle)
+			r.destroyOrphan(ctx, kms.Partition{Tenant: tenant}, nv.Handle)
 		}
 		return KeyInfo{}, err
 	}
@@ -286,7 +286,7 @@ func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref
 
 // UpdatePolicy changes a key's rotation policy; update gets the current
 // policy and returns the new one, which is validated before it is stored.
-func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update func(broker.Policy) broker.Policy) (KeyInfo, error) {
+func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update func(kms.Policy) kms.Policy) (KeyInfo, error) {
 	if _, err := r.lookup(tenant, name); err != nil {
 		return KeyInfo{}, err
 	}
@@ -302,8 +302,8 @@ func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update 
 		return KeyInfo{}, err
 	}
 	r.log.Info("key policy updated", "tenant", tenant, "key", name,
-		"rotation_period", broker.FormatDuration(rec.Policy.RotationPeriod), "overlap", broker.FormatDuration(rec.Policy.Overlap),
-		"lead", broker.FormatDuration(rec.Policy.Lead), "destroy_delay", broker.FormatDuration(rec.Policy.DestroyDelay))
+		"rotation_period", kms.FormatDuration(rec.Policy.RotationPeriod), "overlap", kms.FormatDuration(rec.Policy.Overlap),
+		"lead", kms.FormatDuration(rec.Policy.Lead), "destroy_delay", kms.FormatDuration(rec.Policy.DestroyDelay))
 	return k.info(), nil
 }
 
@@ -317,7 +317,7 @@ func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update 
 // to destroy a key. Versions whose object is missing are reported. It
 // returns the number of objects removed.
 func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
-	lister, ok := r.backend.(broker.Lister)
+	lister, ok := r.backend.(kms.Lister)
 	if !ok {
 		return 0, nil
 	}
@@ -325,7 +325,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	// Tenants whose own token is not there: their records and intents
 	// wait for the next start.
 	skip := map[string]bool{}
-	var skipped *broker.ListSkipped
+	var skipped *kms.ListSkipped
 	if errors.As(err, &skipped) {
 		for _, t := range skipped.Tenants {
 			skip[t] = true
@@ -341,7 +341,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	intents = slices.DeleteFunc(intents, func(in store.Intent) bool { return skip[in.Tenant] })
-	objKey := func(tenant string, h broker.Handle) string { return tenant + "\x00" + string(h) }
+	objKey := func(tenant string, h kms.Handle) string { return tenant + "\x00" + string(h) }
 	mine := map[string]bool{} // objects of this store that should not exist
 	for _, in := range intents {
 		mine[objKey(in.Tenant, in.Handle)] = true
@@ -354,7 +354,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 		}
 		for _, v := range k.rec.Versions {
 			key := objKey(k.rec.Tenant, v.Handle)
-			if v.State != broker.StateDestroyed {
+			if v.State != kms.StateDestroyed {
 				live[key] = fmt.Sprintf("%s/%s v%d %v", k.rec.Tenant, k.rec.Name, v.Version, v.State)
 			} else {
 				mine[key] = true
@@ -373,7 +373,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 			foreign++
 			continue
 		}
-		if err := r.backend.Destroy(ctx, o.Partition, o.Handle); err != nil && !errors.Is(err, broker.ErrNotFound) {
+		if err := r.backend.Destroy(ctx, o.Partition, o.Handle); err != nil && !errors.Is(err, kms.ErrNotFound) {
 			return removed, fmt.Errorf("removing an unrecorded hardware key: %w", err)
 		}
 		removed++

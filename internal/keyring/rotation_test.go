@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/keybroker/keybroker/hsm"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/pop"
 	"github.com/keybroker/keybroker/softhsm"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
@@ -103,7 +103,7 @@ func jwks(t *testing.T, r *Keyring, tenant string) map[string]pop.JWK {
 	return m
 }
 
-func countState(k KeyInfo, s broker.State) int {
+func countState(k KeyInfo, s kms.State) int {
 	n := 0
 	for _, v := range k.Versions {
 		if v.State == s {
@@ -125,15 +125,15 @@ type signed struct {
 func TestTwoYearSimulation(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	if _, err := f.ring.CreateKey(ctx, "t", "sim", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+	if _, err := f.ring.CreateKey(ctx, "t", "sim", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 		t.Fatal(err)
 	}
-	const overlap, lead = 90 * broker.Day, 7 * broker.Day
+	const overlap, lead = 90 * kms.Day, 7 * kms.Day
 	type life struct{ published, activeFrom, activeUntil, lastPublished time.Time }
 	lives := map[string]*life{}
 	lastSign := map[string]time.Time{}
 	var sigs []signed // oldest first; checked and dropped at t + overlap
-	end := t0.Add(2 * 365 * broker.Day)
+	end := t0.Add(2 * 365 * kms.Day)
 	ticks := 0
 	for now := t0; !now.After(end); now = now.Add(time.Hour) {
 		ticks++
@@ -145,7 +145,7 @@ func TestTwoYearSimulation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if n := countState(k, broker.StateActive); n != 1 {
+		if n := countState(k, kms.StateActive); n != 1 {
 			t.Fatalf("%v: %d ACTIVE versions", now, n)
 		}
 		set := jwks(t, f.ring, "t")
@@ -204,7 +204,7 @@ func TestTwoYearSimulation(t *testing.T) {
 		}
 		// The HSM holds exactly the versions that are not DESTROYED.
 		if ticks%24 == 0 {
-			if got, want := f.hardwareObjects(t), len(k.Versions)-countState(k, broker.StateDestroyed); got != want {
+			if got, want := f.hardwareObjects(t), len(k.Versions)-countState(k, kms.StateDestroyed); got != want {
 				t.Fatalf("%v: %d hardware objects, want %d (versions not destroyed)", now, got, want)
 			}
 		}
@@ -226,7 +226,7 @@ func TestTwoYearSimulation(t *testing.T) {
 		}
 	}
 	st := f.ring.Stats()
-	if st.Rotations != int64(countState(k, broker.StateActive)+countState(k, broker.StateRetired)+countState(k, broker.StateExpired)+countState(k, broker.StateDestroyed)-1) {
+	if st.Rotations != int64(countState(k, kms.StateActive)+countState(k, kms.StateRetired)+countState(k, kms.StateExpired)+countState(k, kms.StateDestroyed)-1) {
 		t.Errorf("rotation counter %d does not match the %d versions that became active after v1", st.Rotations, len(k.Versions))
 	}
 	if st.RotationFailures != 0 {
@@ -249,7 +249,7 @@ func kids(k KeyInfo) []string {
 func TestConcurrentRotateKeyIfActive(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	if _, err := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+	if _, err := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 		t.Fatal(err)
 	}
 	const n = 100
@@ -283,7 +283,7 @@ func TestConcurrentRotateKeyIfActive(t *testing.T) {
 func TestConcurrentRotateKeyCoalesces(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	if _, err := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.RS256, Bits: 4096}, broker.Policy{}); err != nil {
+	if _, err := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.RS256, Bits: 4096}, kms.Policy{}); err != nil {
 		t.Fatal(err)
 	}
 	// Hold the key's writer lock so every call queues behind one flight.
@@ -352,7 +352,7 @@ func TestRotateKeyJoinsOnlyItsOwnGuard(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
 	for _, name := range []string{"a", "b", "c"} {
-		if _, err := f.ring.CreateKey(ctx, "t", name, broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+		if _, err := f.ring.CreateKey(ctx, "t", name, kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -412,13 +412,13 @@ func TestRotateKeyJoinsOnlyItsOwnGuard(t *testing.T) {
 func TestRotatePromotesPending(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	k, _ := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
-	f.clock.add(84 * broker.Day)
+	k, _ := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
+	f.clock.add(84 * kms.Day)
 	if err := f.ring.Advance(ctx, f.clock.now()); err != nil {
 		t.Fatal(err)
 	}
 	k, _ = f.ring.GetKey(ctx, "t", "k")
-	if len(k.Versions) != 2 || k.Versions[1].State != broker.StatePending {
+	if len(k.Versions) != 2 || k.Versions[1].State != kms.StatePending {
 		t.Fatalf("after 84 days: %+v, want v2 PENDING", k.Versions)
 	}
 	pendingKid := k.Versions[1].Kid
@@ -426,7 +426,7 @@ func TestRotatePromotesPending(t *testing.T) {
 	if err != nil || !rotated {
 		t.Fatal(rotated, err)
 	}
-	if len(k.Versions) != 2 || k.ActiveKid != pendingKid || k.Versions[0].State != broker.StateRetired {
+	if len(k.Versions) != 2 || k.ActiveKid != pendingKid || k.Versions[0].State != kms.StateRetired {
 		t.Errorf("RotateKey did not promote the PENDING version: %+v", k.Versions)
 	}
 }
@@ -434,13 +434,13 @@ func TestRotatePromotesPending(t *testing.T) {
 func TestRevokeAndSignStates(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	k, _ := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	k, _ := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 	v1 := k.ActiveKid
 	k, err := f.ring.RevokeKeyVersion(ctx, "t", "k", VersionRef{Kid: v1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k.ActiveVersion != 2 || k.Versions[0].State != broker.StateRevoked || countState(k, broker.StateActive) != 1 {
+	if k.ActiveVersion != 2 || k.Versions[0].State != kms.StateRevoked || countState(k, kms.StateActive) != 1 {
 		t.Fatalf("after revoking the active version: %+v", k)
 	}
 	if _, ok := jwks(t, f.ring, "t")[v1]; ok {
@@ -448,8 +448,8 @@ func TestRevokeAndSignStates(t *testing.T) {
 	}
 	d := make([]byte, 32)
 	_, err = f.ring.Sign(ctx, "t", SignRequest{Name: "k", Ref: VersionRef{Kid: v1}, Digest: d})
-	var ce *broker.ClientError
-	if !errors.As(err, &ce) || !errors.Is(err, broker.ErrFailedPrecondition) || ce.Reason != ReasonNotUsable || ce.Meta["state"] != "REVOKED" {
+	var ce *kms.ClientError
+	if !errors.As(err, &ce) || !errors.Is(err, kms.ErrFailedPrecondition) || ce.Reason != ReasonNotUsable || ce.Meta["state"] != "REVOKED" {
 		t.Fatalf("Sign with a revoked version: %v", err)
 	}
 	sig, err := f.ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: d})
@@ -460,23 +460,23 @@ func TestRevokeAndSignStates(t *testing.T) {
 	if k2, err := f.ring.RevokeKeyVersion(ctx, "t", "k", VersionRef{Version: 1}); err != nil || len(k2.Versions) != 2 {
 		t.Errorf("second revoke: %v, %d versions", err, len(k2.Versions))
 	}
-	if _, err := f.ring.RevokeKeyVersion(ctx, "t", "k", VersionRef{}); !errors.Is(err, broker.ErrInvalidArgument) {
+	if _, err := f.ring.RevokeKeyVersion(ctx, "t", "k", VersionRef{}); !errors.Is(err, kms.ErrInvalidArgument) {
 		t.Errorf("revoke without a version: %v", err)
 	}
 	// A PENDING version cannot sign; after the destroy delay the revoked
 	// object is gone from the hardware.
-	f.clock.add(84 * broker.Day)
+	f.clock.add(84 * kms.Day)
 	f.ring.Advance(ctx, f.clock.now())
 	k, _ = f.ring.GetKey(ctx, "t", "k")
 	pending := k.Versions[len(k.Versions)-1]
-	if pending.State != broker.StatePending {
+	if pending.State != kms.StatePending {
 		t.Fatalf("want a PENDING version, got %+v", k.Versions)
 	}
 	_, err = f.ring.Sign(ctx, "t", SignRequest{Name: "k", Ref: VersionRef{Version: pending.Version}, Digest: d})
 	if !errors.As(err, &ce) || ce.Meta["state"] != "PENDING" {
 		t.Errorf("Sign with a PENDING version: %v", err)
 	}
-	if k.Versions[0].State != broker.StateDestroyed {
+	if k.Versions[0].State != kms.StateDestroyed {
 		t.Errorf("revoked version after the destroy delay: %v", k.Versions[0].State)
 	}
 	if got := f.hardwareObjects(t); got != 2 {
@@ -493,7 +493,7 @@ func TestRevokeAndSignStates(t *testing.T) {
 func TestRetiredSignsWhenNamed(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	k, _ := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.PS256}, broker.Policy{})
+	k, _ := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.PS256}, kms.Policy{})
 	v1 := k.ActiveKid
 	if _, _, err := f.ring.RotateKey(ctx, "t", "k", 0); err != nil {
 		t.Fatal(err)
@@ -518,43 +518,43 @@ func TestRetiredSignsWhenNamed(t *testing.T) {
 func TestDowntimeAcrossDeadlines(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 	for day := 1; day <= 175; day++ {
-		f.clock.set(t0.Add(time.Duration(day) * broker.Day))
+		f.clock.set(t0.Add(time.Duration(day) * kms.Day))
 		if err := f.ring.Advance(ctx, f.clock.now()); err != nil {
 			t.Fatal(err)
 		}
 	}
 	k, _ := f.ring.GetKey(ctx, "t", "k")
-	want := []broker.State{broker.StateRetired, broker.StateActive, broker.StatePending}
+	want := []kms.State{kms.StateRetired, kms.StateActive, kms.StatePending}
 	for i, v := range k.Versions {
 		if v.State != want[i] {
 			t.Fatalf("day 175: v%d is %v, want %v", v.Version, v.State, want[i])
 		}
 	}
 	f.close() // the daemon stops at day 175 ...
-	f.clock.set(t0.Add(215 * broker.Day))
+	f.clock.set(t0.Add(215 * kms.Day))
 	f.open(t) // ... and starts at day 215: v3 activation (180), v1 expiry (180), v1 destroy (210)
 	k, _ = f.ring.GetKey(ctx, "t", "k")
-	want = []broker.State{broker.StateDestroyed, broker.StateRetired, broker.StateActive}
+	want = []kms.State{kms.StateDestroyed, kms.StateRetired, kms.StateActive}
 	for i, v := range k.Versions {
 		if v.State != want[i] {
 			t.Errorf("day 215: v%d is %v, want %v", v.Version, v.State, want[i])
 		}
 	}
 	v1, v2 := k.Versions[0], k.Versions[1]
-	if !v1.Expired.Equal(t0.Add(180*broker.Day)) || !v1.Destroyed.Equal(t0.Add(215*broker.Day)) {
+	if !v1.Expired.Equal(t0.Add(180*kms.Day)) || !v1.Destroyed.Equal(t0.Add(215*kms.Day)) {
 		t.Errorf("v1 expired %v destroyed %v; want the expiry at its due time and the destroy at start", v1.Expired, v1.Destroyed)
 	}
 	// v2 signed until the daemon stopped being able to activate v3: it
 	// stays published for the whole overlap from then.
-	if !v2.Retired.Equal(t0.Add(215 * broker.Day)) {
+	if !v2.Retired.Equal(t0.Add(215 * kms.Day)) {
 		t.Errorf("v2 retired %v, want at start (day 215)", v2.Retired)
 	}
 	if got := f.hardwareObjects(t); got != 2 {
 		t.Errorf("%d hardware objects, want 2", got)
 	}
-	if countState(k, broker.StateActive) != 1 {
+	if countState(k, kms.StateActive) != 1 {
 		t.Error("not exactly one ACTIVE version")
 	}
 }
@@ -567,7 +567,7 @@ func TestReconcileRemovesOrphans(t *testing.T) {
 		t.Run(step, func(t *testing.T) {
 			f := newFixture(t)
 			ctx := context.Background()
-			if _, err := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+			if _, err := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 				t.Fatal(err)
 			}
 			// A keyring that "crashes" at step while creating a second key.
@@ -581,7 +581,7 @@ func TestReconcileRemovesOrphans(t *testing.T) {
 			}
 			func() {
 				defer func() { recover() }()
-				crashing.CreateKey(ctx, "t", "orphan", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+				crashing.CreateKey(ctx, "t", "orphan", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 				t.Fatal("the failpoint did not fire")
 			}()
 			want := 2
@@ -614,13 +614,13 @@ func TestReconcileRemovesOrphans(t *testing.T) {
 func TestReconcileLeavesOtherKeys(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	k, err := f.ring.CreateKey(ctx, "t", "prod", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
+	k, err := f.ring.CreateKey(ctx, "t", "prod", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Objects made outside this keyring, with keybroker labels.
 	for _, tenant := range []string{"t", "other"} {
-		if _, _, err := f.hsm.Generate(ctx, broker.Partition{Tenant: tenant}, broker.KeySpec{Alg: broker.ES256, Label: "elsewhere/v1"}); err != nil {
+		if _, _, err := f.hsm.Generate(ctx, kms.Partition{Tenant: tenant}, kms.KeySpec{Alg: kms.ES256, Label: "elsewhere/v1"}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -650,27 +650,27 @@ func TestReconcileLeavesOtherKeys(t *testing.T) {
 func TestPolicyValidation(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	bad := broker.DefaultPolicy()
+	bad := kms.DefaultPolicy()
 	bad.Lead = bad.RotationPeriod
-	if _, err := f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, bad); !errors.Is(err, broker.ErrInvalidArgument) {
+	if _, err := f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, bad); !errors.Is(err, kms.ErrInvalidArgument) {
 		t.Fatalf("CreateKey with lead = period: %v", err)
 	}
 	if got := f.hardwareObjects(t); got != 0 {
 		t.Errorf("a refused CreateKey left %d hardware objects", got)
 	}
-	f.ring.CreateKey(ctx, "t", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{})
-	k, err := f.ring.UpdatePolicy(ctx, "t", "k", func(p broker.Policy) broker.Policy { p.RotationPeriod = 30 * broker.Day; return p })
-	if err != nil || k.Policy.RotationPeriod != 30*broker.Day || k.Policy.Overlap != 90*broker.Day {
+	f.ring.CreateKey(ctx, "t", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{})
+	k, err := f.ring.UpdatePolicy(ctx, "t", "k", func(p kms.Policy) kms.Policy { p.RotationPeriod = 30 * kms.Day; return p })
+	if err != nil || k.Policy.RotationPeriod != 30*kms.Day || k.Policy.Overlap != 90*kms.Day {
 		t.Fatalf("UpdatePolicy: %v %+v", err, k.Policy)
 	}
-	if !k.NextRotation.Equal(t0.Add(30 * broker.Day)) {
+	if !k.NextRotation.Equal(t0.Add(30 * kms.Day)) {
 		t.Errorf("next rotation %v, want day 30", k.NextRotation)
 	}
-	_, err = f.ring.UpdatePolicy(ctx, "t", "k", func(p broker.Policy) broker.Policy { p.Overlap = -1; return p })
-	if !errors.Is(err, broker.ErrInvalidArgument) {
+	_, err = f.ring.UpdatePolicy(ctx, "t", "k", func(p kms.Policy) kms.Policy { p.Overlap = -1; return p })
+	if !errors.Is(err, kms.ErrInvalidArgument) {
 		t.Errorf("UpdatePolicy with a negative overlap: %v", err)
 	}
-	if k, _ := f.ring.GetKey(ctx, "t", "k"); k.Policy.Overlap != 90*broker.Day {
+	if k, _ := f.ring.GetKey(ctx, "t", "k"); k.Policy.Overlap != 90*kms.Day {
 		t.Errorf("a refused update changed the policy: %+v", k.Policy)
 	}
 }

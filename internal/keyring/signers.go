@@ -8,7 +8,7 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/pop"
 )
 
@@ -33,14 +33,14 @@ func (r *Keyring) Signer(ctx context.Context, tenant, name string, ref VersionRe
 }
 
 // Kid, Version, Alg and Public describe the pinned version.
-func (s *VersionSigner) Kid() string                 { return s.pub.Kid }
-func (s *VersionSigner) Version() uint32             { return s.pub.Version }
-func (s *VersionSigner) Algorithm() broker.Algorithm { return s.pub.Alg }
-func (s *VersionSigner) Public() crypto.PublicKey    { return s.pub.Key }
+func (s *VersionSigner) Kid() string              { return s.pub.Kid }
+func (s *VersionSigner) Version() uint32          { return s.pub.Version }
+func (s *VersionSigner) Algorithm() kms.Algorithm { return s.pub.Alg }
+func (s *VersionSigner) Public() crypto.PublicKey { return s.pub.Key }
 
 // SignDigest signs a digest with the pinned version. Its errors are
 // *SignError.
-func (s *VersionSigner) SignDigest(ctx context.Context, digest []byte, hash crypto.Hash, pad broker.Padding, jose bool) ([]byte, error) {
+func (s *VersionSigner) SignDigest(ctx context.Context, digest []byte, hash crypto.Hash, pad kms.Padding, jose bool) ([]byte, error) {
 	sig, err := s.r.Sign(ctx, s.tenant, SignRequest{Name: s.name, Ref: VersionRef{Kid: s.pub.Kid}, Digest: digest, Hash: hash, Padding: pad, JOSE: jose})
 	if err != nil {
 		return nil, &SignError{Err: err}
@@ -68,7 +68,7 @@ func (j joseSigner) JWK() pop.JWK { return j.s.pub.JWK }
 func (j joseSigner) Sign(ctx context.Context, signingInput []byte) ([]byte, error) {
 	h := j.s.pub.Alg.Hash().New()
 	h.Write(signingInput)
-	return j.s.SignDigest(ctx, h.Sum(nil), 0, broker.PaddingDefault, true)
+	return j.s.SignDigest(ctx, h.Sum(nil), 0, kms.PaddingDefault, true)
 }
 
 // Crypto is the version as a crypto.Signer whose Sign uses ctx (for
@@ -86,46 +86,46 @@ func (c cryptoSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) (
 	if opts == nil {
 		return nil, errors.New("keyring: signer options are required")
 	}
-	pad := broker.PaddingDefault
+	pad := kms.PaddingDefault
 	if pss, ok := opts.(*rsa.PSSOptions); ok {
 		if pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != opts.HashFunc().Size() && pss.SaltLength != rsa.PSSSaltLengthAuto {
 			return nil, errors.New("keyring: PSS salt length must equal the hash length")
 		}
-		pad = broker.PaddingPSS
+		pad = kms.PaddingPSS
 	} else if c.s.pub.Alg.IsRSA() {
-		pad = broker.PaddingPKCS1v15
+		pad = kms.PaddingPKCS1v15
 	}
 	return c.s.SignDigest(c.ctx, digest, opts.HashFunc(), pad, false)
 }
 
 // Attest asks the backend for evidence that a key version is held in its
 // hardware (TPM2_Certify), echoing nonce.
-func (r *Keyring) Attest(ctx context.Context, tenant, name string, ref VersionRef, nonce []byte) (broker.Attestation, PublicKey, error) {
+func (r *Keyring) Attest(ctx context.Context, tenant, name string, ref VersionRef, nonce []byte) (kms.Attestation, PublicKey, error) {
 	if len(nonce) > 64 {
-		return broker.Attestation{}, PublicKey{}, &broker.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most 64", len(nonce))}
+		return kms.Attestation{}, PublicKey{}, &kms.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most 64", len(nonce))}
 	}
 	k, err := r.lookup(tenant, name)
 	if err != nil {
-		return broker.Attestation{}, PublicKey{}, err
+		return kms.Attestation{}, PublicKey{}, err
 	}
 	v, err := k.version(ref)
 	if err != nil {
-		return broker.Attestation{}, PublicKey{}, err
+		return kms.Attestation{}, PublicKey{}, err
 	}
-	if v.State == broker.StateDestroyed {
-		return broker.Attestation{}, PublicKey{}, notUsable(name, v)
+	if v.State == kms.StateDestroyed {
+		return kms.Attestation{}, PublicKey{}, notUsable(name, v)
 	}
-	at, ok := r.backend.(broker.Attester)
+	at, ok := r.backend.(kms.Attester)
 	if !ok {
-		return broker.Attestation{}, PublicKey{}, &broker.ClientError{Kind: broker.ErrFailedPrecondition, Reason: "ATTESTATION_UNSUPPORTED",
+		return kms.Attestation{}, PublicKey{}, &kms.ClientError{Kind: kms.ErrFailedPrecondition, Reason: "ATTESTATION_UNSUPPORTED",
 			Msg: "this daemon's key backend cannot attest keys (attestation needs the TPM backend)"}
 	}
 	if err := admit(ctx); err != nil {
-		return broker.Attestation{}, PublicKey{}, err
+		return kms.Attestation{}, PublicKey{}, err
 	}
-	a, err := at.AttestKey(ctx, broker.Partition{Tenant: tenant}, v.Handle, nonce)
+	a, err := at.AttestKey(ctx, kms.Partition{Tenant: tenant}, v.Handle, nonce)
 	if err != nil {
-		return broker.Attestation{}, PublicKey{}, err
+		return kms.Attestation{}, PublicKey{}, err
 	}
 	return a, PublicKey{Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg, Key: v.pub, DER: v.PublicKey, JWK: v.jwk}, nil
 }

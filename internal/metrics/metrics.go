@@ -18,8 +18,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc/codes"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // UnknownTenant is the tenant label of callers that are not (or no
@@ -35,7 +35,7 @@ type Keys interface {
 	// Stats returns the rotation counters and each key's next rotation.
 	Stats() keyring.Stats
 	// VersionStates counts key versions by state.
-	VersionStates() map[broker.State]int
+	VersionStates() map[kms.State]int
 }
 
 // Metrics holds the daemon's collectors in its own registry.
@@ -158,8 +158,8 @@ var (
 )
 
 // states are the states reported, so every series exists from the start.
-var states = []broker.State{broker.StatePending, broker.StateActive, broker.StateRetired,
-	broker.StateExpired, broker.StateDestroyed, broker.StateRevoked}
+var states = []kms.State{kms.StatePending, kms.StateActive, kms.StateRetired,
+	kms.StateExpired, kms.StateDestroyed, kms.StateRevoked}
 
 func (c keyCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{versionsDesc, nextRotationDesc, earliestDesc, rotationsDesc, rotationFailuresDesc} {

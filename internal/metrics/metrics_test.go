@@ -9,8 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
 
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/kms"
 )
 
 type fakeKeys struct{ next map[string]time.Time }
@@ -19,8 +19,8 @@ func (f fakeKeys) Stats() keyring.Stats {
 	return keyring.Stats{Rotations: 7, RotationFailures: 2, NextRotation: f.next}
 }
 
-func (f fakeKeys) VersionStates() map[broker.State]int {
-	return map[broker.State]int{broker.StateActive: 3, broker.StatePending: 1}
+func (f fakeKeys) VersionStates() map[kms.State]int {
+	return map[kms.State]int{kms.StateActive: 3, kms.StatePending: 1}
 }
 
 // TestTenantLabelIsBounded: callers of unconfigured tenants (or none) are

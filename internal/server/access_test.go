@@ -24,8 +24,8 @@ import (
 	"github.com/keybroker/keybroker/hsm"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/authn"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/testpki"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
 
@@ -102,7 +102,7 @@ func TestOwnTokenIsolation(t *testing.T) {
 		return b
 	}
 	shared, own := open(), open()
-	router := &broker.Router{Shared: shared, ByTenant: map[string]broker.Backend{"a": own}}
+	router := &kms.Router{Shared: shared, ByTenant: map[string]kms.Backend{"a": own}}
 	s := newMTLSStack(t, stackOpts{tenants: threeTenants, backend: router}, "client-a", "client-b")
 	for _, tn := range []string{"a", "b"} {
 		for _, n := range []string{"k1", "k2"} {
@@ -335,7 +335,7 @@ func TestAuditFailClosed(t *testing.T) {
 			}
 			guarded := newMTLSStack(t, stackOpts{tenants: threeTenants, audit: log}, "client-a")
 			// The key is made through the keyring, not an (audited) RPC.
-			if _, err := guarded.ring.CreateKey(ctx, "a", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+			if _, err := guarded.ring.CreateKey(ctx, "a", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 				t.Fatal(err)
 			}
 			start := time.Now()

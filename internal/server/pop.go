@@ -16,8 +16,8 @@ import (
 	"time"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/pop"
 )
 
@@ -51,8 +51,8 @@ func inputError(field string, fields map[string]string, err error) error {
 	if errors.As(err, &se) {
 		return se.Err
 	}
-	for _, kind := range []error{broker.ErrInvalidArgument, broker.ErrNotFound, broker.ErrFailedPrecondition,
-		broker.ErrUnavailable, broker.ErrResourceExhausted, broker.ErrDataLoss, broker.ErrAlreadyExists,
+	for _, kind := range []error{kms.ErrInvalidArgument, kms.ErrNotFound, kms.ErrFailedPrecondition,
+		kms.ErrUnavailable, kms.ErrResourceExhausted, kms.ErrDataLoss, kms.ErrAlreadyExists,
 		context.DeadlineExceeded, context.Canceled} {
 		if errors.Is(err, kind) {
 			return err
@@ -66,7 +66,7 @@ func inputError(field string, fields map[string]string, err error) error {
 	case errors.As(err, &he) && fields[he.Member] != "":
 		field = fields[he.Member]
 	}
-	return &broker.FieldError{Field: field, Reason: err.Error()}
+	return &kms.FieldError{Field: field, Reason: err.Error()}
 }
 
 // The request fields behind the claims the pop builders check.
@@ -101,7 +101,7 @@ func (s *Server) SignJWS(ctx context.Context, req *kbv1.SignJWSRequest) (*kbv1.S
 	var header map[string]any
 	if req.GetHeaderJson() != "" {
 		if err := json.Unmarshal([]byte(req.GetHeaderJson()), &header); err != nil {
-			return nil, &broker.FieldError{Field: "header_json", Reason: "not a JSON object"}
+			return nil, &kms.FieldError{Field: "header_json", Reason: "not a JSON object"}
 		}
 	}
 	vs, err := s.signer(ctx, req)
@@ -119,17 +119,17 @@ func (s *Server) CreateDPoPProof(ctx context.Context, req *kbv1.CreateDPoPProofR
 	var extra map[string]any
 	if req.GetExtraClaimsJson() != "" {
 		if err := json.Unmarshal([]byte(req.GetExtraClaimsJson()), &extra); err != nil {
-			return nil, &broker.FieldError{Field: "extra_claims_json", Reason: "not a JSON object"}
+			return nil, &kms.FieldError{Field: "extra_claims_json", Reason: "not a JSON object"}
 		}
 	}
 	if req.GetHtm() == "" {
-		return nil, &broker.FieldError{Field: "htm", Reason: "must be set"}
+		return nil, &kms.FieldError{Field: "htm", Reason: "must be set"}
 	}
 	if _, err := pop.NormalizeHTU(req.GetHtu()); err != nil {
-		return nil, &broker.FieldError{Field: "htu", Reason: err.Error()}
+		return nil, &kms.FieldError{Field: "htu", Reason: err.Error()}
 	}
 	if req.GetAccessToken() != "" && req.GetAth() != "" {
-		return nil, &broker.FieldError{Field: "ath", Reason: "give the access token or its ath, not both"}
+		return nil, &kms.FieldError{Field: "ath", Reason: "give the access token or its ath, not both"}
 	}
 	vs, err := s.signer(ctx, req)
 	if err != nil {
@@ -147,14 +147,14 @@ func (s *Server) CreateDPoPProof(ctx context.Context, req *kbv1.CreateDPoPProofR
 
 func (s *Server) CreateSignedHttpRequest(ctx context.Context, req *kbv1.CreateSignedHttpRequestRequest) (*kbv1.CreateSignedHttpRequestResponse, error) {
 	if req.GetAccessToken() == "" {
-		return nil, &broker.FieldError{Field: "access_token", Reason: "must be set"}
+		return nil, &kms.FieldError{Field: "access_token", Reason: "must be set"}
 	}
 	if req.GetMethod() == "" {
-		return nil, &broker.FieldError{Field: "method", Reason: "must be set"}
+		return nil, &kms.FieldError{Field: "method", Reason: "must be set"}
 	}
 	u, err := url.Parse(req.GetUrl())
 	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-		return nil, &broker.FieldError{Field: "url", Reason: "want an absolute http or https URL"}
+		return nil, &kms.FieldError{Field: "url", Reason: "want an absolute http or https URL"}
 	}
 	h := http.Header{}
 	var names []string
@@ -179,13 +179,13 @@ func (s *Server) CreateSignedHttpRequest(ctx context.Context, req *kbv1.CreateSi
 // subject checks and builds a certificate subject and SANs.
 func subject(cn string, dns, uris []string) (pkix.Name, []*url.URL, error) {
 	if cn == "" && len(dns) == 0 && len(uris) == 0 {
-		return pkix.Name{}, nil, &broker.FieldError{Field: "common_name", Reason: "give a common name or a SAN"}
+		return pkix.Name{}, nil, &kms.FieldError{Field: "common_name", Reason: "give a common name or a SAN"}
 	}
 	var us []*url.URL
 	for _, raw := range uris {
 		u, err := url.Parse(raw)
 		if err != nil || u.Scheme == "" {
-			return pkix.Name{}, nil, &broker.FieldError{Field: "uris", Reason: fmt.Sprintf("%q is not an absolute URI", raw)}
+			return pkix.Name{}, nil, &kms.FieldError{Field: "uris", Reason: fmt.Sprintf("%q is not an absolute URI", raw)}
 		}
 		us = append(us, u)
 	}
@@ -194,7 +194,7 @@ func subject(cn string, dns, uris []string) (pkix.Name, []*url.URL, error) {
 
 // sigAlg is the X.509 signature algorithm for a key: PSS for PS256 keys.
 func sigAlg(vs *keyring.VersionSigner) x509.SignatureAlgorithm {
-	if vs.Algorithm() == broker.PS256 {
+	if vs.Algorithm() == kms.PS256 {
 		return x509.SHA256WithRSAPSS
 	}
 	return x509.UnknownSignatureAlgorithm // x509 picks from the key
@@ -233,7 +233,7 @@ func (s *Server) CreateSelfSignedCertificate(ctx context.Context, req *kbv1.Crea
 	validity := 90 * 24 * time.Hour
 	if v := req.GetValidity(); v != nil {
 		if err := v.CheckValid(); err != nil || v.AsDuration() <= 0 || v.AsDuration() > MaxCertificateValidity {
-			return nil, &broker.FieldError{Field: "validity", Reason: "want more than 0 and at most 825 days"}
+			return nil, &kms.FieldError{Field: "validity", Reason: "want more than 0 and at most 825 days"}
 		}
 		validity = v.AsDuration()
 	}

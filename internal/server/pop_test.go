@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/pop"
 	"github.com/keybroker/keybroker/tpm"
 )
@@ -59,13 +59,13 @@ func b64json(t *testing.T, seg string, v any) {
 // the daemon on SoftHSM2, for every algorithm, checked with jwx v3 and
 // claim by claim.
 func TestPoPEveryAlgorithm(t *testing.T) {
-	testPoP(t, newStack(t), brokertest.AllSpecs())
+	testPoP(t, newStack(t), kmstest.AllSpecs())
 }
 
 // TestPoPEveryAlgorithmTPM is the same on swtpm (no RSA 4096 there).
 func TestPoPEveryAlgorithmTPM(t *testing.T) {
-	var specs []broker.KeySpec
-	for _, s := range brokertest.AllSpecs() {
+	var specs []kms.KeySpec
+	for _, s := range kmstest.AllSpecs() {
 		if s.Bits != 4096 {
 			specs = append(specs, s)
 		}
@@ -73,11 +73,11 @@ func TestPoPEveryAlgorithmTPM(t *testing.T) {
 	testPoP(t, newStackOnTPM(t), specs)
 }
 
-func testPoP(t *testing.T, s *stack, specs []broker.KeySpec) {
+func testPoP(t *testing.T, s *stack, specs []kms.KeySpec) {
 	ctx := ctxT(t)
 	const token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
 	for _, spec := range specs {
-		name := strings.ToLower(brokertest.Name(spec))
+		name := strings.ToLower(kmstest.Name(spec))
 		t.Run(name, func(t *testing.T) {
 			if _, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: name, Algorithm: algToProto(spec.Alg), Bits: int32(spec.Bits)}); err != nil {
 				t.Fatal(err)

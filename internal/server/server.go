@@ -27,8 +27,8 @@ import (
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/audit"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Auditor records one audit line per RPC and returns once it is durable
@@ -212,11 +212,11 @@ func (s *Server) CreateKey(ctx context.Context, req *kbv1.CreateKeyRequest) (*kb
 	if err != nil {
 		return nil, err
 	}
-	policy, err := policyFromProto(req.GetPolicy(), broker.DefaultPolicy())
+	policy, err := policyFromProto(req.GetPolicy(), kms.DefaultPolicy())
 	if err != nil {
 		return nil, err
 	}
-	k, err := s.ring.CreateKey(ctx, tenant, req.GetName(), broker.KeySpec{Alg: alg, Bits: int(req.GetBits())}, policy)
+	k, err := s.ring.CreateKey(ctx, tenant, req.GetName(), kms.KeySpec{Alg: alg, Bits: int(req.GetBits())}, policy)
 	if err != nil {
 		return nil, err
 	}
@@ -348,13 +348,13 @@ func (s *Server) UpdatePolicy(ctx context.Context, req *kbv1.UpdatePolicyRequest
 		return nil, err
 	}
 	if req.GetPolicy() == nil {
-		return nil, &broker.FieldError{Field: "policy", Reason: "must be set"}
+		return nil, &kms.FieldError{Field: "policy", Reason: "must be set"}
 	}
 	// Check the durations themselves before looking the key up.
-	if _, err := policyFromProto(req.GetPolicy(), broker.DefaultPolicy()); err != nil {
+	if _, err := policyFromProto(req.GetPolicy(), kms.DefaultPolicy()); err != nil {
 		return nil, err
 	}
-	k, err := s.ring.UpdatePolicy(ctx, tenant, req.GetName(), func(cur broker.Policy) broker.Policy {
+	k, err := s.ring.UpdatePolicy(ctx, tenant, req.GetName(), func(cur kms.Policy) kms.Policy {
 		p, _ := policyFromProto(req.GetPolicy(), cur)
 		return p
 	})
@@ -365,7 +365,7 @@ func (s *Server) UpdatePolicy(ctx context.Context, req *kbv1.UpdatePolicyRequest
 }
 
 // policyFromProto overlays the fields set in pp on base.
-func policyFromProto(pp *kbv1.RotationPolicy, base broker.Policy) (broker.Policy, error) {
+func policyFromProto(pp *kbv1.RotationPolicy, base kms.Policy) (kms.Policy, error) {
 	fields := []struct {
 		name string
 		d    *durationpb.Duration
@@ -381,14 +381,14 @@ func policyFromProto(pp *kbv1.RotationPolicy, base broker.Policy) (broker.Policy
 			continue
 		}
 		if err := f.d.CheckValid(); err != nil {
-			return base, &broker.FieldError{Field: f.name, Reason: "not a valid duration"}
+			return base, &kms.FieldError{Field: f.name, Reason: "not a valid duration"}
 		}
 		*f.dst = f.d.AsDuration()
 	}
 	return base, nil
 }
 
-func policyToProto(p broker.Policy) *kbv1.RotationPolicy {
+func policyToProto(p kms.Policy) *kbv1.RotationPolicy {
 	return &kbv1.RotationPolicy{
 		RotationPeriod:     durationpb.New(p.RotationPeriod),
 		Overlap:            durationpb.New(p.Overlap),
@@ -435,21 +435,21 @@ func keyToProto(k keyring.KeyInfo) *kbv1.Key {
 	return pk
 }
 
-var algs = map[kbv1.Algorithm]broker.Algorithm{
-	kbv1.Algorithm_ALGORITHM_ES256: broker.ES256,
-	kbv1.Algorithm_ALGORITHM_ES384: broker.ES384,
-	kbv1.Algorithm_ALGORITHM_RS256: broker.RS256,
-	kbv1.Algorithm_ALGORITHM_PS256: broker.PS256,
+var algs = map[kbv1.Algorithm]kms.Algorithm{
+	kbv1.Algorithm_ALGORITHM_ES256: kms.ES256,
+	kbv1.Algorithm_ALGORITHM_ES384: kms.ES384,
+	kbv1.Algorithm_ALGORITHM_RS256: kms.RS256,
+	kbv1.Algorithm_ALGORITHM_PS256: kms.PS256,
 }
 
-func algFromProto(a kbv1.Algorithm) (broker.Algorithm, error) {
+func algFromProto(a kbv1.Algorithm) (kms.Algorithm, error) {
 	if alg, ok := algs[a]; ok {
 		return alg, nil
 	}
-	return broker.AlgUnknown, &broker.FieldError{Field: "algorithm", Reason: fmt.Sprintf("got %v, want ES256, ES384, RS256 or PS256", a)}
+	return kms.AlgUnknown, &kms.FieldError{Field: "algorithm", Reason: fmt.Sprintf("got %v, want ES256, ES384, RS256 or PS256", a)}
 }
 
-func algToProto(a broker.Algorithm) kbv1.Algorithm {
+func algToProto(a kms.Algorithm) kbv1.Algorithm {
 	for p, alg := range algs {
 		if alg == a {
 			return p
@@ -458,19 +458,19 @@ func algToProto(a broker.Algorithm) kbv1.Algorithm {
 	return kbv1.Algorithm_ALGORITHM_UNSPECIFIED
 }
 
-func stateToProto(s broker.State) kbv1.KeyState {
+func stateToProto(s kms.State) kbv1.KeyState {
 	switch s {
-	case broker.StatePending:
+	case kms.StatePending:
 		return kbv1.KeyState_KEY_STATE_PENDING
-	case broker.StateActive:
+	case kms.StateActive:
 		return kbv1.KeyState_KEY_STATE_ACTIVE
-	case broker.StateRetired:
+	case kms.StateRetired:
 		return kbv1.KeyState_KEY_STATE_RETIRED
-	case broker.StateExpired:
+	case kms.StateExpired:
 		return kbv1.KeyState_KEY_STATE_EXPIRED
-	case broker.StateDestroyed:
+	case kms.StateDestroyed:
 		return kbv1.KeyState_KEY_STATE_DESTROYED
-	case broker.StateRevoked:
+	case kms.StateRevoked:
 		return kbv1.KeyState_KEY_STATE_REVOKED
 	}
 	return kbv1.KeyState_KEY_STATE_UNSPECIFIED
@@ -487,19 +487,19 @@ func hashFromProto(h kbv1.HashAlgorithm) (crypto.Hash, error) {
 	case kbv1.HashAlgorithm_HASH_ALGORITHM_SHA512:
 		return crypto.SHA512, nil
 	}
-	return 0, &broker.FieldError{Field: "hash", Reason: fmt.Sprintf("unknown hash %d", int32(h))}
+	return 0, &kms.FieldError{Field: "hash", Reason: fmt.Sprintf("unknown hash %d", int32(h))}
 }
 
-func paddingFromProto(p kbv1.RSAPadding) (broker.Padding, error) {
+func paddingFromProto(p kbv1.RSAPadding) (kms.Padding, error) {
 	switch p {
 	case kbv1.RSAPadding_RSA_PADDING_UNSPECIFIED:
-		return broker.PaddingDefault, nil
+		return kms.PaddingDefault, nil
 	case kbv1.RSAPadding_RSA_PADDING_PKCS1V15:
-		return broker.PaddingPKCS1v15, nil
+		return kms.PaddingPKCS1v15, nil
 	case kbv1.RSAPadding_RSA_PADDING_PSS:
-		return broker.PaddingPSS, nil
+		return kms.PaddingPSS, nil
 	}
-	return 0, &broker.FieldError{Field: "padding", Reason: fmt.Sprintf("unknown padding %d", int32(p))}
+	return 0, &kms.FieldError{Field: "padding", Reason: fmt.Sprintf("unknown padding %d", int32(p))}
 }
 
 func formatFromProto(f kbv1.SignatureFormat) (jose bool, err error) {
@@ -509,5 +509,5 @@ func formatFromProto(f kbv1.SignatureFormat) (jose bool, err error) {
 	case kbv1.SignatureFormat_SIGNATURE_FORMAT_JOSE:
 		return true, nil
 	}
-	return false, &broker.FieldError{Field: "format", Reason: fmt.Sprintf("unknown signature format %d", int32(f))}
+	return false, &kms.FieldError{Field: "format", Reason: fmt.Sprintf("unknown signature format %d", int32(f))}
 }

@@ -22,9 +22,9 @@ import (
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/authn"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // The interceptor path of Sign and GetJWKS — authentication, role check,
@@ -38,7 +38,7 @@ import (
 // fixed DER signature.
 type instantBackend struct{ sig []byte }
 
-func (b *instantBackend) Generate(context.Context, broker.Partition, broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (b *instantBackend) Generate(context.Context, kms.Partition, kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
@@ -52,12 +52,12 @@ func (b *instantBackend) Generate(context.Context, broker.Partition, broker.KeyS
 	return h, priv.Public(), nil
 }
 
-func (b *instantBackend) Sign(context.Context, broker.Partition, broker.Handle, []byte, crypto.SignerOpts) ([]byte, error) {
+func (b *instantBackend) Sign(context.Context, kms.Partition, kms.Handle, []byte, crypto.SignerOpts) ([]byte, error) {
 	return b.sig, nil
 }
-func (*instantBackend) Destroy(context.Context, broker.Partition, broker.Handle) error { return nil }
-func (*instantBackend) Probe(context.Context) error                                    { return nil }
-func (*instantBackend) Close() error                                                   { return nil }
+func (*instantBackend) Destroy(context.Context, kms.Partition, kms.Handle) error { return nil }
+func (*instantBackend) Probe(context.Context) error                              { return nil }
+func (*instantBackend) Close() error                                             { return nil }
 
 type discardSink struct{}
 
@@ -77,7 +77,7 @@ func benchServer(b *testing.B, auditTo string) (*Server, context.Context) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	if _, err := ring.CreateKey(context.Background(), "bench", "k", broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+	if _, err := ring.CreateKey(context.Background(), "bench", "k", kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 		b.Fatal(err)
 	}
 	access, err := NewAccess([]TenantPolicy{{Name: "bench", Identities: authn.Rule{CommonNames: []string{"bench"}}, Roles: RoleSigner | RoleAdmin}})

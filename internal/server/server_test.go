@@ -20,8 +20,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
-	"github.com/keybroker/keybroker/internal/broker"
-	"github.com/keybroker/keybroker/internal/broker/brokertest"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/kms/kmstest"
 	"github.com/keybroker/keybroker/pop"
 )
 
@@ -94,9 +94,9 @@ func (s *stack) publicKey(t *testing.T, name, kid string) crypto.PublicKey {
 func TestSignVerifyEveryAlgorithm(t *testing.T) {
 	s := newStack(t)
 	ctx := ctxT(t)
-	for _, spec := range brokertest.AllSpecs() {
-		t.Run(brokertest.Name(spec), func(t *testing.T) {
-			name := strings.ToLower(brokertest.Name(spec))
+	for _, spec := range kmstest.AllSpecs() {
+		t.Run(kmstest.Name(spec), func(t *testing.T) {
+			name := strings.ToLower(kmstest.Name(spec))
 			ck, err := s.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: name, Algorithm: algToProto(spec.Alg), Bits: int32(spec.Bits)})
 			if err != nil {
 				t.Fatalf("CreateKey: %v", err)
@@ -107,7 +107,7 @@ func TestSignVerifyEveryAlgorithm(t *testing.T) {
 			}
 			pub := s.publicKey(t, name, kid)
 			if !spec.Alg.MatchesPublicKey(pub, spec.Bits) {
-				t.Fatalf("public key %T does not match %s", pub, brokertest.Name(spec))
+				t.Fatalf("public key %T does not match %s", pub, kmstest.Name(spec))
 			}
 
 			hash := spec.Alg.Hash()
@@ -123,13 +123,13 @@ func TestSignVerifyEveryAlgorithm(t *testing.T) {
 				}
 				verify(t, spec.Alg, pub, digest, resp.Signature, f == kbv1.SignatureFormat_SIGNATURE_FORMAT_JOSE)
 			}
-			if spec.Alg == broker.RS256 {
+			if spec.Alg == kms.RS256 {
 				// An RS256 key can also sign PSS (TLS 1.3 asks for it).
 				resp, err := s.client.Sign(ctx, &kbv1.SignRequest{Name: name, Digest: digest, Padding: kbv1.RSAPadding_RSA_PADDING_PSS})
 				if err != nil {
 					t.Fatal(err)
 				}
-				verify(t, broker.PS256, pub, digest, resp.Signature, false)
+				verify(t, kms.PS256, pub, digest, resp.Signature, false)
 			}
 		})
 	}
@@ -137,7 +137,7 @@ func TestSignVerifyEveryAlgorithm(t *testing.T) {
 
 // verify checks a signature the way a JOSE verifier would: JOSE ECDSA must
 // be exactly r||s, PSS must use salt = hash length.
-func verify(t *testing.T, alg broker.Algorithm, pub crypto.PublicKey, digest, sig []byte, jose bool) {
+func verify(t *testing.T, alg kms.Algorithm, pub crypto.PublicKey, digest, sig []byte, jose bool) {
 	t.Helper()
 	switch k := pub.(type) {
 	case *ecdsa.PublicKey:
@@ -157,7 +157,7 @@ func verify(t *testing.T, alg broker.Algorithm, pub crypto.PublicKey, digest, si
 		}
 	case *rsa.PublicKey:
 		var err error
-		if alg == broker.PS256 {
+		if alg == kms.PS256 {
 			err = rsa.VerifyPSS(k, crypto.SHA256, digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
 		} else {
 			err = rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
@@ -367,11 +367,11 @@ func TestNoHardwareDetailsLeak(t *testing.T) {
 			return err
 		},
 	}
-	for _, kind := range []error{broker.ErrUnavailable, broker.ErrResourceExhausted, broker.ErrDataLoss, nil} {
+	for _, kind := range []error{kms.ErrUnavailable, kms.ErrResourceExhausted, kms.ErrDataLoss, nil} {
 		var injected error = &hwErr{kind: kind, msg: "hsm: sign: pkcs11: 0x32: CKR_DEVICE_REMOVED handle=0xdeadbeef module=/usr/lib/softhsm/libsofthsm2.so pin=" + pin}
 		s.backend.fail.Store(&injected)
-		want := map[error]codes.Code{broker.ErrUnavailable: codes.Unavailable, broker.ErrResourceExhausted: codes.ResourceExhausted,
-			broker.ErrDataLoss: codes.DataLoss, nil: codes.Internal}[kind]
+		want := map[error]codes.Code{kms.ErrUnavailable: codes.Unavailable, kms.ErrResourceExhausted: codes.ResourceExhausted,
+			kms.ErrDataLoss: codes.DataLoss, nil: codes.Internal}[kind]
 		for method, call := range calls {
 			st := status.Convert(call())
 			if st.Code() == codes.OK {

@@ -16,9 +16,9 @@ import (
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/hsm"
 	"github.com/keybroker/keybroker/internal/authn"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 	"github.com/keybroker/keybroker/tpm"
 	"github.com/keybroker/keybroker/tpm/swtpmtest"
@@ -29,12 +29,12 @@ func TestMain(m *testing.M) { softhsmtest.Main(m) }
 // counting wraps a backend and counts the calls that reach it; fail, when
 // set, replaces every hardware call's result with an error.
 type counting struct {
-	broker.Backend
+	kms.Backend
 	calls atomic.Int64
 	fail  atomic.Pointer[error]
 }
 
-func (c *counting) Generate(ctx context.Context, p broker.Partition, s broker.KeySpec) (broker.Handle, crypto.PublicKey, error) {
+func (c *counting) Generate(ctx context.Context, p kms.Partition, s kms.KeySpec) (kms.Handle, crypto.PublicKey, error) {
 	c.calls.Add(1)
 	if err := c.fail.Load(); err != nil {
 		return nil, nil, *err
@@ -42,7 +42,7 @@ func (c *counting) Generate(ctx context.Context, p broker.Partition, s broker.Ke
 	return c.Backend.Generate(ctx, p, s)
 }
 
-func (c *counting) Sign(ctx context.Context, p broker.Partition, h broker.Handle, d []byte, o crypto.SignerOpts) ([]byte, error) {
+func (c *counting) Sign(ctx context.Context, p kms.Partition, h kms.Handle, d []byte, o crypto.SignerOpts) ([]byte, error) {
 	c.calls.Add(1)
 	if err := c.fail.Load(); err != nil {
 		return nil, *err
@@ -50,7 +50,7 @@ func (c *counting) Sign(ctx context.Context, p broker.Partition, h broker.Handle
 	return c.Backend.Sign(ctx, p, h, d, o)
 }
 
-func (c *counting) Destroy(ctx context.Context, p broker.Partition, h broker.Handle) error {
+func (c *counting) Destroy(ctx context.Context, p kms.Partition, h kms.Handle) error {
 	c.calls.Add(1)
 	return c.Backend.Destroy(ctx, p, h)
 }
@@ -92,16 +92,16 @@ func newStackOnTPM(t testing.TB) *stack {
 	return newStackOn(t, []TenantPolicy{{Name: "t1", Identities: authn.Rule{UIDs: []uint32{uint32(os.Getuid())}}, Roles: RoleSigner | RoleAdmin}}, tb)
 }
 
-func newStackOn(t testing.TB, tenants []TenantPolicy, backend broker.Backend) *stack {
+func newStackOn(t testing.TB, tenants []TenantPolicy, backend kms.Backend) *stack {
 	t.Helper()
 	var err error
 	b := &counting{Backend: backend}
-	var ringBackend broker.Backend = b
-	if at, ok := backend.(broker.Attester); ok {
+	var ringBackend kms.Backend = b
+	if at, ok := backend.(kms.Attester); ok {
 		// Keep the optional capability visible through the wrapper.
 		ringBackend = struct {
 			*counting
-			broker.Attester
+			kms.Attester
 		}{b, at}
 	}
 	st, err := store.Open(filepath.Join(t.TempDir(), "keybroker.db"))

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/protobuf/protoadapt"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // ErrorDomain is the google.rpc.ErrorInfo domain of keybroker's errors.
@@ -43,19 +43,19 @@ var mapping = []struct {
 	reason string
 	msg    string
 }{
-	{broker.ErrInvalidArgument, codes.InvalidArgument, ReasonInvalidArgument, "invalid argument"},
-	{broker.ErrNotFound, codes.NotFound, ReasonKeyNotFound, "key not found"},
-	{broker.ErrAlreadyExists, codes.AlreadyExists, ReasonKeyExists, "key already exists"},
-	{broker.ErrFailedPrecondition, codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used"},
-	{broker.ErrUnavailable, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later"},
-	{broker.ErrResourceExhausted, codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later"},
-	{broker.ErrDataLoss, codes.DataLoss, ReasonDataLoss, "the key's hardware was reset or replaced; the key is lost"},
+	{kms.ErrInvalidArgument, codes.InvalidArgument, ReasonInvalidArgument, "invalid argument"},
+	{kms.ErrNotFound, codes.NotFound, ReasonKeyNotFound, "key not found"},
+	{kms.ErrAlreadyExists, codes.AlreadyExists, ReasonKeyExists, "key already exists"},
+	{kms.ErrFailedPrecondition, codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used"},
+	{kms.ErrUnavailable, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later"},
+	{kms.ErrResourceExhausted, codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later"},
+	{kms.ErrDataLoss, codes.DataLoss, ReasonDataLoss, "the key's hardware was reset or replaced; the key is lost"},
 	{context.DeadlineExceeded, codes.DeadlineExceeded, ReasonDeadlineExceeded, "deadline exceeded"},
 	{context.Canceled, codes.Canceled, ReasonCanceled, "canceled"},
 }
 
 // clientMessager is implemented by errors whose text is written for the
-// client (broker.FieldError, broker.ClientError).
+// client (kms.FieldError, kms.ClientError).
 type clientMessager interface{ ClientMessage() string }
 
 // toStatus is the one place where errors become gRPC status. Only messages
@@ -87,13 +87,13 @@ func toStatus(err error) error {
 		msg = cm.ClientMessage()
 	}
 	info := &errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain}
-	var ce *broker.ClientError
+	var ce *kms.ClientError
 	if code != codes.Internal && errors.As(err, &ce) && ce.Reason != "" {
 		info.Reason, info.Metadata = ce.Reason, ce.Meta
 	}
 	st := status.New(code, msg)
 	details := []protoadapt.MessageV1{info}
-	var fe *broker.FieldError
+	var fe *kms.FieldError
 	if code == codes.InvalidArgument && errors.As(err, &fe) {
 		details = append(details, &errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
 			{Field: fe.Field, Description: fe.Reason},

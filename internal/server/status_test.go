@@ -11,7 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // secretText looks like what a hardware error may carry; none of it may
@@ -21,7 +21,7 @@ const secretText = "C_Sign: CKR_DEVICE_ERROR (0x30) module=/usr/lib/x.so slot=3 
 var secrets = []string{"CKR_", "DEVICE_ERROR", "0x30", "/usr/lib", "x.so", "pin", "1234", "handle", "deadbeef", "C_Sign"}
 
 // kindErr is a backend-style error: a detailed message for logs that
-// matches a broker sentinel through Unwrap.
+// matches a kms sentinel through Unwrap.
 type kindErr struct {
 	kind error
 	msg  string
@@ -36,7 +36,7 @@ func wrap2(err error) error {
 }
 
 func TestToStatus(t *testing.T) {
-	nameErr := &broker.FieldError{Field: "name", Reason: `"A" does not match ^[a-z0-9][a-z0-9._-]{0,62}$`}
+	nameErr := &kms.FieldError{Field: "name", Reason: `"A" does not match ^[a-z0-9][a-z0-9._-]{0,62}$`}
 	for _, tc := range []struct {
 		name   string
 		err    error
@@ -46,31 +46,31 @@ func TestToStatus(t *testing.T) {
 		field  string // BadRequest field violation, "" for none
 	}{
 		// Bare sentinels get the fixed text of their kind.
-		{"invalid argument", broker.ErrInvalidArgument, codes.InvalidArgument, ReasonInvalidArgument, "invalid argument", ""},
-		{"not found", broker.ErrNotFound, codes.NotFound, ReasonKeyNotFound, "key not found", ""},
-		{"already exists", broker.ErrAlreadyExists, codes.AlreadyExists, ReasonKeyExists, "key already exists", ""},
-		{"failed precondition", broker.ErrFailedPrecondition, codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used", ""},
-		{"unavailable", broker.ErrUnavailable, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
-		{"resource exhausted", broker.ErrResourceExhausted, codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later", ""},
+		{"invalid argument", kms.ErrInvalidArgument, codes.InvalidArgument, ReasonInvalidArgument, "invalid argument", ""},
+		{"not found", kms.ErrNotFound, codes.NotFound, ReasonKeyNotFound, "key not found", ""},
+		{"already exists", kms.ErrAlreadyExists, codes.AlreadyExists, ReasonKeyExists, "key already exists", ""},
+		{"failed precondition", kms.ErrFailedPrecondition, codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used", ""},
+		{"unavailable", kms.ErrUnavailable, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
+		{"resource exhausted", kms.ErrResourceExhausted, codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later", ""},
 		{"deadline", context.DeadlineExceeded, codes.DeadlineExceeded, ReasonDeadlineExceeded, "deadline exceeded", ""},
 		{"canceled", context.Canceled, codes.Canceled, ReasonCanceled, "canceled", ""},
 
 		// Wrapped two levels deep: same code, and the wrapping text (which
 		// may name hardware) is dropped.
-		{"wrapped not found", wrap2(broker.ErrNotFound), codes.NotFound, ReasonKeyNotFound, "key not found", ""},
-		{"wrapped already exists", wrap2(broker.ErrAlreadyExists), codes.AlreadyExists, ReasonKeyExists, "key already exists", ""},
-		{"wrapped failed precondition", wrap2(broker.ErrFailedPrecondition), codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used", ""},
-		{"wrapped unavailable", wrap2(broker.ErrUnavailable), codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
-		{"wrapped resource exhausted", wrap2(broker.ErrResourceExhausted), codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later", ""},
+		{"wrapped not found", wrap2(kms.ErrNotFound), codes.NotFound, ReasonKeyNotFound, "key not found", ""},
+		{"wrapped already exists", wrap2(kms.ErrAlreadyExists), codes.AlreadyExists, ReasonKeyExists, "key already exists", ""},
+		{"wrapped failed precondition", wrap2(kms.ErrFailedPrecondition), codes.FailedPrecondition, ReasonKeyNotUsable, "key cannot be used", ""},
+		{"wrapped unavailable", wrap2(kms.ErrUnavailable), codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
+		{"wrapped resource exhausted", wrap2(kms.ErrResourceExhausted), codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later", ""},
 		{"wrapped deadline", wrap2(context.DeadlineExceeded), codes.DeadlineExceeded, ReasonDeadlineExceeded, "deadline exceeded", ""},
 		{"wrapped canceled", wrap2(context.Canceled), codes.Canceled, ReasonCanceled, "canceled", ""},
 
 		// Backend errors carrying hardware detail keep their kind, lose their text.
-		{"unavailable with secrets", &kindErr{broker.ErrUnavailable, secretText}, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
-		{"wrapped unavailable with secrets", wrap2(fmt.Errorf("%s: %w", secretText, broker.ErrUnavailable)), codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
-		{"busy with secrets", wrap2(&kindErr{broker.ErrResourceExhausted, secretText}), codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later", ""},
+		{"unavailable with secrets", &kindErr{kms.ErrUnavailable, secretText}, codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
+		{"wrapped unavailable with secrets", wrap2(fmt.Errorf("%s: %w", secretText, kms.ErrUnavailable)), codes.Unavailable, ReasonBackendDown, "key backend unavailable, retry later", ""},
+		{"busy with secrets", wrap2(&kindErr{kms.ErrResourceExhausted, secretText}), codes.ResourceExhausted, ReasonBackendBusy, "key backend busy, retry later", ""},
 		{"deadline with secrets", fmt.Errorf("%s: %w", secretText, context.DeadlineExceeded), codes.DeadlineExceeded, ReasonDeadlineExceeded, "deadline exceeded", ""},
-		{"not found with secrets", &kindErr{broker.ErrNotFound, "destroy: " + secretText}, codes.NotFound, ReasonKeyNotFound, "key not found", ""},
+		{"not found with secrets", &kindErr{kms.ErrNotFound, "destroy: " + secretText}, codes.NotFound, ReasonKeyNotFound, "key not found", ""},
 
 		// Plain errors become a bare Internal.
 		{"plain secret", errors.New(secretText), codes.Internal, ReasonInternal, "internal error", ""},
@@ -79,18 +79,18 @@ func TestToStatus(t *testing.T) {
 
 		// Field errors: their own message, and a BadRequest naming the field.
 		{"field error", nameErr, codes.InvalidArgument, ReasonInvalidArgument, nameErr.Error(), "name"},
-		{"wrapped field error", wrap2(&broker.FieldError{Field: "digest", Reason: "length: got 31 bytes, want 32 for SHA-256"}),
+		{"wrapped field error", wrap2(&kms.FieldError{Field: "digest", Reason: "length: got 31 bytes, want 32 for SHA-256"}),
 			codes.InvalidArgument, ReasonInvalidArgument, "invalid digest: length: got 31 bytes, want 32 for SHA-256", "digest"},
 
 		// Client errors: their message, the code of their kind.
-		{"client not found", broker.NotFound("key", "k1"), codes.NotFound, ReasonKeyNotFound, `key "k1" not found`, ""},
-		{"wrapped client not found", wrap2(broker.NotFound("key", "k1")), codes.NotFound, ReasonKeyNotFound, `key "k1" not found`, ""},
-		{"client exists", &broker.ClientError{Kind: broker.ErrAlreadyExists, Msg: `key "k1" already exists`}, codes.AlreadyExists, ReasonKeyExists, `key "k1" already exists`, ""},
-		{"client precondition", wrap2(&broker.ClientError{Kind: broker.ErrFailedPrecondition, Msg: `key "k1" version 2 is retired`}), codes.FailedPrecondition, ReasonKeyNotUsable, `key "k1" version 2 is retired`, ""},
-		{"client invalid", &broker.ClientError{Kind: broker.ErrInvalidArgument, Msg: "bad page token"}, codes.InvalidArgument, ReasonInvalidArgument, "bad page token", ""},
-		// A client message with no broker kind is still an internal error.
-		{"client without kind", &broker.ClientError{Kind: errors.New(secretText), Msg: secretText}, codes.Internal, ReasonInternal, "internal error", ""},
-		{"client nil kind", &broker.ClientError{Msg: secretText}, codes.Internal, ReasonInternal, "internal error", ""},
+		{"client not found", kms.NotFound("key", "k1"), codes.NotFound, ReasonKeyNotFound, `key "k1" not found`, ""},
+		{"wrapped client not found", wrap2(kms.NotFound("key", "k1")), codes.NotFound, ReasonKeyNotFound, `key "k1" not found`, ""},
+		{"client exists", &kms.ClientError{Kind: kms.ErrAlreadyExists, Msg: `key "k1" already exists`}, codes.AlreadyExists, ReasonKeyExists, `key "k1" already exists`, ""},
+		{"client precondition", wrap2(&kms.ClientError{Kind: kms.ErrFailedPrecondition, Msg: `key "k1" version 2 is retired`}), codes.FailedPrecondition, ReasonKeyNotUsable, `key "k1" version 2 is retired`, ""},
+		{"client invalid", &kms.ClientError{Kind: kms.ErrInvalidArgument, Msg: "bad page token"}, codes.InvalidArgument, ReasonInvalidArgument, "bad page token", ""},
+		// A client message with no kms kind is still an internal error.
+		{"client without kind", &kms.ClientError{Kind: errors.New(secretText), Msg: secretText}, codes.Internal, ReasonInternal, "internal error", ""},
+		{"client nil kind", &kms.ClientError{Msg: secretText}, codes.Internal, ReasonInternal, "internal error", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := toStatus(tc.err)
@@ -164,7 +164,7 @@ func checkDetails(t *testing.T, st *status.Status, reason, field string, err err
 	if len(bads) != 1 {
 		t.Fatalf("got %d BadRequest details, want 1", len(bads))
 	}
-	var fe *broker.FieldError
+	var fe *kms.FieldError
 	if !errors.As(err, &fe) {
 		t.Fatalf("test bug: %v has no FieldError", err)
 	}
@@ -223,9 +223,9 @@ func TestToStatusMappingOrder(t *testing.T) {
 		err  error
 		code codes.Code
 	}{
-		{errors.Join(broker.ErrUnavailable, broker.ErrInvalidArgument), codes.InvalidArgument},
-		{errors.Join(context.DeadlineExceeded, broker.ErrNotFound), codes.NotFound},
-		{fmt.Errorf("%w: %w", broker.ErrResourceExhausted, broker.ErrUnavailable), codes.Unavailable},
+		{errors.Join(kms.ErrUnavailable, kms.ErrInvalidArgument), codes.InvalidArgument},
+		{errors.Join(context.DeadlineExceeded, kms.ErrNotFound), codes.NotFound},
+		{fmt.Errorf("%w: %w", kms.ErrResourceExhausted, kms.ErrUnavailable), codes.Unavailable},
 		{errors.Join(context.Canceled, context.DeadlineExceeded), codes.DeadlineExceeded},
 	} {
 		if got := status.Code(toStatus(tc.err)); got != tc.code {

@@ -20,10 +20,10 @@ import (
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/hsm"
 	"github.com/keybroker/keybroker/internal/authn"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/store"
 	"github.com/keybroker/keybroker/internal/testpki"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm/softhsmtest"
 )
 
@@ -40,8 +40,8 @@ type mtlsStack struct {
 type stackOpts struct {
 	tenants []TenantPolicy
 	audit   Auditor
-	backend broker.Backend // default: a fresh token
-	ca      *testpki.CA    // default: a new CA
+	backend kms.Backend // default: a fresh token
+	ca      *testpki.CA // default: a new CA
 	maxKeys map[string]int
 }
 

@@ -10,7 +10,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`null`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		k, err := decode(b)
-		if err == nil && k.check() != nil {
+		if err == nil && check(k) != nil {
 			t.Fatalf("decode accepted a record that fails check: %+v", k)
 		}
 	})

@@ -1,7 +1,8 @@
 // Package store is keybroker's metadata store: an embedded bbolt database in
 // the state directory holding every key, its versions, states and backend
 // handles. Each write is one transaction. The hardware is the authority on
-// what exists; the store on what it means. Only the keyring imports it.
+// what exists; the store on what it means. The keyring reads and writes it;
+// the daemon opens it, and the benchmark setup fills it.
 package store
 
 import (
@@ -13,7 +14,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
+	"github.com/keybroker/keybroker/rotation"
 )
 
 // schemaVersion is written into every record; a record from a newer schema
@@ -33,34 +35,12 @@ var (
 // ErrKidReused: a record names a kid that belongs to another key version.
 var ErrKidReused = errors.New("store: kid already belongs to another key version")
 
-// Key is the stored form of a key.
-type Key struct {
-	Schema   int              `json:"schema"`
-	Tenant   string           `json:"tenant"`
-	Name     string           `json:"name"`
-	Alg      broker.Algorithm `json:"alg"`
-	Bits     int              `json:"bits,omitempty"`
-	Backend  string           `json:"backend"`
-	Created  time.Time        `json:"created"`
-	Policy   broker.Policy    `json:"policy"`
-	Versions []Version        `json:"versions"`
-}
-
-// Version is the stored form of a key version.
-type Version struct {
-	Version   uint32        `json:"version"`
-	Kid       string        `json:"kid"`
-	State     broker.State  `json:"state"`
-	Handle    broker.Handle `json:"handle"`
-	PublicKey []byte        `json:"public_key"` // PKIX DER
-	// When the version entered each state (zero: not yet).
-	Created   time.Time `json:"created"`
-	Activated time.Time `json:"activated,omitzero"`
-	Retired   time.Time `json:"retired,omitzero"`
-	Expired   time.Time `json:"expired,omitzero"`
-	Revoked   time.Time `json:"revoked,omitzero"`
-	Destroyed time.Time `json:"destroyed,omitzero"`
-}
+// Key and Version are the stored records: rotation's, which decides their
+// transitions (see docs/design.md "Key model and rotation").
+type (
+	Key     = rotation.Key
+	Version = rotation.Version
+)
 
 // Store is the bbolt-backed metadata store.
 type Store struct {
@@ -102,7 +82,7 @@ func dbKey(tenant, name string) []byte {
 // encode checks a record as decode will and marshals it.
 func encode(k Key) ([]byte, error) {
 	k.Schema = schemaVersion
-	if err := k.check(); err != nil {
+	if err := check(k); err != nil {
 		return nil, fmt.Errorf("store: %s/%s: %w", k.Tenant, k.Name, err)
 	}
 	v, err := json.Marshal(k)
@@ -112,7 +92,8 @@ func encode(k Key) ([]byte, error) {
 	return v, nil
 }
 
-func (k Key) check() error {
+// check reports whether k is a complete record of this schema.
+func check(k Key) error {
 	if k.Schema != schemaVersion {
 		return fmt.Errorf("schema version: got %d, want %d", k.Schema, schemaVersion)
 	}
@@ -132,7 +113,7 @@ func (s *Store) CreateKey(k Key) error {
 		b := tx.Bucket(bucketKeys)
 		id := dbKey(k.Tenant, k.Name)
 		if b.Get(id) != nil {
-			return broker.ErrAlreadyExists
+			return kms.ErrAlreadyExists
 		}
 		if err := registerKids(tx, k); err != nil {
 			return err
@@ -151,7 +132,7 @@ func (s *Store) UpdateKey(k Key) error {
 		b := tx.Bucket(bucketKeys)
 		id := dbKey(k.Tenant, k.Name)
 		if b.Get(id) == nil {
-			return broker.ErrNotFound
+			return kms.ErrNotFound
 		}
 		if err := registerKids(tx, k); err != nil {
 			return err
@@ -198,46 +179,10 @@ func decode(v []byte) (Key, error) {
 	if err := json.Unmarshal(v, &k); err != nil {
 		return Key{}, err
 	}
-	if err := k.check(); err != nil {
+	if err := check(k); err != nil {
 		return Key{}, err
 	}
 	return k, nil
-}
-
-// Index returns the index of version n in k.Versions, or -1.
-func (k Key) Index(n uint32) int {
-	for i, v := range k.Versions {
-		if v.Version == n {
-			return i
-		}
-	}
-	return -1
-}
-
-// InState returns the index of the first version in state s, or -1.
-func (k Key) InState(s broker.State) int {
-	for i, v := range k.Versions {
-		if v.State == s {
-			return i
-		}
-	}
-	return -1
-}
-
-// NextVersion is the number the next version gets: one more than any
-// version ever recorded, so numbers (like kids) are never reused.
-func (k Key) NextVersion() uint32 {
-	var n uint32
-	for _, v := range k.Versions {
-		n = max(n, v.Version)
-	}
-	return n + 1
-}
-
-// Clone returns a copy whose Versions can be changed without touching k.
-func (k Key) Clone() Key {
-	k.Versions = append([]Version(nil), k.Versions...)
-	return k
 }
 
 // Intent is a hardware object this store is about to create: recorded
@@ -246,13 +191,13 @@ func (k Key) Clone() Key {
 // keyring tells its own unrecorded object from the objects of another
 // store on the same token, which it must never touch.
 type Intent struct {
-	Tenant  string        `json:"tenant"`
-	Handle  broker.Handle `json:"handle"` // the object ID chosen before generation
-	Label   string        `json:"label"`
-	Created time.Time     `json:"created"`
+	Tenant  string     `json:"tenant"`
+	Handle  kms.Handle `json:"handle"` // the object ID chosen before generation
+	Label   string     `json:"label"`
+	Created time.Time  `json:"created"`
 }
 
-func intentKey(tenant string, h broker.Handle) []byte {
+func intentKey(tenant string, h kms.Handle) []byte {
 	return append(append([]byte(tenant), 0), h...)
 }
 
@@ -268,7 +213,7 @@ func (s *Store) PutIntent(in Intent) error {
 }
 
 // DeleteIntent removes the intent for (tenant, h), if there is one.
-func (s *Store) DeleteIntent(tenant string, h broker.Handle) error {
+func (s *Store) DeleteIntent(tenant string, h kms.Handle) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketIntents).Delete(intentKey(tenant, h))
 	})

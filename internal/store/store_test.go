@@ -14,7 +14,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // openStore opens a store in a fresh directory and closes it when the test
@@ -37,7 +37,7 @@ func testKey(tenant, name string) Key {
 	return Key{
 		Tenant:  tenant,
 		Name:    name,
-		Alg:     broker.PS256,
+		Alg:     kms.PS256,
 		Bits:    3072,
 		Backend: "pkcs11",
 		Created: t0,
@@ -45,16 +45,16 @@ func testKey(tenant, name string) Key {
 			{
 				Version:   1,
 				Kid:       "kid-1-" + tenant + "-" + name,
-				State:     broker.StateRetired,
-				Handle:    broker.Handle{0x00, 0x01, 0xfe, 0xff, 0x10},
+				State:     kms.StateRetired,
+				Handle:    kms.Handle{0x00, 0x01, 0xfe, 0xff, 0x10},
 				PublicKey: []byte{0x30, 0x82, 0x01, 0x22, 0x00, 0xff},
 				Created:   t0,
 			},
 			{
 				Version:   2,
 				Kid:       "kid-2-" + tenant + "-" + name,
-				State:     broker.StateActive,
-				Handle:    broker.Handle("\x00handle\xff"),
+				State:     kms.StateActive,
+				Handle:    kms.Handle("\x00handle\xff"),
 				PublicKey: []byte{0x30, 0x59, 0x01},
 				Created:   t0.Add(36 * time.Hour),
 			},
@@ -254,9 +254,9 @@ func TestCreateKeyDuplicate(t *testing.T) {
 		t.Fatal(err)
 	}
 	second := testKey("t1", "k")
-	second.Alg, second.Bits = broker.ES256, 0
+	second.Alg, second.Bits = kms.ES256, 0
 	err := s.CreateKey(second)
-	if !errors.Is(err, broker.ErrAlreadyExists) {
+	if !errors.Is(err, kms.ErrAlreadyExists) {
 		t.Fatalf("second CreateKey: got %v, want ErrAlreadyExists", err)
 	}
 	// The first record is untouched.
@@ -273,7 +273,7 @@ func TestCreateKeyDuplicate(t *testing.T) {
 func TestUpdateKey(t *testing.T) {
 	s, _ := openStore(t)
 	k := testKey("t1", "k")
-	if err := s.UpdateKey(k); !errors.Is(err, broker.ErrNotFound) {
+	if err := s.UpdateKey(k); !errors.Is(err, kms.ErrNotFound) {
 		t.Fatalf("UpdateKey of a missing key: got %v, want ErrNotFound", err)
 	}
 	if ks := keys(t, s); len(ks) != 0 {
@@ -289,10 +289,10 @@ func TestUpdateKey(t *testing.T) {
 	}
 
 	updated := testKey("t1", "k")
-	updated.Versions[1].State = broker.StateRetired
+	updated.Versions[1].State = kms.StateRetired
 	updated.Versions = append(updated.Versions, Version{
-		Version: 3, Kid: "kid-3", State: broker.StatePending,
-		Handle: broker.Handle{3}, PublicKey: []byte{3, 3}, Created: t0.Add(72 * time.Hour),
+		Version: 3, Kid: "kid-3", State: kms.StatePending,
+		Handle: kms.Handle{3}, PublicKey: []byte{3, 3}, Created: t0.Add(72 * time.Hour),
 	})
 	if err := s.UpdateKey(updated); err != nil {
 		t.Fatalf("UpdateKey: %v", err)
@@ -303,7 +303,7 @@ func TestUpdateKey(t *testing.T) {
 	// A missing name in an existing tenant, and an existing name in a
 	// missing tenant, are both not found.
 	for _, k := range []Key{testKey("t1", "nope"), testKey("t3", "k")} {
-		if err := s.UpdateKey(k); !errors.Is(err, broker.ErrNotFound) {
+		if err := s.UpdateKey(k); !errors.Is(err, kms.ErrNotFound) {
 			t.Errorf("UpdateKey(%s/%s): got %v, want ErrNotFound", k.Tenant, k.Name, err)
 		}
 	}
@@ -334,7 +334,7 @@ func TestKeysSurviveReopen(t *testing.T) {
 	defer s.Close()
 	equalKeys(t, keys(t, s), []Key{a, b})
 	// Still duplicate-checked after the reopen.
-	if err := s.CreateKey(a); !errors.Is(err, broker.ErrAlreadyExists) {
+	if err := s.CreateKey(a); !errors.Is(err, kms.ErrAlreadyExists) {
 		t.Errorf("CreateKey after reopen: got %v, want ErrAlreadyExists", err)
 	}
 }

@@ -25,9 +25,9 @@ import (
 	"time"
 
 	"github.com/keybroker/keybroker/hsm"
-	"github.com/keybroker/keybroker/internal/broker"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/softhsm"
 )
 
@@ -101,7 +101,7 @@ func setupTenants(dir string, tenants, perTenant int) error {
 					return
 				}
 				tenant, name := fmt.Sprintf("t%04d", i/int64(perTenant)), fmt.Sprintf("k%02d", i%int64(perTenant))
-				if _, err := ring.CreateKey(context.Background(), tenant, name, broker.KeySpec{Alg: broker.ES256}, broker.Policy{}); err != nil {
+				if _, err := ring.CreateKey(context.Background(), tenant, name, kms.KeySpec{Alg: kms.ES256}, kms.Policy{}); err != nil {
 					errs <- fmt.Errorf("%s/%s: %w", tenant, name, err)
 					return
 				}

@@ -1,4 +1,4 @@
-package broker
+package kms
 
 import (
 	"crypto"
@@ -7,7 +7,7 @@ import (
 
 // Request validation runs on every Sign before the hardware:
 //
-//	go test -run '^$' -bench . -benchmem ./internal/broker/
+//	go test -run '^$' -bench . -benchmem ./kms/
 func BenchmarkValidateName(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {

@@ -1,4 +1,4 @@
-package broker
+package kms
 
 import (
 	"errors"
@@ -39,7 +39,7 @@ func (e *FieldError) Is(target error) bool { return target == ErrInvalidArgument
 
 // ClientError is an error whose message is written for the client: it says
 // what is wrong with the request in the caller's own terms (the key name it
-// sent), never hardware details. Kind is the broker sentinel it matches.
+// sent), never hardware details. Kind is the kms sentinel it matches.
 type ClientError struct {
 	Kind error
 	Msg  string

@@ -1,6 +1,6 @@
-// Package brokertest is the conformance suite every broker.Backend passes,
+// Package kmstest is the conformance suite every kms.Backend passes,
 // run against real hardware (SoftHSM2, swtpm) by each backend's tests.
-package brokertest
+package kmstest
 
 import (
 	"context"
@@ -13,28 +13,28 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/keybroker/keybroker/internal/broker"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // Suite configures the conformance run for one backend.
 type Suite struct {
 	// New returns a fresh backend; the suite closes it.
-	New func(t testing.TB) broker.Backend
+	New func(t testing.TB) kms.Backend
 	// Specs are the key specs the backend supports.
-	Specs []broker.KeySpec
+	Specs []kms.KeySpec
 }
 
 // AllSpecs is every algorithm and RSA size keybroker knows.
-func AllSpecs() []broker.KeySpec {
-	return []broker.KeySpec{
-		{Alg: broker.ES256}, {Alg: broker.ES384},
-		{Alg: broker.RS256, Bits: 2048}, {Alg: broker.RS256, Bits: 3072}, {Alg: broker.RS256, Bits: 4096},
-		{Alg: broker.PS256, Bits: 2048}, {Alg: broker.PS256, Bits: 3072}, {Alg: broker.PS256, Bits: 4096},
+func AllSpecs() []kms.KeySpec {
+	return []kms.KeySpec{
+		{Alg: kms.ES256}, {Alg: kms.ES384},
+		{Alg: kms.RS256, Bits: 2048}, {Alg: kms.RS256, Bits: 3072}, {Alg: kms.RS256, Bits: 4096},
+		{Alg: kms.PS256, Bits: 2048}, {Alg: kms.PS256, Bits: 3072}, {Alg: kms.PS256, Bits: 4096},
 	}
 }
 
 // Name is a subtest name for a spec, e.g. "RS256-3072".
-func Name(s broker.KeySpec) string {
+func Name(s kms.KeySpec) string {
 	if s.Alg.IsRSA() {
 		return fmt.Sprintf("%v-%d", s.Alg, s.Bits)
 	}
@@ -54,9 +54,9 @@ func (s Suite) Run(t *testing.T) {
 	t.Run("CancelledContext", s.testCancelled)
 }
 
-var part = broker.Partition{Tenant: "conformance"}
+var part = kms.Partition{Tenant: "conformance"}
 
-func (s Suite) backend(t *testing.T) broker.Backend {
+func (s Suite) backend(t *testing.T) kms.Backend {
 	t.Helper()
 	b := s.New(t)
 	t.Cleanup(func() {
@@ -110,7 +110,7 @@ func (s Suite) testSignVerify(t *testing.T) {
 				t.Fatalf("public key %T does not match %s", pub, Name(spec))
 			}
 			for _, hash := range []crypto.Hash{crypto.SHA256, crypto.SHA384, crypto.SHA512} {
-				opts, err := broker.SignerOpts(spec.Alg, hash, broker.PaddingDefault, digestFor(t, hash))
+				opts, err := kms.SignerOpts(spec.Alg, hash, kms.PaddingDefault, digestFor(t, hash))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -152,25 +152,25 @@ func (s Suite) testBadDigest(t *testing.T) {
 			for _, hash := range []crypto.Hash{crypto.SHA256, crypto.SHA384, crypto.SHA512} {
 				for _, n := range []int{0, 1, hash.Size() - 1, hash.Size() + 1} {
 					_, err := b.Sign(ctx, part, h, make([]byte, n), hash)
-					if !errors.Is(err, broker.ErrInvalidArgument) {
+					if !errors.Is(err, kms.ErrInvalidArgument) {
 						t.Errorf("Sign with a %d-byte %v digest: got %v, want ErrInvalidArgument", n, hash, err)
 					}
 				}
 			}
-			if _, err := b.Sign(ctx, part, h, make([]byte, 20), crypto.SHA1); !errors.Is(err, broker.ErrInvalidArgument) {
+			if _, err := b.Sign(ctx, part, h, make([]byte, 20), crypto.SHA1); !errors.Is(err, kms.ErrInvalidArgument) {
 				t.Errorf("Sign with SHA-1: got %v, want ErrInvalidArgument", err)
 			}
 		})
 	}
 }
 
-// testList: a backend that lists its objects (broker.Lister) lists a key
+// testList: a backend that lists its objects (kms.Lister) lists a key
 // under the partition it was made in, and no longer once destroyed.
 func (s Suite) testList(t *testing.T) {
 	b := s.backend(t)
-	l, ok := b.(broker.Lister)
+	l, ok := b.(kms.Lister)
 	if !ok {
-		t.Skip("the backend does not list its objects (no broker.Lister)")
+		t.Skip("the backend does not list its objects (no kms.Lister)")
 	}
 	ctx := context.Background()
 	h, _, err := b.Generate(ctx, part, s.Specs[0])
@@ -218,10 +218,10 @@ func (s Suite) testDestroy(t *testing.T) {
 	if err := b.Destroy(ctx, part, h); err != nil {
 		t.Fatalf("Destroy: %v", err)
 	}
-	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, broker.ErrNotFound) {
+	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, kms.ErrNotFound) {
 		t.Fatalf("Sign after Destroy: got %v, want ErrNotFound", err)
 	}
-	if err := b.Destroy(ctx, part, h); !errors.Is(err, broker.ErrNotFound) {
+	if err := b.Destroy(ctx, part, h); !errors.Is(err, kms.ErrNotFound) {
 		t.Fatalf("second Destroy: got %v, want ErrNotFound", err)
 	}
 }
@@ -285,11 +285,11 @@ func (s Suite) testPartitions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	other := broker.Partition{Tenant: "conformance-other"}
-	if _, err := b.Sign(ctx, other, h, digestFor(t, opts), opts); !errors.Is(err, broker.ErrNotFound) {
+	other := kms.Partition{Tenant: "conformance-other"}
+	if _, err := b.Sign(ctx, other, h, digestFor(t, opts), opts); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Sign under another partition: got %v, want ErrNotFound", err)
 	}
-	if err := b.Destroy(ctx, other, h); !errors.Is(err, broker.ErrNotFound) {
+	if err := b.Destroy(ctx, other, h); !errors.Is(err, kms.ErrNotFound) {
 		t.Errorf("Destroy under another partition: got %v, want ErrNotFound", err)
 	}
 	d := digestFor(t, opts)
@@ -316,13 +316,13 @@ func (s Suite) testAfterClose(t *testing.T) {
 	if err := b.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, broker.ErrUnavailable) {
+	if _, err := b.Sign(ctx, part, h, digestFor(t, opts), opts); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Sign after Close: got %v, want ErrUnavailable", err)
 	}
-	if _, _, err := b.Generate(ctx, part, spec); !errors.Is(err, broker.ErrUnavailable) {
+	if _, _, err := b.Generate(ctx, part, spec); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Generate after Close: got %v, want ErrUnavailable", err)
 	}
-	if err := b.Probe(ctx); !errors.Is(err, broker.ErrUnavailable) {
+	if err := b.Probe(ctx); !errors.Is(err, kms.ErrUnavailable) {
 		t.Errorf("Probe after Close: got %v, want ErrUnavailable", err)
 	}
 }

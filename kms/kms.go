@@ -1,8 +1,16 @@
-// Package broker holds the core vocabulary of keybroker: algorithms, key
-// specs, the hardware backend contract, and the error sentinels every layer
-// uses. It imports nothing but the standard library; backends (hsm, tpm), the
-// keyring and the gRPC server all build on it.
-package broker
+// Package kms is keybroker's public key-management contract, in the spirit
+// of smallstep's kms/apiv1: the hardware backend interface (Backend, with
+// the optional Lister and Attester found by type assertion), what it deals
+// in (Partition, Handle, KeySpec, Algorithm), key-version states and the
+// rotation policy, the error sentinels every layer matches with errors.Is,
+// and the one check of a signing request (CheckSign). It imports nothing
+// but the standard library. The backends (hsm, tpm) implement it and can be
+// used as libraries through it:
+//
+//	b, err := hsm.Open(hsm.Config{ModulePath: mod, TokenLabel: "keys", PIN: pin, MaxSessions: 4}, nil)
+//	h, pub, err := b.Generate(ctx, kms.Partition{Tenant: "app"}, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
+//	sig, err := b.Sign(ctx, kms.Partition{Tenant: "app"}, h, digest, crypto.SHA256)
+package kms
 
 import (
 	"context"
