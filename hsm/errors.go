@@ -34,6 +34,20 @@ func (e *Error) Unwrap() []error {
 // token, and opening it again without a change fails the same way.
 var ErrModule = errors.New("the PKCS#11 module cannot start")
 
+// ErrPINRefused is wrapped by the error of a login the token refused
+// (CKR_PIN_INCORRECT, CKR_PIN_LOCKED, ...): trying again with the same PIN
+// would count against the token's PIN retry counter (many lock after 3).
+var ErrPINRefused = errors.New("the token refuses the PIN")
+
+// pinRefused are the return values that say the PIN is at fault.
+var pinRefused = map[pkcs11.Error]bool{
+	pkcs11.CKR_PIN_INCORRECT: true,
+	pkcs11.CKR_PIN_LOCKED:    true,
+	pkcs11.CKR_PIN_EXPIRED:   true,
+	pkcs11.CKR_PIN_INVALID:   true,
+	pkcs11.CKR_PIN_LEN_RANGE: true,
+}
+
 // unavailable are the return values after which the token, the session or
 // the login is gone: retrying on a rebuilt context may succeed, and the
 // Backend rebuilds its context.
@@ -94,8 +108,8 @@ func classify(op string, err error) error {
 			kind = kms.ErrResourceExhausted
 		case goneObject[rv]:
 			kind = kms.ErrNotFound
-		case rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_EXPIRED:
-			kind = kms.ErrFailedPrecondition
+		case pinRefused[rv]:
+			return &Error{Op: op, Kind: kms.ErrFailedPrecondition, Err: fmt.Errorf("%w: %w", ErrPINRefused, err)}
 		}
 	}
 	return &Error{Op: op, Kind: kind, Err: err}

@@ -114,7 +114,17 @@ type Attestation struct {
 }
 
 // Attester is an optional Backend capability: attest that key h is held by
-// this hardware, echoing the caller's nonce.
+// this hardware, echoing the caller's nonce (at most MaxNonce bytes).
 type Attester interface {
 	AttestKey(ctx context.Context, p Partition, h Handle, nonce []byte) (Attestation, error)
+}
+
+// MaxNonce bounds an attestation's nonce: the size of a TPM2B_DATA, a
+// TPMT_HA's digest (TCG TPM 2.0 Part 2 §10.4.3).
+const MaxNonce = 64
+
+// SessionCounter is an optional Backend capability, for metrics: how many
+// hardware sessions calls hold right now.
+type SessionCounter interface {
+	SessionsInUse() int
 }

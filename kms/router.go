@@ -121,7 +121,7 @@ func (r *Router) List(ctx context.Context) ([]Object, error) {
 func (r *Router) SessionsInUse() int {
 	n := 0
 	for _, b := range append([]Backend{r.Shared}, values(r.ByTenant)...) {
-		if s, ok := b.(interface{ SessionsInUse() int }); ok {
+		if s, ok := b.(SessionCounter); ok {
 			n += s.SessionsInUse()
 		}
 	}

@@ -15,14 +15,6 @@ import (
 	"github.com/keybroker/keybroker/kms"
 )
 
-// Attester is an optional Backend capability: evidence, signed inside the
-// TPM, that a key lives in it.
-type Attester interface {
-	// Attest certifies the key h with the TPM's attestation key over nonce
-	// (at most 64 bytes, the size of a TPM2B_DATA).
-	Attest(ctx context.Context, p kms.Partition, h kms.Handle, nonce []byte) (*Attestation, error)
-}
-
 // Attestation is the result of TPM2_Certify of a key by the attestation key
 // (TCG TPM 2.0 Part 3 §18.2).
 type Attestation struct {
@@ -39,9 +31,6 @@ type Attestation struct {
 	CertifyingPublic crypto.PublicKey
 }
 
-// maxNonce is the size of a TPM2B_DATA: a TPMT_HA's digest (Part 2 §10.4.3).
-const maxNonce = 64
-
 // Attest certifies the key h with the attestation key, a restricted
 // ECDSA P-256 primary in the owner hierarchy. The attestation key is the
 // same for every call until the TPM is cleared, but nothing here binds it to
@@ -49,8 +38,8 @@ const maxNonce = 64
 // (for example TPM2_MakeCredential/ActivateCredential against the EK),
 // which this package does not do.
 func (b *Backend) Attest(ctx context.Context, p kms.Partition, h kms.Handle, nonce []byte) (*Attestation, error) {
-	if len(nonce) > maxNonce {
-		return nil, &kms.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most %d", len(nonce), maxNonce)}
+	if len(nonce) > kms.MaxNonce {
+		return nil, &kms.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most %d", len(nonce), kms.MaxNonce)}
 	}
 	k, err := decodeHandle(h)
 	if err != nil {
@@ -209,4 +198,26 @@ func unwrap2B(b []byte) ([]byte, error) {
 		return nil, errors.New("not a TPM2B")
 	}
 	return b[2:], nil
+}
+
+var _ kms.Attester = (*Backend)(nil)
+
+// AttestKey is the kms.Attester capability: Attest's
+// TPM2_Certify, with the certified key's public area (PublicArea) attached
+// so that a relying party can run VerifyAttestation.
+func (b *Backend) AttestKey(ctx context.Context, p kms.Partition, h kms.Handle, nonce []byte) (kms.Attestation, error) {
+	a, err := b.Attest(ctx, p, h, nonce)
+	if err != nil {
+		return kms.Attestation{}, err
+	}
+	keyPublic, err := PublicArea(h)
+	if err != nil {
+		return kms.Attestation{}, err
+	}
+	return kms.Attestation{
+		Attest:        a.Attest,
+		Signature:     a.Signature,
+		CertifyingKey: a.CertifyingKey,
+		KeyPublic:     keyPublic,
+	}, nil
 }

@@ -2,8 +2,8 @@
 // package. Signing keys are generated inside the TPM under a per-tenant
 // storage parent and leave it only as blobs wrapped by that parent; the
 // kms.Handle the store persists is such a blob plus the key's auth
-// value (see handle.go). Only the daemon's wiring and tests import it;
-// everything else sees a kms.Backend and, by type assertion, Attester.
+// value (see handle.go). It is usable as a library through kms.Backend
+// and, by type assertion, kms.Attester.
 //
 // One connection carries every command, one at a time, each bounded by a
 // deadline; a broken connection is reopened by the next call, which also
@@ -154,7 +154,6 @@ type Backend struct {
 
 var (
 	_ kms.Backend = (*Backend)(nil)
-	_ Attester    = (*Backend)(nil)
 )
 
 // Open connects to the TPM, flushes leftover transient objects and

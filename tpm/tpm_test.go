@@ -645,9 +645,8 @@ func TestAttestation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var attester Attester = b
 	nonce := digest(t, crypto.SHA256)
-	a, err := attester.Attest(ctx, tenantA, h, nonce)
+	a, err := b.Attest(ctx, tenantA, h, nonce)
 	if err != nil {
 		t.Fatal(err)
 	}

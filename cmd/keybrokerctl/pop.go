@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/kms"
 )
 
 // This file holds the proof-of-possession commands: req-cnf, dpop, shr,
@@ -570,12 +571,9 @@ writes --out if given.`,
 	return cmd
 }
 
-// attestNonceSize is the size of attest's random nonce, and
-// maxAttestNonceSize the most keybrokerd accepts.
-const (
-	attestNonceSize    = 32
-	maxAttestNonceSize = 64
-)
+// attestNonceSize is the size of attest's random nonce (keybrokerd takes
+// up to kms.MaxNonce).
+const attestNonceSize = 32
 
 // attestFlags are the flags of "attest".
 type attestFlags struct {
@@ -596,8 +594,8 @@ func (f attestFlags) request(name string, nonceSet bool, random io.Reader) (*kbv
 		if nonce, err = hex.DecodeString(f.nonce); err != nil {
 			return nil, usageErrorf("--nonce: not hex: %v", err)
 		}
-		if len(nonce) == 0 || len(nonce) > maxAttestNonceSize {
-			return nil, usageErrorf("--nonce: got %d bytes, want 1 to %d", len(nonce), maxAttestNonceSize)
+		if len(nonce) == 0 || len(nonce) > kms.MaxNonce {
+			return nil, usageErrorf("--nonce: got %d bytes, want 1 to %d", len(nonce), kms.MaxNonce)
 		}
 	} else {
 		nonce = make([]byte, attestNonceSize)
@@ -650,7 +648,7 @@ the version and the nonce in hex. With --output json it prints
 			})
 		},
 	}
-	cmd.Flags().StringVar(&f.nonce, "nonce", "", "freshness value, 1 to 64 bytes in `hex` (default 32 random bytes)")
+	cmd.Flags().StringVar(&f.nonce, "nonce", "", fmt.Sprintf("freshness value, 1 to %d bytes in `hex` (default %d random bytes)", kms.MaxNonce, attestNonceSize))
 	f.register(cmd.Flags())
 	return cmd
 }

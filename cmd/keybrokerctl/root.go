@@ -14,10 +14,12 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+
+	"github.com/keybroker/keybroker/client"
 )
 
 // defaultSocket is where keybrokerd listens unless configured otherwise.
-const defaultSocket = "/run/keybroker/keybroker.sock"
+const defaultSocket = client.DefaultSocket
 
 const rootLong = `keybrokerctl operates keybrokerd over its gRPC unix socket: it creates,
 inspects, rotates and revokes keys, sets their rotation policy, signs

@@ -17,6 +17,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/keybroker/keybroker/client"
 	"github.com/keybroker/keybroker/internal/authn"
 	"github.com/keybroker/keybroker/kms"
 )
@@ -180,7 +181,7 @@ const DefaultTPMDevice = "/dev/tpmrm0"
 // tpm.address does not get tpm.device too (see Parse).
 func Default() Config {
 	return Config{
-		Socket:   "/run/keybroker/keybroker.sock",
+		Socket:   client.DefaultSocket,
 		StateDir: "/var/lib/keybroker",
 		Backend:  "pkcs11",
 		PKCS11: PKCS11{

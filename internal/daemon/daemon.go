@@ -19,7 +19,6 @@ import (
 	"time"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
-	"github.com/miekg/pkcs11"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -44,30 +43,15 @@ import (
 )
 
 // ErrPINRefused is wrapped by New's error when a PKCS#11 token refuses the
-// PIN (CKR_PIN_INCORRECT, CKR_PIN_LOCKED, ...). Starting again with the same
-// PIN would be another failed login: tokens lock after a few.
-var ErrPINRefused = errors.New("the token refuses the PIN")
+// PIN (see hsm.ErrPINRefused). Starting again with the same PIN would be
+// another failed login: tokens lock after a few.
+var ErrPINRefused = hsm.ErrPINRefused
 
 // ErrConfig is wrapped by New's error when the configuration is at fault
 // (invalid, a PIN file that cannot be used, or a PKCS#11 module that cannot
 // load or read its own configuration): starting again without
 // changing it fails the same way.
 var ErrConfig = errors.New("bad configuration")
-
-// pinErrors are the PKCS#11 return values that say the PIN is at fault.
-var pinErrors = map[pkcs11.Error]bool{
-	pkcs11.CKR_PIN_INCORRECT: true,
-	pkcs11.CKR_PIN_LOCKED:    true,
-	pkcs11.CKR_PIN_EXPIRED:   true,
-	pkcs11.CKR_PIN_INVALID:   true,
-	pkcs11.CKR_PIN_LEN_RANGE: true,
-}
-
-// pinRefused reports whether err says the token refused the PIN.
-func pinRefused(err error) bool {
-	var rv pkcs11.Error
-	return errors.As(err, &rv) && pinErrors[rv]
-}
 
 // Daemon is a running keybrokerd.
 type Daemon struct {
@@ -175,7 +159,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		return nil, fmt.Errorf("audit log: %w", err)
 	}
 	d.metrics = metrics.New(keySource{d}, tenantNames(cfg))
-	if sessions, ok := d.backend.(interface{ SessionsInUse() int }); ok {
+	if sessions, ok := d.backend.(kms.SessionCounter); ok {
 		d.metrics.Registry().MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "keybroker_backend_sessions_in_use",
 			Help: "PKCS#11 sessions held by calls in progress.",
@@ -279,7 +263,7 @@ func openBackend(cfg config.Config, log *slog.Logger) (b kms.Backend, err error)
 			MaxSessions:     cfg.PKCS11.MaxSessions,
 			PoolWaitTimeout: cfg.PKCS11.PoolWaitTimeout,
 		}, log)
-		if pinRefused(err) {
+		if errors.Is(err, hsm.ErrPINRefused) {
 			return nil, fmt.Errorf("pkcs11 token %q: %w (not retrying: PIN counters lock): %w", label, ErrPINRefused, err)
 		}
 		if errors.Is(err, hsm.ErrModule) {

@@ -38,7 +38,7 @@ type flaky struct {
 
 // SessionsInUse passes the metric through the wrapper.
 func (f *flaky) SessionsInUse() int {
-	if s, ok := f.Backend.(interface{ SessionsInUse() int }); ok {
+	if s, ok := f.Backend.(kms.SessionCounter); ok {
 		return s.SessionsInUse()
 	}
 	return -1

@@ -101,8 +101,8 @@ func (c cryptoSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) (
 // Attest asks the backend for evidence that a key version is held in its
 // hardware (TPM2_Certify), echoing nonce.
 func (r *Keyring) Attest(ctx context.Context, tenant, name string, ref VersionRef, nonce []byte) (kms.Attestation, PublicKey, error) {
-	if len(nonce) > 64 {
-		return kms.Attestation{}, PublicKey{}, &kms.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most 64", len(nonce))}
+	if len(nonce) > kms.MaxNonce {
+		return kms.Attestation{}, PublicKey{}, &kms.FieldError{Field: "nonce", Reason: fmt.Sprintf("got %d bytes, want at most %d", len(nonce), kms.MaxNonce)}
 	}
 	k, err := r.lookup(tenant, name)
 	if err != nil {

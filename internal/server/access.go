@@ -8,10 +8,6 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/durationpb"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/authn"
@@ -104,7 +100,7 @@ func callerFrom(ctx context.Context) (Caller, bool) {
 func tenantOf(ctx context.Context) (string, error) {
 	c, ok := callerFrom(ctx)
 	if !ok {
-		return "", status.Error(codes.Unauthenticated, "unauthenticated")
+		return "", errNoCaller
 	}
 	return c.Tenant, nil
 }
@@ -137,18 +133,18 @@ var methodRoles = map[string]Role{
 func (a *Access) authorize(ctx context.Context, method string) (Caller, error) {
 	id, ok := authn.FromContext(ctx)
 	if !ok {
-		return Caller{}, status.Error(codes.Unauthenticated, "unauthenticated: no verified peer identity")
+		return Caller{}, errNoPeer
 	}
 	// The caller is named by the identity that chose its tenant (a
 	// certificate's DNS SAN or CN, say), which is what the audit log records.
 	tenant, name, ok := a.resolver.Resolve(id)
 	if !ok {
-		return Caller{Identity: name}, status.Error(codes.Unauthenticated, "unauthenticated: this identity is not mapped to a tenant")
+		return Caller{Identity: name}, errUnmapped
 	}
 	c := Caller{Tenant: tenant, Identity: name}
 	need, known := methodRoles[method]
 	if !known || a.tenants[tenant].roles&need == 0 {
-		return c, status.Errorf(codes.PermissionDenied, "permission denied: %s needs the %s role", shortMethod(method), roleNames(need))
+		return c, errPermissionDenied(method, need)
 	}
 	return c, nil
 }
@@ -163,21 +159,14 @@ func (a *Access) allowSign(tenant string) error {
 	now := time.Now()
 	r := lim.ReserveN(now, 1)
 	if !r.OK() {
-		return status.Error(codes.ResourceExhausted, "signing quota exceeded")
+		return errSignQuotaExhaust
 	}
 	delay := r.DelayFrom(now)
 	if delay == 0 {
 		return nil
 	}
 	r.CancelAt(now)
-	st := status.New(codes.ResourceExhausted, "signing quota exceeded, retry later")
-	if d, err := st.WithDetails(
-		&errdetails.ErrorInfo{Reason: "SIGN_QUOTA_EXCEEDED", Domain: ErrorDomain},
-		&errdetails.RetryInfo{RetryDelay: durationpb.New(delay)},
-	); err == nil {
-		st = d
-	}
-	return st.Err()
+	return errSignQuota(delay)
 }
 
 func shortMethod(full string) string { return full[strings.LastIndexByte(full, '/')+1:] }

@@ -98,9 +98,9 @@ func (s *Server) unknownMethod(_ any, stream grpc.ServerStream) error {
 	if ok {
 		caller.Tenant, caller.Identity, ok = s.access.Load().resolver.Resolve(id)
 	}
-	err := status.Error(codes.Unimplemented, "unknown method")
+	err := errUnknownMethod
 	if !ok {
-		err = status.Error(codes.Unauthenticated, "unauthenticated: this identity is not mapped to a tenant")
+		err = errUnmapped
 	}
 	if notRecorded(method) || s.audit == nil {
 		return err
@@ -108,7 +108,7 @@ func (s *Server) unknownMethod(_ any, stream grpc.ServerStream) error {
 	rec := gapRecord(method, caller, status.Code(err), time.Since(start))
 	if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
 		s.auditFailed(rec, aerr)
-		return status.Error(codes.Unavailable, "audit log unavailable, retry later")
+		return errAuditUnavailable
 	}
 	return err
 }

@@ -145,9 +145,6 @@ var adminChanges = map[string]bool{
 // intentCode is the Code of an admin change's intent record.
 const intentCode = "STARTED"
 
-// errAuditUnavailable answers a call whose record cannot be made durable.
-var errAuditUnavailable = status.Error(codes.Unavailable, "audit log unavailable, retry later")
-
 func (s *Server) auditWriteFailed() {
 	if s.observer != nil {
 		s.observer.AuditWriteFailed()
@@ -173,7 +170,7 @@ func (s *Server) call(ctx context.Context, reqID string, req any, malformed bool
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
-			resp, err = nil, status.Error(codes.Internal, "internal error")
+			resp, err = nil, errInternal
 		}
 	}()
 	access := s.access.Load()
@@ -182,7 +179,7 @@ func (s *Server) call(ctx context.Context, reqID string, req any, malformed bool
 		return caller, nil, err
 	}
 	if malformed {
-		return caller, nil, status.Error(codes.InvalidArgument, "malformed request: the message does not decode")
+		return caller, nil, errMalformed
 	}
 	if s.audit != nil && adminChanges[info.FullMethod] {
 		if err := s.writeIntent(ctx, reqID, info.FullMethod, caller, req); err != nil {

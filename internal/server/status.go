@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/protoadapt"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/kms"
 )
 
@@ -26,14 +27,68 @@ const (
 	ReasonInvalidArgument  = "INVALID_ARGUMENT"
 	ReasonKeyNotFound      = "KEY_NOT_FOUND"
 	ReasonKeyExists        = "KEY_ALREADY_EXISTS"
-	ReasonKeyNotUsable     = "KEY_VERSION_NOT_USABLE"
+	ReasonKeyNotUsable     = keyring.ReasonNotUsable
 	ReasonBackendDown      = "BACKEND_UNAVAILABLE"
 	ReasonBackendBusy      = "BACKEND_BUSY"
 	ReasonInternal         = "INTERNAL"
 	ReasonDataLoss         = "KEY_MATERIAL_LOST"
 	ReasonDeadlineExceeded = "DEADLINE_EXCEEDED"
 	ReasonCanceled         = "CANCELED"
+	ReasonUnauthenticated  = "UNAUTHENTICATED"
+	ReasonPermissionDenied = "PERMISSION_DENIED"
+	ReasonSignQuota        = "SIGN_QUOTA_EXCEEDED"
+	ReasonAuditDown        = "AUDIT_LOG_UNAVAILABLE"
+	ReasonUnknownMethod    = "UNKNOWN_METHOD"
+	ReasonMalformed        = "MALFORMED_REQUEST"
 )
+
+// The answers the server gives before or around a handler — denials, a
+// malformed or unknown request, an audit log that cannot record — built
+// here, next to the mapping of handler errors, so that every status a
+// client sees comes from this file.
+var (
+	errNoPeer           = denial(codes.Unauthenticated, ReasonUnauthenticated, "unauthenticated: no verified peer identity")
+	errUnmapped         = denial(codes.Unauthenticated, ReasonUnauthenticated, "unauthenticated: this identity is not mapped to a tenant")
+	errNoCaller         = denial(codes.Unauthenticated, ReasonUnauthenticated, "unauthenticated")
+	errUnknownMethod    = denial(codes.Unimplemented, ReasonUnknownMethod, "unknown method")
+	errMalformed        = denial(codes.InvalidArgument, ReasonMalformed, "malformed request: the message does not decode")
+	errInternal         = denial(codes.Internal, ReasonInternal, "internal error")
+	errSignQuotaExhaust = denial(codes.ResourceExhausted, ReasonSignQuota, "signing quota exceeded")
+	errAuditUnavailable = retryable(codes.Unavailable, ReasonAuditDown, "audit log unavailable, retry later", RetryDelay)
+)
+
+// denial is a status error with an ErrorInfo reason.
+func denial(code codes.Code, reason, msg string) error {
+	st := status.New(code, msg)
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain}); err == nil {
+		st = d
+	}
+	return st.Err()
+}
+
+// retryable is a status error with an ErrorInfo reason and a RetryInfo
+// asking the client to wait delay.
+func retryable(code codes.Code, reason, msg string, delay time.Duration) error {
+	st := status.New(code, msg)
+	if d, err := st.WithDetails(
+		&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain},
+		&errdetails.RetryInfo{RetryDelay: durationpb.New(delay)},
+	); err == nil {
+		st = d
+	}
+	return st.Err()
+}
+
+// errPermissionDenied says which role method needs.
+func errPermissionDenied(method string, need Role) error {
+	return denial(codes.PermissionDenied, ReasonPermissionDenied,
+		"permission denied: "+shortMethod(method)+" needs the "+roleNames(need)+" role")
+}
+
+// errSignQuota says how long to wait for the next signature.
+func errSignQuota(delay time.Duration) error {
+	return retryable(codes.ResourceExhausted, ReasonSignQuota, "signing quota exceeded, retry later", delay)
+}
 
 // mapping lists, in order of precedence, how errors become status codes and
 // the text sent when the error carries no client message.
