@@ -46,8 +46,7 @@ func auditRecord(reqID, method string, c Caller, req, resp any, code codes.Code,
 		r.Kid = m.GetKid()
 	}
 	if m, ok := req.(*kbv1.SignRequest); ok && len(m.GetDigest()) > 0 {
-		sum := sha256.Sum256(m.GetDigest())
-		r.DigestSHA256 = hex.EncodeToString(sum[:])
+		r.DigestSHA256 = audit.DigestSHA256(m.GetDigest())
 	}
 	if m, ok := req.(*kbv1.CreateKeyRequest); ok {
 		r.Alg = algName(m.GetAlgorithm())
