@@ -12,22 +12,6 @@ import (
 	"github.com/keybroker/keybroker/kms"
 )
 
-// Error is a failed PKCS#11 operation. Its message carries the CKR_* name
-// for logs; the gRPC server never sends it to a client.
-type Error struct {
-	Op   string
-	Kind error // a kms sentinel, or nil for an internal error
-	Err  error
-}
-
-func (e *Error) Error() string { return fmt.Sprintf("hsm: %s: %v", e.Op, e.Err) }
-func (e *Error) Unwrap() []error {
-	if e.Kind == nil {
-		return []error{e.Err}
-	}
-	return []error{e.Kind, e.Err}
-}
-
 // ErrModule is wrapped by Open's error when the PKCS#11 module cannot be
 // loaded or its C_Initialize fails: the module's file, its configuration or
 // its storage is at fault (often not readable by the daemon's user), not the
@@ -109,10 +93,10 @@ func classify(op string, err error) error {
 		case goneObject[rv]:
 			kind = kms.ErrNotFound
 		case pinRefused[rv]:
-			return &Error{Op: op, Kind: kms.ErrFailedPrecondition, Err: fmt.Errorf("%w: %w", ErrPINRefused, err)}
+			return &kms.Error{Backend: "hsm", Op: op, Kind: kms.ErrFailedPrecondition, Err: fmt.Errorf("%w: %w", ErrPINRefused, err)}
 		}
 	}
-	return &Error{Op: op, Kind: kind, Err: err}
+	return &kms.Error{Backend: "hsm", Op: op, Kind: kind, Err: err}
 }
 
 // isTemplateError reports whether the token refused an attribute of the

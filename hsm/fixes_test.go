@@ -206,7 +206,7 @@ func TestClassify(t *testing.T) {
 				t.Errorf("classify(%v): errors.Is(%v) = %v", tc.err, kind, got)
 			}
 		}
-		var e *Error
+		var e *kms.Error
 		if !errors.As(err, &e) || e.Kind != tc.want {
 			t.Errorf("classify(%v): kind %v, want %v", tc.err, e.Kind, tc.want)
 		}

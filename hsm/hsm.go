@@ -137,7 +137,7 @@ func Open(cfg Config, log *slog.Logger) (*Backend, error) {
 func checkModule(path string) error {
 	mod := pkcs11.New(path)
 	if mod == nil {
-		return &Error{Op: "load module", Kind: ErrModule, Err: fmt.Errorf("cannot load %s", path)}
+		return &kms.Error{Backend: "hsm", Op: "load module", Kind: ErrModule, Err: fmt.Errorf("cannot load %s", path)}
 	}
 	defer mod.Destroy()
 	err := mod.Initialize()
@@ -149,7 +149,7 @@ func checkModule(path string) error {
 		// Initialised in this process already (another token's context).
 		return nil
 	}
-	return &Error{Op: "initialise module", Kind: ErrModule, Err: err}
+	return &kms.Error{Backend: "hsm", Op: "initialise module", Kind: ErrModule, Err: err}
 }
 
 // serialModule reports whether calls into the module at path must not

@@ -25,6 +25,26 @@ var (
 	ErrDataLoss = errors.New("key material lost")
 )
 
+// Error is a failed operation of a hardware backend. Its message names the
+// backend, the operation and the driver's error (a CKR_* name, a TPM
+// response code) for logs; the server never sends it to a client, only
+// what Kind says (a sentinel above, or nil for an internal error).
+type Error struct {
+	Backend string // "hsm", "tpm"
+	Op      string
+	Kind    error
+	Err     error
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("%s: %s: %v", e.Backend, e.Op, e.Err) }
+
+func (e *Error) Unwrap() []error {
+	if e.Kind == nil {
+		return []error{e.Err}
+	}
+	return []error{e.Kind, e.Err}
+}
+
 // FieldError is an invalid request field. Its message is safe to show to
 // the client: it names the field and the bad value, never hardware details.
 type FieldError struct {

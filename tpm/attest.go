@@ -83,7 +83,7 @@ func (b *Backend) Attest(ctx context.Context, p kms.Partition, h kms.Handle, non
 	}
 	sig, err := rsp.Signature.Signature.ECDSA()
 	if err != nil {
-		return nil, &Error{Op: "certify", Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "certify", Err: err}
 	}
 	der, err := derSignature(sig)
 	if err != nil {
@@ -91,7 +91,7 @@ func (b *Backend) Attest(ctx context.Context, p kms.Partition, h kms.Handle, non
 	}
 	akPub, err := publicKey(ak.public)
 	if err != nil {
-		return nil, &Error{Op: "certify", Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "certify", Err: err}
 	}
 	return &Attestation{
 		Attest:           rsp.CertifyInfo.Bytes(),

@@ -233,7 +233,7 @@ type link struct {
 func (l *link) Send(cmd []byte) ([]byte, error) {
 	c := l.b.conn
 	if c == nil {
-		return nil, &Error{Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: errors.New("not connected")}
+		return nil, &kms.Error{Backend: "tpm", Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: errors.New("not connected")}
 	}
 	ctx := l.ctx
 	if commandCode(cmd) == tpm2.TPMCCFlushContext {
@@ -245,7 +245,7 @@ func (l *link) Send(cmd []byte) ([]byte, error) {
 			// Nothing is in flight: the connection stays usable.
 			// Sessions started for this command are flushed when the
 			// call ends (Backend.flushPending).
-			return nil, &Error{Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: err}
+			return nil, &kms.Error{Backend: "tpm", Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: err}
 		}
 		deadline := time.Now().Add(l.timeout)
 		callerDeadline := false
@@ -272,7 +272,7 @@ func (l *link) Send(cmd []byte) ([]byte, error) {
 		}
 		l.b.log.Debug("TPM asked to retry", "command", commandName(cmd), "rc", fmt.Sprintf("0x%x", uint32(rc)), "attempt", attempt+1)
 		if err := sleep(ctx, backoff); err != nil {
-			return nil, &Error{Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: err}
+			return nil, &kms.Error{Backend: "tpm", Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: err}
 		}
 		backoff *= 2
 	}
@@ -282,7 +282,7 @@ func (l *link) Send(cmd []byte) ([]byte, error) {
 // for the caller.
 func (l *link) fail(cmd []byte, err error) error {
 	l.b.dropConn(err)
-	return &Error{Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: err}
+	return &kms.Error{Backend: "tpm", Op: commandName(cmd), Kind: kms.ErrUnavailable, Err: err}
 }
 
 // track keeps Backend.pending, the sessions started for a command that is

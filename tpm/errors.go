@@ -18,23 +18,6 @@ import (
 // destroyed in the store.
 var ErrDataLoss = fmt.Errorf("tpm: the storage root key changed: the TPM was cleared or replaced and its keys are lost: %w", kms.ErrDataLoss)
 
-// Error is a failed TPM operation. Its message names the TPM command and
-// response code for logs; the gRPC server never sends it to a client.
-type Error struct {
-	Op   string
-	Kind error // a kms sentinel or ErrDataLoss, or nil for an internal error
-	Err  error
-}
-
-func (e *Error) Error() string { return fmt.Sprintf("tpm: %s: %v", e.Op, e.Err) }
-
-func (e *Error) Unwrap() []error {
-	if e.Kind == nil {
-		return []error{e.Err}
-	}
-	return []error{e.Kind, e.Err}
-}
-
 // classify wraps err from a TPM command with the kms sentinel that says
 // what a caller can do about it. Errors the transport already classified
 // and nil pass through.
@@ -42,7 +25,7 @@ func classify(op string, err error) error {
 	if err == nil {
 		return nil
 	}
-	var te *Error
+	var te *kms.Error
 	if errors.As(err, &te) {
 		return err
 	}
@@ -62,7 +45,7 @@ func classify(op string, err error) error {
 			kind = kms.ErrUnavailable
 		}
 	}
-	return &Error{Op: op, Kind: kind, Err: err}
+	return &kms.Error{Backend: "tpm", Op: op, Kind: kind, Err: err}
 }
 
 // isMemoryWarning reports whether rc says the TPM has no room for another

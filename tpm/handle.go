@@ -96,7 +96,7 @@ var errBadHandle = errors.New("not a TPM key handle")
 // kms.ErrNotFound: no such key.
 func decodeHandle(h kms.Handle) (*key, error) {
 	bad := func(reason string) error {
-		return &Error{Op: "decode handle", Kind: kms.ErrNotFound, Err: fmt.Errorf("%w: %s", errBadHandle, reason)}
+		return &kms.Error{Backend: "tpm", Op: "decode handle", Kind: kms.ErrNotFound, Err: fmt.Errorf("%w: %s", errBadHandle, reason)}
 	}
 	if len(h) < len(handleMagic)+1 || string(h[:len(handleMagic)]) != handleMagic {
 		return nil, bad("no magic")

@@ -92,7 +92,7 @@ func (b *Backend) forgetAll() {
 func (b *Backend) flush(l *link, o *object) error {
 	b.dropSession(l, o)
 	_, err := tpm2.FlushContext{FlushHandle: o.handle}.Execute(l)
-	var te *Error
+	var te *kms.Error
 	if errors.As(err, &te) {
 		return err
 	}
@@ -214,7 +214,7 @@ func (b *Backend) flushLeftovers(l *link, sessions bool) error {
 				continue
 			}
 			if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(l); err != nil {
-				var te *Error
+				var te *kms.Error
 				if errors.As(err, &te) {
 					return err
 				}
@@ -286,18 +286,18 @@ func (b *Backend) setPublic(o *object, pub tpm2.TPM2BPublic) error {
 	raw := pub.Bytes()
 	contents, err := pub.Contents()
 	if err != nil {
-		return &Error{Op: "read a public area", Err: err}
+		return &kms.Error{Backend: "tpm", Op: "read a public area", Err: err}
 	}
 	name, err := objectName(raw)
 	if err != nil {
-		return &Error{Op: "read a public area", Err: err}
+		return &kms.Error{Backend: "tpm", Op: "read a public area", Err: err}
 	}
 	o.public, o.publicRaw, o.name = contents, raw, tpm2.TPM2BName{Buffer: name}
 	return nil
 }
 
 func (b *Backend) dataLossError() error {
-	return &Error{Op: "use the TPM", Kind: ErrDataLoss, Err: errors.New("the storage root key is not the pinned one")}
+	return &kms.Error{Backend: "tpm", Op: "use the TPM", Kind: ErrDataLoss, Err: errors.New("the storage root key is not the pinned one")}
 }
 
 // parent returns the tenant's loaded storage parent, creating it on first
@@ -330,7 +330,7 @@ func (b *Backend) parent(l *link, tenant string, keep []*object) (*object, error
 		// The blob does not load under this SRK: it was made under
 		// another, although the pin matches. Never replace it.
 		b.log.Error("a tenant's storage parent does not load under the pinned SRK; its keys are lost", "tenant", tenant, "err", err)
-		return nil, &Error{Op: "load the tenant parent", Kind: ErrDataLoss, Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "load the tenant parent", Kind: ErrDataLoss, Err: err}
 	}
 	if err != nil {
 		return nil, classify("load the tenant parent", err)
@@ -338,7 +338,7 @@ func (b *Backend) parent(l *link, tenant string, keep []*object) (*object, error
 	name, err := objectName(pf.Public)
 	if err != nil {
 		b.flush(l, o)
-		return nil, &Error{Op: "load the tenant parent", Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "load the tenant parent", Err: err}
 	}
 	o.name, o.auth = tpm2.TPM2BName{Buffer: name}, pf.Auth
 	return o, nil
@@ -357,7 +357,7 @@ func (b *Backend) parentFile(l *link, tenant string, srk *object) (*parentFile, 
 	if pf != nil {
 		if pf.SRKName != hex.EncodeToString(b.pin) {
 			b.log.Error("a tenant's storage parent was made under another SRK; its keys are lost", "tenant", tenant, "parent_srk_name", pf.SRKName)
-			return nil, &Error{Op: "load the tenant parent", Kind: ErrDataLoss, Err: errors.New("parent made under another SRK")}
+			return nil, &kms.Error{Backend: "tpm", Op: "load the tenant parent", Kind: ErrDataLoss, Err: errors.New("parent made under another SRK")}
 		}
 		b.parents[tenant] = pf
 		return pf, nil
@@ -424,7 +424,7 @@ func (b *Backend) loadKey(l *link, tenant string, k *key, keep []*object) (*obje
 		return r.ObjectHandle, nil
 	})
 	if isParameterError(err) {
-		return nil, &Error{Op: "load the key", Kind: kms.ErrNotFound, Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "load the key", Kind: kms.ErrNotFound, Err: err}
 	}
 	if err != nil {
 		return nil, classify("load the key", err)
@@ -432,7 +432,7 @@ func (b *Backend) loadKey(l *link, tenant string, k *key, keep []*object) (*obje
 	name, err := objectName(k.public)
 	if err != nil {
 		b.flush(l, o)
-		return nil, &Error{Op: "load the key", Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "load the key", Err: err}
 	}
 	o.name = tpm2.TPM2BName{Buffer: name}
 	return o, nil

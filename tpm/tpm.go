@@ -210,11 +210,11 @@ func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
 	select {
 	case b.sem <- struct{}{}:
 	case <-ctx.Done():
-		return nil, nil, &Error{Op: "wait for the TPM", Kind: b.waitKind(), Err: ctx.Err()}
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "wait for the TPM", Kind: b.waitKind(), Err: ctx.Err()}
 	}
 	if b.closed {
 		<-b.sem
-		return nil, nil, &Error{Op: "use the TPM", Kind: kms.ErrUnavailable, Err: errors.New("backend closed")}
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "use the TPM", Kind: kms.ErrUnavailable, Err: errors.New("backend closed")}
 	}
 	l := &link{b: b, ctx: ctx, timeout: b.cfg.Timeout}
 	unlock := func() {
@@ -262,7 +262,7 @@ func (b *Backend) connect(l *link) error {
 		}
 		c, err := dial(l.ctx, b.cfg, deadline)
 		if err != nil {
-			return &Error{Op: "connect", Kind: kms.ErrUnavailable, Err: err}
+			return &kms.Error{Backend: "tpm", Op: "connect", Kind: kms.ErrUnavailable, Err: err}
 		}
 		b.conn, b.ready = c, false
 	}
@@ -328,7 +328,7 @@ func (b *Backend) probeCapabilities(l *link) error {
 				KeyBits:   tpm2.TPMKeyBits(bits),
 			}),
 		}}.Execute(l)
-		var te *Error
+		var te *kms.Error
 		if errors.As(err, &te) {
 			return err
 		}
@@ -408,7 +408,7 @@ func (b *Backend) probePSS(l *link) (bool, error) {
 	}
 	sig, err := rsp.Signature.Signature.RSAPSS()
 	if err != nil {
-		return false, &Error{Op: "probe the PSS salt", Err: err}
+		return false, &kms.Error{Backend: "tpm", Op: "probe the PSS salt", Err: err}
 	}
 	if rsa.VerifyPSS(&priv.PublicKey, crypto.SHA256, digest[:], sig.Sig.Buffer, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash}) == nil {
 		return true, nil
@@ -487,7 +487,7 @@ func (b *Backend) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.Timeout)
 	defer cancel()
 	if err := b.shutdown(&link{b: b, ctx: ctx, timeout: b.cfg.Timeout}); err != nil {
-		return &Error{Op: "close", Err: err}
+		return &kms.Error{Backend: "tpm", Op: "close", Err: err}
 	}
 	return nil
 }
@@ -578,18 +578,18 @@ func (b *Backend) Generate(ctx context.Context, p kms.Partition, spec kms.KeySpe
 	k := &key{public: rsp.OutPublic.Bytes(), private: rsp.OutPrivate.Buffer, auth: auth}
 	pub, err := rsp.OutPublic.Contents()
 	if err != nil {
-		return nil, nil, &Error{Op: "generate key", Err: err}
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "generate key", Err: err}
 	}
 	// The TPM fills in the template; check it kept every attribute.
 	if pub.ObjectAttributes != signingKeyAttributes {
-		return nil, nil, &Error{Op: "generate key", Err: fmt.Errorf("key attributes 0x%x, want 0x%x", attrBits(pub.ObjectAttributes), attrBits(signingKeyAttributes))}
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "generate key", Err: fmt.Errorf("key attributes 0x%x, want 0x%x", attrBits(pub.ObjectAttributes), attrBits(signingKeyAttributes))}
 	}
 	pk, err := publicKey(pub)
 	if err != nil {
-		return nil, nil, &Error{Op: "generate key", Err: err}
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "generate key", Err: err}
 	}
 	if !spec.Alg.MatchesPublicKey(pk, spec.Bits) {
-		return nil, nil, &Error{Op: "generate key", Err: fmt.Errorf("the TPM returned a %T that is not a %v key", pk, spec.Alg)}
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "generate key", Err: fmt.Errorf("the TPM returned a %T that is not a %v key", pk, spec.Alg)}
 	}
 	k.pub = pub
 	return k.encode(), pk, nil
@@ -748,7 +748,7 @@ func (b *Backend) Sign(ctx context.Context, p kms.Partition, h kms.Handle, diges
 	if k.pub.Type == tpm2.TPMAlgECC {
 		sig, err := rsp.Signature.Signature.ECDSA()
 		if err != nil {
-			return nil, &Error{Op: "sign", Err: err}
+			return nil, &kms.Error{Backend: "tpm", Op: "sign", Err: err}
 		}
 		return derSignature(sig)
 	}
@@ -759,7 +759,7 @@ func (b *Backend) Sign(ctx context.Context, p kms.Partition, h kms.Handle, diges
 		sig, err = rsp.Signature.Signature.RSASSA()
 	}
 	if err != nil {
-		return nil, &Error{Op: "sign", Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "sign", Err: err}
 	}
 	return sig.Sig.Buffer, nil
 }
@@ -772,7 +772,7 @@ func derSignature(sig *tpm2.TPMSSignatureECC) ([]byte, error) {
 		new(big.Int).SetBytes(sig.SignatureS.Buffer),
 	})
 	if err != nil {
-		return nil, &Error{Op: "encode signature", Err: err}
+		return nil, &kms.Error{Backend: "tpm", Op: "encode signature", Err: err}
 	}
 	return der, nil
 }
@@ -781,7 +781,7 @@ func derSignature(sig *tpm2.TPMSSignatureECC) ([]byte, error) {
 // key.
 func (b *Backend) checkUsable(h kms.Handle) error {
 	if b.destroyed[sha256.Sum256(h)] {
-		return &Error{Op: "use the key", Kind: kms.ErrNotFound, Err: errors.New("key destroyed")}
+		return &kms.Error{Backend: "tpm", Op: "use the key", Kind: kms.ErrNotFound, Err: errors.New("key destroyed")}
 	}
 	if b.dataLoss {
 		return b.dataLossError()
