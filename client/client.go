@@ -89,6 +89,10 @@ func (c *Client) Close() error { return c.conn.Close() }
 // API is the generated gRPC client, for RPCs the SDK does not wrap.
 func (c *Client) API() kbv1.KeyBrokerClient { return c.api }
 
+// Conn is the connection, for the daemon's other services (grpc.health.v1,
+// reflection).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
 // withTimeout gives ctx the client's default timeout when it has none.
 func (c *Client) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok {

@@ -19,11 +19,11 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/client"
 	"github.com/keybroker/keybroker/hsm"
 	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/tpm"
@@ -202,7 +202,7 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 	case "jwks":
 		out.Daemon = benchResult{RPC: "GetJWKS"}
 		newOp = func(w int) func(context.Context) error {
-			c := kbv1.NewKeyBrokerClient(conns[w%len(conns)])
+			c := kbv1.NewKeyBrokerClient(conns[w%len(conns)].Conn())
 			return func(ctx context.Context) error {
 				_, err := c.GetJWKS(ctx, &kbv1.GetJWKSRequest{})
 				return err
@@ -211,14 +211,14 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 	case "health":
 		out.Daemon = benchResult{RPC: "health.Check"}
 		newOp = func(w int) func(context.Context) error {
-			c := healthpb.NewHealthClient(conns[w%len(conns)])
+			c := healthpb.NewHealthClient(conns[w%len(conns)].Conn())
 			return func(ctx context.Context) error {
 				_, err := c.Check(ctx, &healthpb.HealthCheckRequest{})
 				return err
 			}
 		}
 	case "sign":
-		key, err := a.benchKey(ctx, conns[0], name)
+		key, err := a.benchKey(ctx, conns[0].Conn(), name)
 		if err != nil {
 			return err
 		}
@@ -240,7 +240,7 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 		out.Daemon = benchResult{RPC: "Sign", Algorithm: alg.String()}
 		req := &kbv1.SignRequest{Name: name, Digest: digest, Format: format}
 		newOp = func(w int) func(context.Context) error {
-			c := kbv1.NewKeyBrokerClient(conns[w%len(conns)])
+			c := kbv1.NewKeyBrokerClient(conns[w%len(conns)].Conn())
 			return func(ctx context.Context) error {
 				_, err := c.Sign(ctx, req)
 				return err
@@ -263,16 +263,18 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 	return nil
 }
 
-// dialN opens n connections to the daemon's socket.
-func (a *app) dialN(n int) ([]*grpc.ClientConn, error) {
+// dialN opens n connections to the daemon's socket (client.Dial). The
+// socket is checked first: grpc connects lazily, and a stopped daemon is
+// then a plain message rather than a transport error.
+func (a *app) dialN(n int) ([]*client.Client, error) {
 	if _, err := os.Stat(a.socket); errors.Is(err, fs.ErrNotExist) {
 		return nil, status.Errorf(codes.Unavailable, "socket %s does not exist (is keybrokerd running?)", a.socket)
 	} else if err != nil {
 		return nil, status.Error(codes.Unavailable, err.Error())
 	}
-	conns := make([]*grpc.ClientConn, 0, n)
+	conns := make([]*client.Client, 0, n)
 	for range n {
-		c, err := grpc.NewClient("unix:"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		c, err := client.Dial("unix:" + a.socket)
 		if err != nil {
 			for _, c := range conns {
 				c.Close()

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -14,7 +13,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"google.golang.org/grpc"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/kms"
@@ -90,6 +88,7 @@ func (f reqCnfFlags) request(name string) (*kbv1.GetConfirmationRequest, reqCnfF
 
 func newReqCnfCmd(a *app) *cobra.Command {
 	var f reqCnfFlags
+	var form reqCnfForm
 	cmd := &cobra.Command{
 		Use:   "req-cnf NAME [--format jwk|kid]",
 		Short: "Print the req_cnf of a key for a PoP token request",
@@ -105,25 +104,20 @@ With --output json it prints the whole GetConfirmationResponse, whatever
 --format: also the kid and version, the RFC 7638 thumbprint and its
 RFC 9278 URI, the DPoP "cnf.jkt" (RFC 9449 §6.1) and the JWK.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, form, err := f.request(args[0])
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).GetConfirmation(ctx, req)
-				if err != nil {
-					return err
-				}
-				if a.jsonOutput() {
-					return a.printProto(resp)
-				}
+		RunE: rpc[*kbv1.GetConfirmationRequest, *kbv1.GetConfirmationResponse]{
+			request: func(_ *cobra.Command, args []string) (*kbv1.GetConfirmationRequest, error) {
+				req, f2, err := f.request(args[0])
+				form = f2
+				return req, err
+			},
+			call: kbv1.KeyBrokerClient.GetConfirmation,
+			text: func(_ *kbv1.GetConfirmationRequest, resp *kbv1.GetConfirmationResponse) error {
 				if form == reqCnfJWK {
 					return a.printValue(resp.GetReqCnfJwk())
 				}
 				return a.printValue(resp.GetReqCnfKid())
-			})
-		},
+			},
+		}.runE(a),
 	}
 	cmd.Flags().StringVar(&f.format, "format", "kid", "req_cnf `form` in text mode: "+reqCnfForms.String())
 	f.register(cmd.Flags())
@@ -181,22 +175,15 @@ a JSON object; they cannot replace the standard ones.
 With --output json it prints the CreateDPoPProofResponse: the proof, the kid
 and version that signed, and the "jkt" the token's cnf must hold.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, err := f.request(args[0])
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).CreateDPoPProof(ctx, req)
-				if err != nil {
-					return err
-				}
-				if a.jsonOutput() {
-					return a.printProto(resp)
-				}
+		RunE: rpc[*kbv1.CreateDPoPProofRequest, *kbv1.CreateDPoPProofResponse]{
+			request: func(cmd *cobra.Command, args []string) (*kbv1.CreateDPoPProofRequest, error) {
+				return f.request(args[0])
+			},
+			call: kbv1.KeyBrokerClient.CreateDPoPProof,
+			text: func(_ *kbv1.CreateDPoPProofRequest, resp *kbv1.CreateDPoPProofResponse) error {
 				return a.printValue(resp.GetProof())
-			})
-		},
+			},
+		}.runE(a),
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&f.method, "method", "", "HTTP `method` of the request (required)")
@@ -310,22 +297,15 @@ exits 3. --nonce is the server's nonce, if it sent one.
 With --output json it prints the CreateSignedHttpRequestResponse: the SHR
 and the kid and version that signed.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, err := f.request(args[0], cmd.InOrStdin())
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).CreateSignedHttpRequest(ctx, req)
-				if err != nil {
-					return err
-				}
-				if a.jsonOutput() {
-					return a.printProto(resp)
-				}
+		RunE: rpc[*kbv1.CreateSignedHttpRequestRequest, *kbv1.CreateSignedHttpRequestResponse]{
+			request: func(cmd *cobra.Command, args []string) (*kbv1.CreateSignedHttpRequestRequest, error) {
+				return f.request(args[0], cmd.InOrStdin())
+			},
+			call: kbv1.KeyBrokerClient.CreateSignedHttpRequest,
+			text: func(_ *kbv1.CreateSignedHttpRequestRequest, resp *kbv1.CreateSignedHttpRequestResponse) error {
 				return a.printValue(resp.GetShr())
-			})
-		},
+			},
+		}.runE(a),
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&f.accessToken, "access-token", "", "the PoP access `token` (required)")
@@ -381,22 +361,15 @@ members as a JSON object, which may not set "alg", "kid", "crit" or "jwk".
 With --output json it prints the SignJWSResponse: the JWS and the kid and
 version that signed.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, err := f.request(args[0], cmd.InOrStdin())
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).SignJWS(ctx, req)
-				if err != nil {
-					return err
-				}
-				if a.jsonOutput() {
-					return a.printProto(resp)
-				}
+		RunE: rpc[*kbv1.SignJWSRequest, *kbv1.SignJWSResponse]{
+			request: func(cmd *cobra.Command, args []string) (*kbv1.SignJWSRequest, error) {
+				return f.request(args[0], cmd.InOrStdin())
+			},
+			call: kbv1.KeyBrokerClient.SignJWS,
+			text: func(_ *kbv1.SignJWSRequest, resp *kbv1.SignJWSResponse) error {
 				return a.printValue(resp.GetJws())
-			})
-		},
+			},
+		}.runE(a),
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&f.payloadFile, "payload-file", "", "`file` holding the payload, - for stdin (required)")
@@ -426,8 +399,11 @@ func (f subjectFlags) check() error {
 	return nil
 }
 
-// writeOut writes the PEM text pem to the --out file.
+// writeOut writes the PEM text pem to the --out file, when one is given.
 func (f subjectFlags) writeOut(pem string) error {
+	if f.out == "" {
+		return nil
+	}
 	return os.WriteFile(f.out, []byte(strings.TrimSuffix(pem, "\n")+"\n"), 0o644)
 }
 
@@ -466,30 +442,21 @@ names. --cn may be left out when a --dns or --uri is given.
 With --output json it prints the CreateCertificateRequestResponse (the CSR
 in DER and PEM, the kid and version), and still writes --out if given.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, err := f.request(args[0])
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).CreateCertificateRequest(ctx, req)
-				if err != nil {
-					return err
-				}
-				if f.out != "" {
-					if err := f.writeOut(resp.GetCsrPem()); err != nil {
-						return err
-					}
-				}
-				if a.jsonOutput() {
-					return a.printProto(resp)
-				}
+		RunE: rpc[*kbv1.CreateCertificateRequestRequest, *kbv1.CreateCertificateRequestResponse]{
+			request: func(_ *cobra.Command, args []string) (*kbv1.CreateCertificateRequestRequest, error) {
+				return f.request(args[0])
+			},
+			call: kbv1.KeyBrokerClient.CreateCertificateRequest,
+			after: func(_ *kbv1.CreateCertificateRequestRequest, resp *kbv1.CreateCertificateRequestResponse) error {
+				return f.writeOut(resp.GetCsrPem())
+			},
+			text: func(_ *kbv1.CreateCertificateRequestRequest, resp *kbv1.CreateCertificateRequestResponse) error {
 				if f.out != "" {
 					return nil
 				}
 				return a.printValue(resp.GetCsrPem())
-			})
-		},
+			},
+		}.runE(a),
 	}
 	f.subjectFlags.register(cmd.Flags())
 	f.versionFlags.register(cmd.Flags())
@@ -538,32 +505,22 @@ With --output json it prints the CreateSelfSignedCertificateResponse (the
 certificate in DER and PEM, its x5t#S256, the kid and version), and still
 writes --out if given.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, err := f.request(args[0])
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).CreateSelfSignedCertificate(ctx, req)
-				if err != nil {
-					return err
-				}
+		RunE: rpc[*kbv1.CreateSelfSignedCertificateRequest, *kbv1.CreateSelfSignedCertificateResponse]{
+			request: func(_ *cobra.Command, args []string) (*kbv1.CreateSelfSignedCertificateRequest, error) {
+				return f.request(args[0])
+			},
+			call: kbv1.KeyBrokerClient.CreateSelfSignedCertificate,
+			after: func(_ *kbv1.CreateSelfSignedCertificateRequest, resp *kbv1.CreateSelfSignedCertificateResponse) error {
+				return f.writeOut(resp.GetCertificatePem())
+			},
+			text: func(_ *kbv1.CreateSelfSignedCertificateRequest, resp *kbv1.CreateSelfSignedCertificateResponse) error {
 				if f.out != "" {
-					if err := f.writeOut(resp.GetCertificatePem()); err != nil {
-						return err
-					}
-				}
-				switch {
-				case a.jsonOutput():
-					return a.printProto(resp)
-				case f.out != "":
 					_, err := fmt.Fprintf(a.stdout, "x5t#S256: %s\n", resp.GetX5TS256())
 					return err
-				default:
-					return a.printValue(resp.GetCertificatePem())
 				}
-			})
-		},
+				return a.printValue(resp.GetCertificatePem())
+			},
+		}.runE(a),
 	}
 	f.subjectFlags.register(cmd.Flags())
 	cmd.Flags().Var(&f.validity, "validity", "validity period `D` from now, as 90d, 1d12h or 36h (default 90d)")
@@ -634,19 +591,18 @@ and the TPM2B_PUBLIC of the certifying key and of the key; then the kid,
 the version and the nonce in hex. With --output json it prints
 {"attest","signature","certifyingKeyPublic","keyPublic","kid","version","nonce"}.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req, err := f.request(args[0], cmd.Flags().Changed("nonce"), rand.Reader)
-			if err != nil {
-				return err
-			}
-			return a.call(cmd.Context(), func(ctx context.Context, conn *grpc.ClientConn) error {
-				resp, err := kbv1.NewKeyBrokerClient(conn).AttestKey(ctx, req)
-				if err != nil {
-					return err
-				}
+		RunE: rpc[*kbv1.AttestKeyRequest, *kbv1.AttestKeyResponse]{
+			request: func(cmd *cobra.Command, args []string) (*kbv1.AttestKeyRequest, error) {
+				return f.request(args[0], cmd.Flags().Changed("nonce"), rand.Reader)
+			},
+			call: kbv1.KeyBrokerClient.AttestKey,
+			text: func(req *kbv1.AttestKeyRequest, resp *kbv1.AttestKeyResponse) error {
 				return a.printAttestation(resp, req.GetNonce())
-			})
-		},
+			},
+			json: func(req *kbv1.AttestKeyRequest, resp *kbv1.AttestKeyResponse) error {
+				return a.printAttestation(resp, req.GetNonce())
+			},
+		}.runE(a),
 	}
 	cmd.Flags().StringVar(&f.nonce, "nonce", "", fmt.Sprintf("freshness value, 1 to %d bytes in `hex` (default %d random bytes)", kms.MaxNonce, attestNonceSize))
 	f.register(cmd.Flags())

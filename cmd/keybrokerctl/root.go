@@ -5,14 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/keybroker/keybroker/client"
@@ -151,22 +149,16 @@ func (a *app) checkGlobalFlags() error {
 // call runs fn with a connection to keybrokerd and a context that ends
 // after --timeout. Failing to reach the daemon is an UNAVAILABLE error.
 func (a *app) call(ctx context.Context, fn func(context.Context, *grpc.ClientConn) error) error {
-	// grpc.NewClient connects lazily; checking the socket first turns a
-	// stopped daemon into a plain message rather than a transport error.
-	if _, err := os.Stat(a.socket); errors.Is(err, fs.ErrNotExist) {
-		return status.Errorf(codes.Unavailable, "socket %s does not exist (is keybrokerd running?)", a.socket)
-	} else if err != nil {
-		return status.Error(codes.Unavailable, err.Error())
-	}
-	conn, err := grpc.NewClient("unix:"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conns, err := a.dialN(1)
 	if err != nil {
-		return status.Errorf(codes.Unavailable, "socket %s: %v", a.socket, err)
+		return err
 	}
+	conn := conns[0]
 	defer conn.Close()
 
 	ctx, cancel := context.WithTimeout(ctx, a.timeout)
 	defer cancel()
-	err = fn(ctx, conn)
+	err = fn(ctx, conn.Conn())
 	if status.Code(err) == codes.DeadlineExceeded {
 		// The deadline is --timeout's, whether the client or the daemon
 		// noticed first; gRPC's message differs between the two.
