@@ -375,3 +375,180 @@ func sleep(ctx context.Context, d time.Duration) error {
 		return ctx.Err()
 	}
 }
+
+// begin takes the lock, honouring ctx, and connects when needed. The
+// returned function releases the lock.
+func (b *Backend) begin(ctx context.Context) (*link, func(), error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	select {
+	case b.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "wait for the TPM", Kind: b.waitKind(), Err: ctx.Err()}
+	}
+	if b.closed {
+		<-b.sem
+		return nil, nil, &kms.Error{Backend: "tpm", Op: "use the TPM", Kind: kms.ErrUnavailable, Err: errors.New("backend closed")}
+	}
+	l := &link{b: b, ctx: ctx, timeout: b.cfg.Timeout}
+	unlock := func() {
+		b.flushPending(l)
+		<-b.sem
+	}
+	if err := b.connect(l); err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return l, unlock, nil
+}
+
+// inflight is a command on its way to the TPM and back.
+type inflight struct {
+	sent time.Time
+	slow bool // an RSA key generation: seconds are normal
+}
+
+// stuckAfter is how long a command other than an RSA key generation may go
+// unanswered before calls waiting behind it take the TPM for hung. TPM
+// commands take milliseconds to a few hundred on slow chips.
+const stuckAfter = time.Second
+
+// waitKind is what a call that gave up waiting for the TPM ran into: a
+// busy TPM (ErrResourceExhausted), or one whose command in flight is
+// overdue (ErrUnavailable), so that health tells a hung TPM from a key
+// generation.
+func (b *Backend) waitKind() error {
+	if f := b.inflight.Load(); f != nil && !f.slow && time.Since(f.sent) > stuckAfter {
+		return kms.ErrUnavailable
+	}
+	return kms.ErrResourceExhausted
+}
+
+// connect opens the connection if there is none, and makes the TPM ready:
+// started, no leftover handles, the SRK checked. A failure drops the
+// connection, unless the call's context ended between two commands: the
+// connection is then in step, and the next call initialises the TPM again.
+func (b *Backend) connect(l *link) error {
+	if b.conn == nil {
+		deadline := time.Now().Add(b.cfg.Timeout)
+		if d, ok := l.ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d
+		}
+		c, err := dial(l.ctx, b.cfg, deadline)
+		if err != nil {
+			return &kms.Error{Backend: "tpm", Op: "connect", Kind: kms.ErrUnavailable, Err: err}
+		}
+		b.conn, b.ready = c, false
+	}
+	if b.ready {
+		return nil
+	}
+	b.forgetAll()
+	if err := b.initTPM(l); err != nil {
+		if l.ctx.Err() == nil {
+			b.dropConn(nil)
+		}
+		return err
+	}
+	b.ready = true
+	return nil
+}
+
+func (b *Backend) initTPM(l *link) error {
+	err := b.flushLeftovers(l, true)
+	if isRC(err, tpm2.TPMRCInitialize) {
+		// A TPM nobody started (swtpm without startup-clear): TPM2_Startup
+		// is a TPM command, not a platform one.
+		if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(l); err != nil {
+			return classify("start the TPM", err)
+		}
+		err = b.flushLeftovers(l, true)
+	}
+	if err != nil {
+		return err
+	}
+	err = b.retry(l, func() error {
+		_, err := b.srk(l)
+		return err
+	})
+	if err != nil && !errors.Is(err, ErrDataLoss) {
+		return err
+	}
+	return nil
+}
+
+// dropConn closes a connection that failed; the next call reconnects.
+func (b *Backend) dropConn(cause error) {
+	if b.conn == nil {
+		return
+	}
+	b.conn.Close()
+	b.conn, b.ready, b.pending = nil, false, nil
+	b.forgetAll()
+	if cause != nil {
+		b.log.Warn("TPM connection lost; reconnecting on the next call", "err", cause)
+	}
+}
+
+// shutdown flushes what the backend loaded (objects and their sessions)
+// and closes the connection.
+func (b *Backend) shutdown(l *link) error {
+	if b.conn == nil {
+		return nil
+	}
+	for _, o := range b.objs {
+		if err := b.flush(l, o); err != nil {
+			b.log.Warn("cannot flush a TPM object at close", "err", err)
+			break
+		}
+	}
+	b.forgetAll()
+	var err error
+	if b.conn != nil {
+		err = b.conn.Close()
+		b.conn, b.ready, b.pending = nil, false, nil
+	}
+	return err
+}
+
+// retry runs fn, and runs it again when the TPM asked to (TPM_RC_RETRY and
+// friends, for a command with sessions, which needs fresh ones: fn drops a
+// reusable session that failed), lost track of objects or sessions the
+// cache holds (someone flushed them), or ran out of session slots: all the
+// backend's business, never the client's.
+func (b *Backend) retry(l *link, fn func() error) error {
+	backoff := firstBackoff
+	for attempt := 0; ; attempt++ {
+		err := fn()
+		if err == nil || attempt == maxRetries || b.conn == nil {
+			return err
+		}
+		switch {
+		case isRC(err, tpm2.TPMRCRetry, tpm2.TPMRCYielded, tpm2.TPMRCTesting):
+			b.log.Debug("TPM asked to retry", "err", err, "attempt", attempt+1)
+			if serr := sleep(l.ctx, backoff); serr != nil {
+				return err
+			}
+			backoff *= 2
+		case isStaleHandle(err) && attempt < 2:
+			b.log.Warn("a TPM object the backend had loaded is gone; reloading", "err", err)
+			b.forgetAll()
+			if ferr := b.flushLeftovers(l, true); ferr != nil {
+				return ferr
+			}
+		case isRC(err, tpm2.TPMRCSessionMemory) && attempt < 2:
+			b.log.Warn("the TPM has no free session slot; flushing sessions", "err", err)
+			b.dropSessions(l)
+			if ferr := b.flushLeftovers(l, true); ferr != nil {
+				return ferr
+			}
+		case isStaleSession(err) && attempt < 2:
+			// A reusable session someone flushed; the command that
+			// used it dropped it, and the next run starts another.
+			b.log.Warn("a TPM session the backend had started is gone; starting another", "err", err)
+		default:
+			return err
+		}
+	}
+}
