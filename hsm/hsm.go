@@ -1,9 +1,15 @@
 // Package hsm is keybroker's PKCS#11 backend, built on crypto11 and
-// miekg/pkcs11. Keys are generated on the token with an explicit
-// non-extractable template and addressed by a random CKA_ID, which is the
-// kms.Handle the store persists. Only the daemon's wiring, tests and
-// `keybrokerctl bench --baseline` import it; everything else sees a
-// kms.Backend.
+// miekg/pkcs11: a kms.Backend (and kms.Lister). Keys are generated on the
+// token with an explicit non-extractable template and addressed by a
+// random CKA_ID, which is the kms.Handle to keep; their CKA_LABEL names the
+// partition (tenant) they belong to, and a key is found only under it. It
+// is usable as a library on its own:
+//
+//	b, err := hsm.Open(hsm.Config{ModulePath: "/usr/lib/softhsm/libsofthsm2.so",
+//		TokenLabel: "keys", PIN: pin, MaxSessions: 4}, slog.Default())
+//	p := kms.Partition{Tenant: "app"}
+//	h, pub, err := b.Generate(ctx, p, kms.KeySpec{Alg: kms.ES256, Label: "k/v1"})
+//	sig, err := b.Sign(ctx, p, h, digest, crypto.SHA256) // ASN.1 DER for ECDSA
 package hsm
 
 import (
