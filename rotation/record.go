@@ -7,7 +7,7 @@ import (
 )
 
 // Key is a key's record: its versions and their states, what rotation
-// decides on. The store keeps it as it is.
+// decides on. The store keeps it as it is, with its revision.
 type Key struct {
 	Schema   int           `json:"schema"`
 	Tenant   string        `json:"tenant"`
@@ -18,6 +18,9 @@ type Key struct {
 	Created  time.Time     `json:"created"`
 	Policy   kms.Policy    `json:"policy"`
 	Versions []Version     `json:"versions"`
+	// Rev is the store's revision of the record, which an update compares
+	// (kept by the store, not in the record).
+	Rev int64 `json:"-"`
 }
 
 // Version is one version of a key.

@@ -54,7 +54,7 @@ type Daemon struct {
 	log     *slog.Logger
 	level   *slog.LevelVar // nil: the log level is not reloadable
 	backend kms.Backend
-	store   *store.Store
+	store   store.Store
 	audit   *audit.Log
 	ring    *keyring.Keyring
 	svc     *server.Server

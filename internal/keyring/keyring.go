@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -30,7 +31,7 @@ import (
 type Keyring struct {
 	backend     kms.Backend
 	backendName string
-	store       *store.Store
+	store       store.Store
 	log         *slog.Logger
 	now         func() time.Time
 	failpoint   func(step string)
@@ -66,7 +67,7 @@ type version struct {
 type Options struct {
 	Backend     kms.Backend
 	BackendName string // "pkcs11" or "tpm", shown in key metadata
-	Store       *store.Store
+	Store       store.Store
 	Log         *slog.Logger
 	Now         func() time.Time // defaults to time.Now
 	// MaxKeys, when set, is the most keys a tenant may have (0: no limit).
@@ -105,7 +106,7 @@ func New(o Options) (*Keyring, error) {
 	if r.maxKeys == nil {
 		r.maxKeys = func(string) int { return 0 }
 	}
-	recs, err := r.store.Keys()
+	recs, err := r.store.Keys(context.Background())
 	if err != nil {
 		return nil, err
 	}
@@ -284,7 +285,7 @@ func (r *Keyring) generate(ctx context.Context, rec store.Key) (store.Version, e
 			return store.Version{}, err
 		}
 		in := store.Intent{Tenant: rec.Tenant, Handle: spec.ID, Label: spec.Label, Created: r.now().UTC()}
-		if err := r.store.PutIntent(in); err != nil {
+		if err := r.store.PutIntent(ctx, in); err != nil {
 			return store.Version{}, fmt.Errorf("generate %s: %w", rec.Name, err)
 		}
 	}
@@ -320,11 +321,17 @@ func describe(spec kms.KeySpec, h kms.Handle, pub crypto.PublicKey) (store.Versi
 // record commits rec with write (one store transaction) and publishes it in
 // memory. If the commit fails, the hardware object of the new version nv
 // (if any) is destroyed: nothing refers to it.
-func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, write func(store.Key) error) (*key, error) {
+func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, write func(context.Context, store.Key) (int64, error)) (*key, error) {
 	err := rotation.Check(rec)
 	if err == nil {
 		r.failpoint("before-commit")
-		err = write(rec)
+		rec.Rev, err = write(context.WithoutCancel(ctx), rec)
+	}
+	if errors.Is(err, store.ErrConflict) {
+		// Another replica changed the key first: take its record, and
+		// let the caller decide again on it.
+		r.refresh(ctx, keyID{rec.Tenant, rec.Name})
+		err = fmt.Errorf("%w: the key changed on another replica meanwhile; retry", kms.ErrUnavailable)
 	}
 	if err == nil {
 		r.failpoint("after-commit")
@@ -339,20 +346,53 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 		}
 		return nil, fmt.Errorf("record %s: %w", rec.Name, err)
 	}
-	r.mu.Lock()
-	id := keyID{rec.Tenant, rec.Name}
-	if r.keys[id] == nil {
-		names := r.names[rec.Tenant]
-		i, _ := slices.BinarySearch(names, rec.Name)
-		r.names[rec.Tenant] = slices.Insert(names, i, rec.Name)
-	}
-	r.keys[id] = k
-	delete(r.jwks, rec.Tenant)
-	r.mu.Unlock()
+	r.install(k)
 	if nv != nil {
-		r.dropIntent(rec.Tenant, nv.Handle)
+		r.dropIntent(ctx, rec.Tenant, nv.Handle)
 	}
 	return k, nil
+}
+
+// install publishes snapshot k, unless the one in memory is newer (a
+// change seen through the store's watch can arrive after the writer's own).
+func (r *Keyring) install(k *key) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	id := keyID{k.rec.Tenant, k.rec.Name}
+	cur := r.keys[id]
+	if cur != nil && cur.rec.Rev > k.rec.Rev {
+		return
+	}
+	if cur == nil {
+		names := r.names[k.rec.Tenant]
+		i, _ := slices.BinarySearch(names, k.rec.Name)
+		r.names[k.rec.Tenant] = slices.Insert(names, i, k.rec.Name)
+	}
+	r.keys[id] = k
+	delete(r.jwks, k.rec.Tenant)
+}
+
+// Apply publishes a record read from the store (another replica's change,
+// seen through the store's watch): Sign, GetJWKS and GetKey follow it at
+// once. An older revision than the one in memory is ignored.
+func (r *Keyring) Apply(rec store.Key) error {
+	k, err := newKey(rec)
+	if err != nil {
+		return fmt.Errorf("apply %s/%s: %w", rec.Tenant, rec.Name, err)
+	}
+	r.install(k)
+	return nil
+}
+
+// refresh reads key id from the store again and publishes it.
+func (r *Keyring) refresh(ctx context.Context, id keyID) {
+	rec, err := r.store.Key(context.WithoutCancel(ctx), id.tenant, id.name)
+	if err == nil {
+		err = r.Apply(rec)
+	}
+	if err != nil {
+		r.log.Warn("reading a key changed by another replica", "tenant", id.tenant, "key", id.name, "err", err)
+	}
 }
 
 func (r *Keyring) destroyOrphan(ctx context.Context, p kms.Partition, h kms.Handle) {
@@ -360,17 +400,17 @@ func (r *Keyring) destroyOrphan(ctx context.Context, p kms.Partition, h kms.Hand
 		r.log.Error("removing a hardware key that could not be recorded", "tenant", p.Tenant, "err", err)
 		return
 	}
-	r.dropIntent(p.Tenant, h)
+	r.dropIntent(ctx, p.Tenant, h)
 }
 
 // dropIntent removes the intent of an object now recorded or destroyed. A
 // failure leaves it for Reconcile, which finds the object recorded (and
 // keeps it) or gone.
-func (r *Keyring) dropIntent(tenant string, h kms.Handle) {
+func (r *Keyring) dropIntent(ctx context.Context, tenant string, h kms.Handle) {
 	if _, ok := r.backend.(kms.Lister); !ok {
 		return
 	}
-	if err := r.store.DeleteIntent(tenant, h); err != nil {
+	if err := r.store.DeleteIntent(context.WithoutCancel(ctx), tenant, h); err != nil {
 		r.log.Warn("removing a creation intent from the store; it is cleared at the next start", "tenant", tenant, "err", err)
 	}
 }

@@ -47,7 +47,7 @@ func openHSM(t testing.TB, tok *softhsm.Token) *hsm.Backend {
 	return b
 }
 
-func openStore(t testing.TB, path string) *store.Store {
+func openStore(t testing.TB, path string) store.Store {
 	t.Helper()
 	st, err := store.Open(path)
 	if err != nil {

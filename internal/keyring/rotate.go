@@ -336,7 +336,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	intents, err := r.store.Intents()
+	intents, err := r.store.Intents(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -382,7 +382,7 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	// Every intent is settled now: its object recorded, removed, or
 	// never made.
 	for _, in := range intents {
-		if err := r.store.DeleteIntent(in.Tenant, in.Handle); err != nil {
+		if err := r.store.DeleteIntent(ctx, in.Tenant, in.Handle); err != nil {
 			return removed, err
 		}
 	}

@@ -38,7 +38,7 @@ type fixture struct {
 	db    string
 	clock *clock
 	hsm   *hsm.Backend
-	store *store.Store
+	store store.Store
 	ring  *Keyring
 }
 
@@ -597,7 +597,7 @@ func TestReconcileRemovesOrphans(t *testing.T) {
 			if got := f.hardwareObjects(t); got != 1 {
 				t.Errorf("%d hardware objects after reconcile, want 1", got)
 			}
-			if in, err := f.store.Intents(); err != nil || len(in) != 0 {
+			if in, err := f.store.Intents(context.Background()); err != nil || len(in) != 0 {
 				t.Errorf("intents after reconcile: %v, %v; want none", in, err)
 			}
 			if _, err := f.ring.Sign(ctx, "t", SignRequest{Name: "k", Digest: make([]byte, 32)}); err != nil {

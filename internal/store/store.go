@@ -1,18 +1,19 @@
-// Package store is keybroker's metadata store: an embedded bbolt database in
-// the state directory holding every key, its versions, states and backend
-// handles. Each write is one transaction. The hardware is the authority on
-// what exists; the store on what it means. The keyring reads and writes it;
-// the daemon opens it, and the benchmark setup fills it.
+// Package store is keybroker's metadata store: every key, its versions,
+// states and backend handles, the kid registry and the intents recorded
+// before hardware work. It has two backends behind one interface: bbolt,
+// embedded in the state directory (one daemon), and etcd (several replicas
+// sharing one network HSM). Every write is one transaction; an update
+// commits only if the record is still at the revision it was read at. The
+// hardware is the authority on what exists; the store on what it means.
+// The keyring reads and writes it; the daemon opens it.
 package store
 
 import (
-	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
-
-	bolt "go.etcd.io/bbolt"
 
 	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/rotation"
@@ -22,62 +23,73 @@ import (
 // is refused rather than misread.
 const schemaVersion = 1
 
-var (
-	bucketKeys = []byte("keys")
-	// bucketKids maps every kid ever recorded to its key version, so that
-	// no kid is ever given to a second version, even after destruction.
-	bucketKids = []byte("kids")
-	// bucketIntents holds the hardware objects this store is about to
-	// create (see Intent).
-	bucketIntents = []byte("intents")
-)
-
 // ErrKidReused: a record names a kid that belongs to another key version.
 var ErrKidReused = errors.New("store: kid already belongs to another key version")
 
+// ErrConflict: the record changed since it was read (another replica, or
+// another writer, committed first). Read it again and decide again.
+var ErrConflict = errors.New("store: the record changed since it was read")
+
+// ErrNotLeader: a fenced write (see Fenced) was refused because this
+// replica no longer leads.
+var ErrNotLeader = fmt.Errorf("store: this replica is not the leader any more: %w", kms.ErrUnavailable)
+
 // Key and Version are the stored records: rotation's, which decides their
-// transitions (see docs/design.md "Key model and rotation").
+// transitions (see docs/design.md "Key model and rotation"). Key.Rev is the
+// store's revision of the record.
 type (
 	Key     = rotation.Key
 	Version = rotation.Version
 )
 
-// Store is the bbolt-backed metadata store.
-type Store struct {
-	db *bolt.DB
+// Store is the metadata store. Writes are atomic: all of a write or none.
+type Store interface {
+	// CreateKey stores a new key and returns its revision;
+	// kms.ErrAlreadyExists if (tenant, name) is taken.
+	CreateKey(ctx context.Context, k Key) (rev int64, err error)
+	// UpdateKey replaces the key k.Rev was read at and returns the new
+	// revision; ErrConflict if it changed since, kms.ErrNotFound if it is
+	// gone.
+	UpdateKey(ctx context.Context, k Key) (rev int64, err error)
+	// Keys returns every stored key, ordered by tenant and name.
+	Keys(ctx context.Context) ([]Key, error)
+	// Key returns one key; kms.ErrNotFound if there is none.
+	Key(ctx context.Context, tenant, name string) (Key, error)
+	// PutIntent records in before its hardware object is generated.
+	PutIntent(ctx context.Context, in Intent) error
+	// DeleteIntent removes the intent for (tenant, h), if there is one.
+	DeleteIntent(ctx context.Context, tenant string, h kms.Handle) error
+	// Intents returns every intent recorded.
+	Intents(ctx context.Context) ([]Intent, error)
+	Close() error
 }
 
-// Open opens (creating if needed) the database file at path, mode 0600. It
-// fails after a second when another process holds the file.
-func Open(path string) (*Store, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
-	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
-			return nil, fmt.Errorf("store: %s is in use by another process", path)
-		}
-		return nil, fmt.Errorf("store: %w", err)
-	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketKids, bucketIntents} {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		db.Close()
-		return nil, fmt.Errorf("store: %w", err)
-	}
-	return &Store{db: db}, nil
+// Intent is a hardware object this store is about to create: recorded
+// before the backend generates it, removed once the object is recorded in
+// a key (or destroyed). After a crash in between, an intent is how the
+// keyring tells its own unrecorded object from the objects of another
+// store on the same token, which it must never touch.
+type Intent struct {
+	Tenant  string     `json:"tenant"`
+	Handle  kms.Handle `json:"handle"` // the object ID chosen before generation
+	Label   string     `json:"label"`
+	Created time.Time  `json:"created"`
+	// Owner is the replica that recorded it, and Lease its etcd lease,
+	// alive while that replica is (etcd only): the intent of a live
+	// replica is work in progress, not a crash's leftover.
+	Owner string `json:"owner,omitempty"`
+	Lease int64  `json:"lease,omitempty"`
 }
 
-// Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// fenceKey marks a context whose writes are fenced.
+type fenceKey struct{}
 
-func dbKey(tenant, name string) []byte {
-	return append(append([]byte(tenant), 0), name...)
-}
+// Fenced returns a context whose writes commit only while this replica
+// leads (etcd; bbolt has one writer and ignores it): the steps of the
+// rotation scheduler, which only the leader runs.
+func Fenced(ctx context.Context) context.Context { return context.WithValue(ctx, fenceKey{}, true) }
+
+func isFenced(ctx context.Context) bool { return ctx.Value(fenceKey{}) != nil }
 
 // encode checks a record as decode will and marshals it.
 func encode(k Key) ([]byte, error) {
@@ -103,77 +115,6 @@ func check(k Key) error {
 	return nil
 }
 
-// CreateKey stores a new key; ErrAlreadyExists if (tenant, name) is taken.
-func (s *Store) CreateKey(k Key) error {
-	v, err := encode(k)
-	if err != nil {
-		return err
-	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketKeys)
-		id := dbKey(k.Tenant, k.Name)
-		if b.Get(id) != nil {
-			return kms.ErrAlreadyExists
-		}
-		if err := registerKids(tx, k); err != nil {
-			return err
-		}
-		return b.Put(id, v)
-	})
-}
-
-// UpdateKey replaces an existing key; ErrNotFound if it is absent.
-func (s *Store) UpdateKey(k Key) error {
-	v, err := encode(k)
-	if err != nil {
-		return err
-	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketKeys)
-		id := dbKey(k.Tenant, k.Name)
-		if b.Get(id) == nil {
-			return kms.ErrNotFound
-		}
-		if err := registerKids(tx, k); err != nil {
-			return err
-		}
-		return b.Put(id, v)
-	})
-}
-
-// registerKids records k's kids, refusing one that another version owns.
-func registerKids(tx *bolt.Tx, k Key) error {
-	b := tx.Bucket(bucketKids)
-	for _, v := range k.Versions {
-		owner := fmt.Appendf(dbKey(k.Tenant, k.Name), "\x00%d", v.Version)
-		switch got := b.Get([]byte(v.Kid)); {
-		case got == nil:
-			if err := b.Put([]byte(v.Kid), owner); err != nil {
-				return err
-			}
-		case !bytes.Equal(got, owner):
-			return fmt.Errorf("%w: %s", ErrKidReused, v.Kid)
-		}
-	}
-	return nil
-}
-
-// Keys returns every stored key, ordered by tenant and name.
-func (s *Store) Keys() ([]Key, error) {
-	var keys []Key
-	err := s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketKeys).ForEach(func(id, v []byte) error {
-			k, err := decode(v)
-			if err != nil {
-				return fmt.Errorf("store: record %q: %w", bytes.ReplaceAll(id, []byte{0}, []byte("/")), err)
-			}
-			keys = append(keys, k)
-			return nil
-		})
-	})
-	return keys, err
-}
-
 func decode(v []byte) (Key, error) {
 	var k Key
 	if err := json.Unmarshal(v, &k); err != nil {
@@ -185,52 +126,16 @@ func decode(v []byte) (Key, error) {
 	return k, nil
 }
 
-// Intent is a hardware object this store is about to create: recorded
-// before the backend generates it, removed once the object is recorded in
-// a key (or destroyed). After a crash in between, an intent is how the
-// keyring tells its own unrecorded object from the objects of another
-// store on the same token, which it must never touch.
-type Intent struct {
-	Tenant  string     `json:"tenant"`
-	Handle  kms.Handle `json:"handle"` // the object ID chosen before generation
-	Label   string     `json:"label"`
-	Created time.Time  `json:"created"`
+// kidOwner is what the kid registry holds for kid v of k: tenant, name and
+// version, so that a kid is never given to another version.
+func kidOwner(k Key, v Version) []byte {
+	return fmt.Appendf(dbKey(k.Tenant, k.Name), "\x00%d", v.Version)
+}
+
+func dbKey(tenant, name string) []byte {
+	return append(append([]byte(tenant), 0), name...)
 }
 
 func intentKey(tenant string, h kms.Handle) []byte {
 	return append(append([]byte(tenant), 0), h...)
-}
-
-// PutIntent records in before its object is generated.
-func (s *Store) PutIntent(in Intent) error {
-	v, err := json.Marshal(in)
-	if err != nil {
-		return fmt.Errorf("store: encode intent: %w", err)
-	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketIntents).Put(intentKey(in.Tenant, in.Handle), v)
-	})
-}
-
-// DeleteIntent removes the intent for (tenant, h), if there is one.
-func (s *Store) DeleteIntent(tenant string, h kms.Handle) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketIntents).Delete(intentKey(tenant, h))
-	})
-}
-
-// Intents returns every intent recorded.
-func (s *Store) Intents() ([]Intent, error) {
-	var out []Intent
-	err := s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketIntents).ForEach(func(_, v []byte) error {
-			var in Intent
-			if err := json.Unmarshal(v, &in); err != nil {
-				return fmt.Errorf("store: intent: %w", err)
-			}
-			out = append(out, in)
-			return nil
-		})
-	})
-	return out, err
 }

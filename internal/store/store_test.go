@@ -1,16 +1,19 @@
-package store
+package store_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/internal/store/storetest"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -19,10 +22,10 @@ import (
 
 // openStore opens a store in a fresh directory and closes it when the test
 // ends. It returns the store and its file's path.
-func openStore(t testing.TB) (*Store, string) {
+func openStore(t testing.TB) (*store.Bolt, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keybroker.db")
-	s, err := Open(path)
+	s, err := store.Open(path)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -30,91 +33,12 @@ func openStore(t testing.TB) (*Store, string) {
 	return s, path
 }
 
-var t0 = time.Date(2025, 3, 14, 15, 9, 26, 535897932, time.UTC)
-
-// testKey is a key with every field set to a value that is not its zero.
-func testKey(tenant, name string) Key {
-	return Key{
-		Tenant:  tenant,
-		Name:    name,
-		Alg:     kms.PS256,
-		Bits:    3072,
-		Backend: "pkcs11",
-		Created: t0,
-		Versions: []Version{
-			{
-				Version:   1,
-				Kid:       "kid-1-" + tenant + "-" + name,
-				State:     kms.StateRetired,
-				Handle:    kms.Handle{0x00, 0x01, 0xfe, 0xff, 0x10},
-				PublicKey: []byte{0x30, 0x82, 0x01, 0x22, 0x00, 0xff},
-				Created:   t0,
-			},
-			{
-				Version:   2,
-				Kid:       "kid-2-" + tenant + "-" + name,
-				State:     kms.StateActive,
-				Handle:    kms.Handle("\x00handle\xff"),
-				PublicKey: []byte{0x30, 0x59, 0x01},
-				Created:   t0.Add(36 * time.Hour),
-			},
-		},
-	}
-}
-
-// equalKeys fails unless got and want are the same keys in the same order.
-// Times are compared with Equal; Schema is expected to be set by the store.
-func equalKeys(t testing.TB, got, want []Key) {
-	t.Helper()
-	if len(got) != len(want) {
-		t.Fatalf("got %d keys %v, want %d", len(got), names(got), len(want))
-	}
-	for i := range want {
-		g, w := got[i], want[i]
-		if g.Schema != schemaVersion {
-			t.Errorf("key %d: Schema %d, want %d", i, g.Schema, schemaVersion)
-		}
-		if !g.Created.Equal(w.Created) {
-			t.Errorf("key %d: Created %v, want %v", i, g.Created, w.Created)
-		}
-		if len(g.Versions) != len(w.Versions) {
-			t.Errorf("key %d: %d versions, want %d", i, len(g.Versions), len(w.Versions))
-			continue
-		}
-		for j := range w.Versions {
-			gv, wv := g.Versions[j], w.Versions[j]
-			if !gv.Created.Equal(wv.Created) {
-				t.Errorf("key %d version %d: Created %v, want %v", i, j, gv.Created, wv.Created)
-			}
-			gv.Created, wv.Created = time.Time{}, time.Time{}
-			if !reflect.DeepEqual(gv, wv) {
-				t.Errorf("key %d version %d:\n got %+v\nwant %+v", i, j, gv, wv)
-			}
-		}
-		g.Schema, w.Schema = 0, 0
-		g.Created, w.Created = time.Time{}, time.Time{}
-		g.Versions, w.Versions = nil, nil
-		if !reflect.DeepEqual(g, w) {
-			t.Errorf("key %d:\n got %+v\nwant %+v", i, g, w)
-		}
-	}
-}
-
-func names(keys []Key) []string {
-	var out []string
-	for _, k := range keys {
-		out = append(out, k.Tenant+"/"+k.Name)
-	}
-	return out
-}
-
-func keys(t testing.TB, s *Store) []Key {
-	t.Helper()
-	ks, err := s.Keys()
-	if err != nil {
-		t.Fatalf("Keys: %v", err)
-	}
-	return ks
+// TestConformance runs the store suite on bbolt.
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) store.Store {
+		s, _ := openStore(t)
+		return s
+	})
 }
 
 func TestOpenCreatesFile0600(t *testing.T) {
@@ -131,35 +55,19 @@ func TestOpenCreatesFile0600(t *testing.T) {
 	}
 }
 
-func TestOpenEmpty(t *testing.T) {
-	s, _ := openStore(t)
-	if ks := keys(t, s); len(ks) != 0 {
-		t.Errorf("new store has keys %v", names(ks))
-	}
-}
-
 func TestOpenBadPath(t *testing.T) {
-	_, err := Open(filepath.Join(t.TempDir(), "no", "such", "dir", "keybroker.db"))
+	_, err := store.Open(filepath.Join(t.TempDir(), "no", "such", "dir", "keybroker.db"))
 	if err == nil || !strings.HasPrefix(err.Error(), "store: ") {
 		t.Errorf("Open in a missing directory: got %v, want a store: error", err)
 	}
-}
-
-func TestCreateKeyRoundTrip(t *testing.T) {
-	s, _ := openStore(t)
-	want := testKey("t1", "signing")
-	if err := s.CreateKey(want); err != nil {
-		t.Fatalf("CreateKey: %v", err)
-	}
-	equalKeys(t, keys(t, s), []Key{want})
 }
 
 // TestRecordFormat reads the raw record: enums are stored by name, handles
 // and public keys as base64, and the schema version is set.
 func TestRecordFormat(t *testing.T) {
 	s, path := openStore(t)
-	k := testKey("t1", "signing")
-	if err := s.CreateKey(k); err != nil {
+	k := storetest.TestKey("t1", "signing")
+	if _, err := s.CreateKey(ctx, k); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Close(); err != nil {
@@ -233,92 +141,15 @@ func TestRecordFormat(t *testing.T) {
 	}
 }
 
-// TestCreateKeyOverwritesSchema: the store sets the schema, whatever the
-// caller passed.
-func TestCreateKeyOverwritesSchema(t *testing.T) {
-	s, _ := openStore(t)
-	k := testKey("t1", "k")
-	k.Schema = 99
-	if err := s.CreateKey(k); err != nil {
-		t.Fatal(err)
-	}
-	if got := keys(t, s)[0].Schema; got != schemaVersion {
-		t.Errorf("Schema %d, want %d", got, schemaVersion)
-	}
-}
-
-func TestCreateKeyDuplicate(t *testing.T) {
-	s, _ := openStore(t)
-	first := testKey("t1", "k")
-	if err := s.CreateKey(first); err != nil {
-		t.Fatal(err)
-	}
-	second := testKey("t1", "k")
-	second.Alg, second.Bits = kms.ES256, 0
-	err := s.CreateKey(second)
-	if !errors.Is(err, kms.ErrAlreadyExists) {
-		t.Fatalf("second CreateKey: got %v, want ErrAlreadyExists", err)
-	}
-	// The first record is untouched.
-	equalKeys(t, keys(t, s), []Key{first})
-
-	// The same name in another tenant is a different key.
-	other := testKey("t2", "k")
-	if err := s.CreateKey(other); err != nil {
-		t.Fatalf("CreateKey in another tenant: %v", err)
-	}
-	equalKeys(t, keys(t, s), []Key{first, other})
-}
-
-func TestUpdateKey(t *testing.T) {
-	s, _ := openStore(t)
-	k := testKey("t1", "k")
-	if err := s.UpdateKey(k); !errors.Is(err, kms.ErrNotFound) {
-		t.Fatalf("UpdateKey of a missing key: got %v, want ErrNotFound", err)
-	}
-	if ks := keys(t, s); len(ks) != 0 {
-		t.Fatalf("failed UpdateKey created %v", names(ks))
-	}
-
-	if err := s.CreateKey(k); err != nil {
-		t.Fatal(err)
-	}
-	other := testKey("t2", "k")
-	if err := s.CreateKey(other); err != nil {
-		t.Fatal(err)
-	}
-
-	updated := testKey("t1", "k")
-	updated.Versions[1].State = kms.StateRetired
-	updated.Versions = append(updated.Versions, Version{
-		Version: 3, Kid: "kid-3", State: kms.StatePending,
-		Handle: kms.Handle{3}, PublicKey: []byte{3, 3}, Created: t0.Add(72 * time.Hour),
-	})
-	if err := s.UpdateKey(updated); err != nil {
-		t.Fatalf("UpdateKey: %v", err)
-	}
-	// Replaced, not merged; the other tenant's key is untouched.
-	equalKeys(t, keys(t, s), []Key{updated, other})
-
-	// A missing name in an existing tenant, and an existing name in a
-	// missing tenant, are both not found.
-	for _, k := range []Key{testKey("t1", "nope"), testKey("t3", "k")} {
-		if err := s.UpdateKey(k); !errors.Is(err, kms.ErrNotFound) {
-			t.Errorf("UpdateKey(%s/%s): got %v, want ErrNotFound", k.Tenant, k.Name, err)
-		}
-	}
-	equalKeys(t, keys(t, s), []Key{updated, other})
-}
-
 func TestKeysSurviveReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keybroker.db")
-	s, err := Open(path)
+	s, err := store.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, b := testKey("t1", "a"), testKey("t1", "b")
-	for _, k := range []Key{a, b} {
-		if err := s.CreateKey(k); err != nil {
+	a, b := storetest.TestKey("t1", "a"), storetest.TestKey("t1", "b")
+	for _, k := range []store.Key{a, b} {
+		if _, err := s.CreateKey(ctx, k); err != nil {
 			s.Close()
 			t.Fatal(err)
 		}
@@ -327,14 +158,14 @@ func TestKeysSurviveReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s, err = Open(path)
+	s, err = store.Open(path)
 	if err != nil {
 		t.Fatalf("reopen: %v", err)
 	}
 	defer s.Close()
-	equalKeys(t, keys(t, s), []Key{a, b})
+	storetest.EqualKeys(t, storetest.Keys(t, s), []store.Key{a, b})
 	// Still duplicate-checked after the reopen.
-	if err := s.CreateKey(a); !errors.Is(err, kms.ErrAlreadyExists) {
+	if _, err := s.CreateKey(ctx, a); !errors.Is(err, kms.ErrAlreadyExists) {
 		t.Errorf("CreateKey after reopen: got %v, want ErrAlreadyExists", err)
 	}
 }
@@ -342,7 +173,7 @@ func TestKeysSurviveReopen(t *testing.T) {
 func TestOpenWhileInUse(t *testing.T) {
 	_, path := openStore(t)
 	start := time.Now()
-	s2, err := Open(path)
+	s2, err := store.Open(path)
 	elapsed := time.Since(start)
 	if err == nil {
 		s2.Close()
@@ -353,37 +184,6 @@ func TestOpenWhileInUse(t *testing.T) {
 	}
 	if elapsed > 2500*time.Millisecond {
 		t.Errorf("second Open took %v to fail, want about a second at most", elapsed)
-	}
-}
-
-func TestKeysOrder(t *testing.T) {
-	s, _ := openStore(t)
-	// Tenants and names chosen so that sorting the joined "tenant/name"
-	// strings, or names alone, would give another order.
-	in := []Key{
-		testKey("b", "a"),
-		testKey("a-x", "a"),
-		testKey("a", "z"),
-		testKey("a", "b.2"),
-		testKey("ab", "0"),
-		testKey("a", "b"),
-		testKey("a", "b-1"),
-	}
-	for _, k := range in {
-		if err := s.CreateKey(k); err != nil {
-			t.Fatalf("CreateKey(%s/%s): %v", k.Tenant, k.Name, err)
-		}
-	}
-	want := []string{"a/b", "a/b-1", "a/b.2", "a/z", "a-x/a", "ab/0", "b/a"}
-	got := keys(t, s)
-	if !reflect.DeepEqual(names(got), want) {
-		t.Fatalf("Keys order: got %v, want %v", names(got), want)
-	}
-	// Each record is its own key, not a neighbour's.
-	for _, k := range got {
-		if k.Versions[0].Kid != "kid-1-"+k.Tenant+"-"+k.Name {
-			t.Errorf("%s/%s carries kid %q", k.Tenant, k.Name, k.Versions[0].Kid)
-		}
 	}
 }
 
@@ -404,15 +204,15 @@ func TestKeysRefusesBadRecords(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, _ := openStore(t)
-			err := s.db.Update(func(tx *bolt.Tx) error {
-				return tx.Bucket(bucketKeys).Put([]byte("t1\x00k"), []byte(tc.record))
+			err := s.DB().Update(func(tx *bolt.Tx) error {
+				return tx.Bucket(store.BucketKeys).Put([]byte("t1\x00k"), []byte(tc.record))
 			})
 			if err != nil {
 				t.Fatal(err)
 			}
-			ks, err := s.Keys()
+			ks, err := s.Keys(ctx)
 			if err == nil {
-				t.Fatalf("Keys = %v, nil; want an error", names(ks))
+				t.Fatalf("Keys = %v, nil; want an error", storetest.Names(ks))
 			}
 			if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), `"t1/k"`) {
 				t.Errorf("Keys: %q, want it to contain %q and name the record t1/k", err, tc.want)
@@ -420,3 +220,5 @@ func TestKeysRefusesBadRecords(t *testing.T) {
 		})
 	}
 }
+
+var ctx = context.Background()
