@@ -77,7 +77,7 @@ func putRev(tx *bolt.Tx, id []byte, r int64) error {
 // CreateKey stores a new key at revision 1; kms.ErrAlreadyExists if
 // (tenant, name) is taken.
 func (s *Bolt) CreateKey(_ context.Context, k Key) (int64, error) {
-	v, err := encode(k)
+	v, err := Encode(k)
 	if err != nil {
 		return 0, err
 	}
@@ -103,7 +103,7 @@ func (s *Bolt) CreateKey(_ context.Context, k Key) (int64, error) {
 
 // UpdateKey replaces the key at revision k.Rev.
 func (s *Bolt) UpdateKey(_ context.Context, k Key) (int64, error) {
-	v, err := encode(k)
+	v, err := Encode(k)
 	if err != nil {
 		return 0, err
 	}
@@ -135,7 +135,7 @@ func (s *Bolt) UpdateKey(_ context.Context, k Key) (int64, error) {
 func registerKids(tx *bolt.Tx, k Key) error {
 	b := tx.Bucket(bucketKids)
 	for _, v := range k.Versions {
-		owner := kidOwner(k, v)
+		owner := KidOwner(k, v)
 		switch got := b.Get([]byte(v.Kid)); {
 		case got == nil:
 			if err := b.Put([]byte(v.Kid), owner); err != nil {
@@ -153,7 +153,7 @@ func (s *Bolt) Keys(context.Context) ([]Key, error) {
 	var keys []Key
 	err := s.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketKeys).ForEach(func(id, v []byte) error {
-			k, err := decode(v)
+			k, err := Decode(v)
 			if err != nil {
 				return fmt.Errorf("store: record %q: %w", bytes.ReplaceAll(id, []byte{0}, []byte("/")), err)
 			}
@@ -175,7 +175,7 @@ func (s *Bolt) Key(_ context.Context, tenant, name string) (Key, error) {
 			return kms.ErrNotFound
 		}
 		var err error
-		if k, err = decode(v); err != nil {
+		if k, err = Decode(v); err != nil {
 			return fmt.Errorf("store: record %s/%s: %w", tenant, name, err)
 		}
 		k.Rev = rev(tx, id)

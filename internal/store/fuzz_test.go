@@ -9,7 +9,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"schema":2}`))
 	f.Add([]byte(`null`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		k, err := decode(b)
+		k, err := Decode(b)
 		if err == nil && check(k) != nil {
 			t.Fatalf("decode accepted a record that fails check: %+v", k)
 		}

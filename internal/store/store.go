@@ -34,6 +34,11 @@ var ErrConflict = errors.New("store: the record changed since it was read")
 // replica no longer leads.
 var ErrNotLeader = fmt.Errorf("store: this replica is not the leader any more: %w", kms.ErrUnavailable)
 
+// ErrUncertain: the store could not say whether a write committed (etcd
+// went away while it was in flight). The writer keeps what the write
+// refers to (a new hardware object and its intent) for Reconcile to settle.
+var ErrUncertain = fmt.Errorf("store: the write may or may not have committed: %w", kms.ErrUnavailable)
+
 // Key and Version are the stored records: rotation's, which decides their
 // transitions (see docs/design.md "Key model and rotation"). Key.Rev is the
 // store's revision of the record.
@@ -89,10 +94,12 @@ type fenceKey struct{}
 // rotation scheduler, which only the leader runs.
 func Fenced(ctx context.Context) context.Context { return context.WithValue(ctx, fenceKey{}, true) }
 
-func isFenced(ctx context.Context) bool { return ctx.Value(fenceKey{}) != nil }
+// IsFenced reports whether ctx was made by Fenced.
+func IsFenced(ctx context.Context) bool { return ctx.Value(fenceKey{}) != nil }
 
-// encode checks a record as decode will and marshals it.
-func encode(k Key) ([]byte, error) {
+// Encode checks a record as Decode will and marshals it, with this
+// schema's version. Backends store what it returns.
+func Encode(k Key) ([]byte, error) {
 	k.Schema = schemaVersion
 	if err := check(k); err != nil {
 		return nil, fmt.Errorf("store: %s/%s: %w", k.Tenant, k.Name, err)
@@ -115,7 +122,9 @@ func check(k Key) error {
 	return nil
 }
 
-func decode(v []byte) (Key, error) {
+// Decode reads a record that Encode made, refusing an incomplete one or one
+// of another schema.
+func Decode(v []byte) (Key, error) {
 	var k Key
 	if err := json.Unmarshal(v, &k); err != nil {
 		return Key{}, err
@@ -126,9 +135,9 @@ func decode(v []byte) (Key, error) {
 	return k, nil
 }
 
-// kidOwner is what the kid registry holds for kid v of k: tenant, name and
+// KidOwner is what the kid registry holds for kid v of k: tenant, name and
 // version, so that a kid is never given to another version.
-func kidOwner(k Key, v Version) []byte {
+func KidOwner(k Key, v Version) []byte {
 	return fmt.Appendf(dbKey(k.Tenant, k.Name), "\x00%d", v.Version)
 }
 
