@@ -50,6 +50,7 @@ type Record struct {
 	Key          string    `json:"key,omitempty"`
 	Version      uint32    `json:"version,omitempty"`
 	Kid          string    `json:"kid,omitempty"`
+	Replica      string    `json:"replica,omitempty"` // the replica that wrote it (store.backend etcd); set by Write
 	Alg          string    `json:"alg,omitempty"`
 	DigestSHA256 string    `json:"digest_sha256,omitempty"` // hex SHA-256 of the signed digest, never the digest itself
 	Code         string    `json:"code"`                    // gRPC code name: "OK", "PERMISSION_DENIED", ...
@@ -168,6 +169,9 @@ type Options struct {
 	// RetryEvery is how often a failed log (not one with a Sink) tries to
 	// recover; default 200ms.
 	RetryEvery time.Duration
+	// Replica, when set, is put in every record (several replicas, each
+	// with its own log: which one served the call).
+	Replica string
 	// OnChange, when set, is called with the reason when the log fails
 	// and with nil when it has recovered (see Err). It must not block.
 	OnChange func(err error)
@@ -194,6 +198,7 @@ type Log struct {
 	now        func() time.Time
 	log        *slog.Logger
 	onChange   func(error)
+	replica    string
 
 	// The writer goroutine's: where the last durable line ends in the
 	// file, and what the last commit found wrong with the file.
@@ -266,6 +271,7 @@ func Open(path string, o Options) (*Log, error) {
 		durable:    Head{Hash: ZeroHash},
 		retryEvery: o.RetryEvery,
 		onChange:   o.OnChange,
+		replica:    o.Replica,
 	}
 	if l.retryEvery <= 0 {
 		l.retryEvery = defaultRetryEvery
@@ -339,6 +345,9 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 		r.Time = l.now()
 	}
 	r.Time = r.Time.UTC()
+	if r.Replica == "" {
+		r.Replica = l.replica
+	}
 	p, err := l.enqueue(r)
 	if err != nil {
 		return err

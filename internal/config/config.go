@@ -9,8 +9,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
@@ -40,6 +42,36 @@ type Config struct {
 	Log      Log      `yaml:"log"`
 	Health   Health   `yaml:"health"`
 	Admin    Admin    `yaml:"admin"`
+	Store    Store    `yaml:"store"`
+}
+
+// Store says where the metadata lives: "bbolt" (the default), a file in
+// state_dir for one daemon, or "etcd", shared by several replicas in front
+// of one network HSM (see docs/operations.md "Running several replicas").
+type Store struct {
+	Backend     string        `yaml:"backend"`
+	Endpoints   []string      `yaml:"endpoints"`
+	Prefix      string        `yaml:"prefix"`
+	DialTimeout time.Duration `yaml:"dial_timeout"`
+	// RequestTimeout bounds each call to etcd.
+	RequestTimeout time.Duration `yaml:"request_timeout"`
+	TLS            StoreTLS      `yaml:"tls"`
+	// Replica names this daemon among the replicas (default: the host
+	// name); it is in the cluster status and in every audit record.
+	Replica string `yaml:"replica"`
+	// LeaseTTL is the rotation leader's etcd lease: a leader that stops
+	// renewing it is replaced within about this long.
+	LeaseTTL time.Duration `yaml:"lease_ttl"`
+	// MaxStaleness is how long a replica cut off from etcd keeps signing
+	// from memory after its last confirmed sync before it refuses.
+	MaxStaleness time.Duration `yaml:"max_staleness"`
+}
+
+// StoreTLS is the client TLS for etcd; empty: plain connections.
+type StoreTLS struct {
+	CAFile   string `yaml:"ca_file"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
 }
 
 // Health configures the backend prober behind grpc.health.v1 and the
@@ -205,6 +237,8 @@ func Default() Config {
 		// NOT_SERVING within a second (interval + timeout), and back
 		// within half a second of its return.
 		Health: Health{ProbeInterval: 250 * time.Millisecond, ProbeTimeout: 250 * time.Millisecond},
+		Store: Store{Backend: "bbolt", Prefix: "/keybroker/", DialTimeout: 5 * time.Second, RequestTimeout: 5 * time.Second,
+			LeaseTTL: 10 * time.Second, MaxStaleness: 10 * time.Second},
 	}
 }
 
@@ -327,6 +361,7 @@ func (c Config) Validate() error {
 	if c.Health.ProbeInterval < 100*time.Millisecond || c.Health.ProbeInterval > time.Hour {
 		add("health.probe_interval: got %v, want 100ms..1h", c.Health.ProbeInterval)
 	}
+	p = append(p, c.validateStore()...)
 	if c.Admin.Address != "" {
 		if err := checkLoopback(c.Admin.Address); err != nil {
 			add("admin.address: %v", err)
@@ -546,6 +581,7 @@ func (c Config) ReloadCheck(next Config) (problems Problems, restart []string) {
 		{"limits", c.Limits != next.Limits},
 		{"log.format", c.Log.Format != next.Log.Format},
 		{"admin", c.Admin != next.Admin},
+		{"store", !reflect.DeepEqual(c.Store, next.Store)},
 	}
 	for _, f := range fixed {
 		if f.changed {
@@ -553,4 +589,54 @@ func (c Config) ReloadCheck(next Config) (problems Problems, restart []string) {
 		}
 	}
 	return problems, restart
+}
+
+func (c Config) validateStore() Problems {
+	var p Problems
+	add := func(format string, args ...any) { p = append(p, fmt.Sprintf(format, args...)) }
+	s := c.Store
+	switch s.Backend {
+	case "bbolt":
+		if len(s.Endpoints) > 0 {
+			add("store.endpoints: set, but store.backend is bbolt (set backend: etcd to use them)")
+		}
+		return p
+	case "etcd":
+	default:
+		add("store.backend: got %q, want bbolt or etcd", s.Backend)
+		return p
+	}
+	if c.Backend == "tpm" {
+		add("store.backend: etcd shares keys between hosts, and a TPM key cannot be used from another host; " +
+			"with backend tpm run one keybrokerd per host with store.backend bbolt")
+	}
+	if len(s.Endpoints) == 0 {
+		add("store.endpoints: backend etcd needs at least one endpoint")
+	}
+	for i, e := range s.Endpoints {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			add("store.endpoints[%d]: %q, want http://HOST:PORT or https://HOST:PORT", i, e)
+		}
+	}
+	if !strings.HasPrefix(s.Prefix, "/") || !strings.HasSuffix(s.Prefix, "/") || len(s.Prefix) < 2 {
+		add("store.prefix: %q must start and end with / and not be / alone", s.Prefix)
+	}
+	if s.DialTimeout <= 0 || s.RequestTimeout <= 0 {
+		add("store.dial_timeout and store.request_timeout: must be > 0")
+	}
+	if s.LeaseTTL < 2*time.Second || s.LeaseTTL > 5*time.Minute || s.LeaseTTL%time.Second != 0 {
+		add("store.lease_ttl: got %v, want whole seconds in 2s..5m", s.LeaseTTL)
+	}
+	if s.MaxStaleness < time.Second || s.MaxStaleness > 10*time.Minute {
+		add("store.max_staleness: got %v, want 1s..10m", s.MaxStaleness)
+	}
+	if s.Replica != "" && kms.ValidateName(s.Replica) != nil {
+		add("store.replica: %q, want ^[a-z0-9][a-z0-9._-]{0,62}$", s.Replica)
+	}
+	t := s.TLS
+	if (t.CertFile == "") != (t.KeyFile == "") {
+		add("store.tls: cert_file and key_file go together")
+	}
+	return p
 }

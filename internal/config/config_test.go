@@ -84,6 +84,16 @@ health:
   probe_timeout: 1s
 admin:
   address: 127.0.0.1:9464
+store:
+  backend: etcd
+  endpoints: [https://10.0.0.1:2379, https://10.0.0.2:2379]
+  prefix: /kb/prod/
+  dial_timeout: 3s
+  request_timeout: 4s
+  tls: {ca_file: /etc/kb/etcd-ca.crt, cert_file: /etc/kb/etcd.crt, key_file: /etc/kb/etcd.key}
+  replica: kb-1
+  lease_ttl: 15s
+  max_staleness: 20s
 `
 
 func TestParseFull(t *testing.T) {
@@ -124,6 +134,10 @@ func TestParseFull(t *testing.T) {
 		Log:    Log{Level: "debug", Format: "text"},
 		Health: Health{ProbeInterval: 2 * time.Second, ProbeTimeout: time.Second},
 		Admin:  Admin{Address: "127.0.0.1:9464"},
+		Store: Store{Backend: "etcd", Endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"}, Prefix: "/kb/prod/",
+			DialTimeout: 3 * time.Second, RequestTimeout: 4 * time.Second,
+			TLS:     StoreTLS{CAFile: "/etc/kb/etcd-ca.crt", CertFile: "/etc/kb/etcd.crt", KeyFile: "/etc/kb/etcd.key"},
+			Replica: "kb-1", LeaseTTL: 15 * time.Second, MaxStaleness: 20 * time.Second},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
@@ -615,5 +629,48 @@ func TestTPMDeviceDefaultsOnlyWithoutTransport(t *testing.T) {
 		case c.problem != "" && (err == nil || !strings.Contains(err.Error(), c.problem)):
 			t.Errorf("%q: Validate = %v, want a problem with %q", c.yaml, err, c.problem)
 		}
+	}
+}
+
+// TestValidateStore: the etcd store's settings are checked, and a TPM
+// with etcd is refused with the reason.
+func TestValidateStore(t *testing.T) {
+	etcd := func(c *Config) {
+		c.Store.Backend = "etcd"
+		c.Store.Endpoints = []string{"http://127.0.0.1:2379"}
+	}
+	for _, tc := range []struct {
+		name string
+		edit func(*Config)
+		want string // "" for valid
+	}{
+		{"bbolt default", func(*Config) {}, ""},
+		{"etcd", etcd, ""},
+		{"unknown backend", func(c *Config) { c.Store.Backend = "redis" }, `store.backend: got "redis"`},
+		{"endpoints with bbolt", func(c *Config) { c.Store.Endpoints = []string{"http://x:1"} }, "store.endpoints: set, but store.backend is bbolt"},
+		{"no endpoints", func(c *Config) { etcd(c); c.Store.Endpoints = nil }, "store.endpoints: backend etcd needs"},
+		{"bad endpoint", func(c *Config) { etcd(c); c.Store.Endpoints = []string{"127.0.0.1:2379"} }, "store.endpoints[0]"},
+		{"bad prefix", func(c *Config) { etcd(c); c.Store.Prefix = "kb" }, "store.prefix"},
+		{"short lease", func(c *Config) { etcd(c); c.Store.LeaseTTL = time.Second }, "store.lease_ttl"},
+		{"fractional lease", func(c *Config) { etcd(c); c.Store.LeaseTTL = 2500 * time.Millisecond }, "store.lease_ttl"},
+		{"staleness", func(c *Config) { etcd(c); c.Store.MaxStaleness = 0 }, "store.max_staleness"},
+		{"replica", func(c *Config) { etcd(c); c.Store.Replica = "Replica 1" }, "store.replica"},
+		{"half tls", func(c *Config) { etcd(c); c.Store.TLS.CertFile = "/x" }, "store.tls"},
+		{"tpm with etcd", func(c *Config) {
+			etcd(c)
+			c.Backend = "tpm"
+		}, "a TPM key cannot be used from another host"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			tc.edit(&c)
+			err := c.Validate()
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("Validate: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("Validate: %v, want it to say %q", err, tc.want)
+			}
+		})
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,11 +28,13 @@ import (
 	"github.com/keybroker/keybroker/hsm"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/authn"
+	"github.com/keybroker/keybroker/internal/cluster"
 	"github.com/keybroker/keybroker/internal/config"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/internal/metrics"
 	"github.com/keybroker/keybroker/internal/server"
 	"github.com/keybroker/keybroker/internal/store"
+	"github.com/keybroker/keybroker/internal/store/etcd"
 	"github.com/keybroker/keybroker/kms"
 )
 
@@ -55,6 +56,8 @@ type Daemon struct {
 	level   *slog.LevelVar // nil: the log level is not reloadable
 	backend kms.Backend
 	store   store.Store
+	etcd    *etcd.Store // the store, when it is etcd (several replicas)
+	cluster atomic.Pointer[cluster.Cluster]
 	audit   *audit.Log
 	ring    *keyring.Keyring
 	svc     *server.Server
@@ -127,7 +130,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	if d.store, err = store.Open(filepath.Join(cfg.StateDir, "keybroker.db")); err != nil {
+	if d.store, d.etcd, err = openStore(cfg); err != nil {
 		return nil, err
 	}
 	access, maxKeys, err := accessFrom(cfg)
@@ -137,15 +140,18 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	d.access.Store(access)
 	d.maxKeys.Store(&maxKeys)
 	d.ring, err = keyring.New(keyring.Options{Backend: d.backend, BackendName: cfg.Backend, Store: d.store, Log: log,
-		Failpoint: o.Failpoint, MaxKeys: func(tenant string) int { return (*d.maxKeys.Load())[tenant] }})
+		Failpoint: o.Failpoint, MaxKeys: func(tenant string) int { return (*d.maxKeys.Load())[tenant] }, Fresh: d.fresh})
 	if err != nil {
 		return nil, err
 	}
 	// Health follows the audit log as it follows the hardware: a log that
 	// fails or recovers asks for a probe at once.
 	d.probeNow = make(chan struct{}, 1)
-	d.audit, err = audit.Open(cfg.AuditPath(), audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log,
-		OnChange: func(error) { d.nudgeProbe() }})
+	auditOpts := audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log, OnChange: func(error) { d.nudgeProbe() }}
+	if d.etcd != nil {
+		auditOpts.Replica = ReplicaID(cfg)
+	}
+	d.audit, err = audit.Open(cfg.AuditPath(), auditOpts)
 	if errors.Is(err, audit.ErrRefused) {
 		// Tampered with or damaged while stopped: someone must look.
 		return nil, fmt.Errorf("%w: audit log: %w", ErrConfig, err)
@@ -182,16 +188,28 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		return nil, fmt.Errorf("backend probe: %w", err)
 	}
 	d.healthy.Store(true)
-	// Remove hardware objects left by an interrupted operation, then apply,
-	// in order, every transition that fell due while the daemon was down.
-	if _, err := d.ring.Reconcile(ctx); err != nil {
-		return nil, fmt.Errorf("reconcile hardware and records: %w", err)
-	}
-	if err := d.ring.Advance(ctx, time.Now()); err != nil {
-		log.Error("applying due rotations at start; retrying on schedule", "err", err)
+	if d.etcd != nil {
+		// One of several replicas: the leader reconciles and rotates.
+		if err := d.joinCluster(ctx); err != nil {
+			return nil, err
+		}
+	} else {
+		// Remove hardware objects left by an interrupted operation, then
+		// apply, in order, every transition that fell due while the
+		// daemon was down.
+		if _, err := d.ring.Reconcile(ctx); err != nil {
+			return nil, fmt.Errorf("reconcile hardware and records: %w", err)
+		}
+		if err := d.ring.Advance(ctx, time.Now()); err != nil {
+			log.Error("applying due rotations at start; retrying on schedule", "err", err)
+		}
 	}
 
-	svc := server.New(server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: healthNudger{d.metrics, d}, Log: log})
+	svcOpts := server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: healthNudger{d.metrics, d}, Log: log}
+	if c := d.cluster.Load(); c != nil {
+		svcOpts.Cluster = c
+	}
+	svc := server.New(svcOpts)
 	d.svc = svc
 	d.health = health.NewServer()
 	newServer := func(creds credentials.TransportCredentials) *grpc.Server {
@@ -299,6 +317,9 @@ func (d *Daemon) Close() {
 	if !d.callsEnded.Load() {
 		d.log.Error("calls still running: not closing the audit log, store and backend")
 		return
+	}
+	if c := d.cluster.Load(); c != nil {
+		c.Close() // resigns the lead at once, rather than after the lease
 	}
 	if d.audit != nil {
 		if err := d.audit.Close(); err != nil {

@@ -87,7 +87,8 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 	// A pool saturated by live calls is busy, not down.
 	backendUp := err == nil || errors.Is(err, kms.ErrResourceExhausted) && !errors.Is(err, kms.ErrUnavailable)
 	auditErr := d.audit.Err()
-	up := backendUp && auditErr == nil
+	storeErr := d.fresh()
+	up := backendUp && auditErr == nil && storeErr == nil
 	was := d.healthy.Swap(up)
 	st := healthpb.HealthCheckResponse_SERVING
 	if !up {
@@ -99,9 +100,12 @@ func (d *Daemon) probe(ctx context.Context, timeout time.Duration) bool {
 	case was && !backendUp:
 		d.log.Error("backend unreachable; health NOT_SERVING", "backend", d.cfg.Backend, "err", err)
 		d.notify("STATUS=backend unreachable: NOT_SERVING")
-	case was && !up:
+	case was && auditErr != nil:
 		d.log.Error("audit log unavailable; health NOT_SERVING", "err", auditErr)
 		d.notify("STATUS=audit log unavailable: NOT_SERVING")
+	case was && !up:
+		d.log.Error("out of touch with etcd past store.max_staleness; health NOT_SERVING", "err", storeErr)
+		d.notify("STATUS=out of touch with etcd: NOT_SERVING")
 	case !was && up:
 		d.log.Info("backend and audit log available again; health SERVING", "backend", d.cfg.Backend)
 		d.notify("STATUS=serving")

@@ -43,11 +43,15 @@ func (d *Daemon) Listen() (net.Listener, error) { return listenUnix(d.cfg.Socket
 // backend (health, watchdog); when ctx is done it tells systemd
 // STOPPING=1 and drains.
 func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
-	sched := rotation.Scheduler{Clock: rotation.SystemClock{}, Advancer: d.ring, Interval: d.cfg.Rotation.CheckInterval, Log: d.log}
-	schedCtx, stopSched := context.WithCancel(ctx)
-	schedDone := make(chan struct{})
-	go func() { sched.Run(schedCtx); close(schedDone) }()
-	defer func() { stopSched(); <-schedDone }()
+	if d.etcd == nil {
+		// One daemon: it rotates. (Of several replicas, the leader does:
+		// see lead.)
+		sched := rotation.Scheduler{Clock: rotation.SystemClock{}, Advancer: d.ring, Interval: d.cfg.Rotation.CheckInterval, Log: d.log}
+		schedCtx, stopSched := context.WithCancel(ctx)
+		schedDone := make(chan struct{})
+		go func() { sched.Run(schedCtx); close(schedDone) }()
+		defer func() { stopSched(); <-schedDone }()
+	}
 
 	servers := []*grpc.Server{d.grpc}
 	errc := make(chan error, 3)

@@ -35,6 +35,7 @@ type Keyring struct {
 	log         *slog.Logger
 	now         func() time.Time
 	failpoint   func(step string)
+	fresh       func() error
 	maxKeys     func(tenant string) int
 
 	mu       sync.RWMutex
@@ -72,6 +73,10 @@ type Options struct {
 	Now         func() time.Time // defaults to time.Now
 	// MaxKeys, when set, is the most keys a tenant may have (0: no limit).
 	MaxKeys func(tenant string) int
+	// Fresh, when set, is asked before every read of the keys in memory
+	// (Sign, GetKey, ListKeys, public keys, JWKS): a replica whose copy
+	// may be stale past its bound refuses (kms.ErrUnavailable).
+	Fresh func() error
 	// Failpoint, when set, is called at each step of a key change:
 	// "before-generate", "after-generate", "before-commit",
 	// "after-commit". Crash tests kill the process there.
@@ -87,6 +92,7 @@ func New(o Options) (*Keyring, error) {
 		log:         o.Log,
 		now:         o.Now,
 		failpoint:   o.Failpoint,
+		fresh:       o.Fresh,
 		maxKeys:     o.MaxKeys,
 		keys:        make(map[keyID]*key),
 		names:       make(map[string][]string),
@@ -105,6 +111,9 @@ func New(o Options) (*Keyring, error) {
 	}
 	if r.maxKeys == nil {
 		r.maxKeys = func(string) int { return 0 }
+	}
+	if r.fresh == nil {
+		r.fresh = func() error { return nil }
 	}
 	recs, err := r.store.Keys(context.Background())
 	if err != nil {
@@ -328,10 +337,9 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 		rec.Rev, err = write(context.WithoutCancel(ctx), rec)
 	}
 	if errors.Is(err, store.ErrConflict) {
-		// Another replica changed the key first: take its record, and
-		// let the caller decide again on it.
+		// Another replica changed the key first: take its record, so
+		// that the caller can decide again on it (see retryConflicts).
 		r.refresh(ctx, keyID{rec.Tenant, rec.Name})
-		err = fmt.Errorf("%w: the key changed on another replica meanwhile; retry", kms.ErrUnavailable)
 	}
 	if err == nil {
 		r.failpoint("after-commit")
@@ -339,6 +347,11 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 	var k *key
 	if err == nil {
 		k, err = newKey(rec)
+	}
+	if errors.Is(err, store.ErrUncertain) {
+		// The record may yet name the new object: keep it and its
+		// intent, for the leader's Reconcile to settle.
+		return nil, fmt.Errorf("record %s: %w", rec.Name, err)
 	}
 	if err != nil {
 		if nv != nil {
@@ -421,6 +434,9 @@ func (r *Keyring) lookup(tenant, name string) (*key, error) {
 	if err := kms.ValidateName(name); err != nil {
 		return nil, err
 	}
+	if err := r.fresh(); err != nil {
+		return nil, err
+	}
 	r.mu.RLock()
 	k := r.keys[keyID{tenant, name}]
 	r.mu.RUnlock()
@@ -455,6 +471,9 @@ func (r *Keyring) ListKeys(ctx context.Context, tenant, after string, limit int)
 		if err := kms.ValidateName(after); err != nil {
 			return nil, "", &kms.FieldError{Field: "page_token", Reason: "not a token from a previous response"}
 		}
+	}
+	if err := r.fresh(); err != nil {
+		return nil, "", err
 	}
 	r.mu.RLock()
 	names := r.names[tenant]
@@ -599,6 +618,9 @@ func (r *Keyring) PublicKey(ctx context.Context, tenant, name string, ref Versio
 // JWKS returns the tenant's JWK Set: every published version of every key,
 // ordered by key name and version. It is served from memory.
 func (r *Keyring) JWKS(ctx context.Context, tenant string) ([]byte, error) {
+	if err := r.fresh(); err != nil {
+		return nil, err
+	}
 	r.mu.RLock()
 	b, ok := r.jwks[tenant]
 	r.mu.RUnlock()

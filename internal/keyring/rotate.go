@@ -206,6 +206,28 @@ func (r *Keyring) RotateKey(ctx context.Context, tenant, name string, ifActive u
 	}()
 
 	defer r.lockKey(id)()
+	err = retryConflicts(func() error {
+		info, rotated, err = r.rotateLocked(ctx, id, ifActive)
+		return err
+	})
+	return info, rotated, err
+}
+
+// retryConflicts runs f again while its commit loses to another replica's
+// (store.ErrConflict, after which the keyring holds the winner's record), a
+// few times: each run decides again, on the record that won.
+func retryConflicts(f func() error) error {
+	var err error
+	for range 8 {
+		if err = f(); !errors.Is(err, store.ErrConflict) {
+			return err
+		}
+	}
+	return err
+}
+
+func (r *Keyring) rotateLocked(ctx context.Context, id keyID, ifActive uint32) (KeyInfo, bool, error) {
+	tenant, name := id.tenant, id.name
 	k := r.current(id)
 	if ifActive != 0 && (k.active == nil || k.active.Version.Version != ifActive) {
 		return k.info(), false, nil
@@ -239,7 +261,7 @@ func (r *Keyring) RotateKey(ctx context.Context, tenant, name string, ifActive u
 // If it was the ACTIVE one, the PENDING version (or a new one) becomes
 // ACTIVE in the same transaction.
 func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref VersionRef) (KeyInfo, error) {
-	k, err := r.lookup(tenant, name)
+	_, err := r.lookup(tenant, name)
 	if err != nil {
 		return KeyInfo{}, err
 	}
@@ -248,7 +270,17 @@ func (r *Keyring) RevokeKeyVersion(ctx context.Context, tenant, name string, ref
 	}
 	id := keyID{tenant, name}
 	defer r.lockKey(id)()
-	k = r.current(id)
+	var info KeyInfo
+	err = retryConflicts(func() error {
+		info, err = r.revokeLocked(ctx, id, ref)
+		return err
+	})
+	return info, err
+}
+
+func (r *Keyring) revokeLocked(ctx context.Context, id keyID, ref VersionRef) (KeyInfo, error) {
+	tenant, name := id.tenant, id.name
+	k := r.current(id)
 	v, err := k.version(ref)
 	if err != nil {
 		return KeyInfo{}, err
@@ -292,15 +324,21 @@ func (r *Keyring) UpdatePolicy(ctx context.Context, tenant, name string, update 
 	}
 	id := keyID{tenant, name}
 	defer r.lockKey(id)()
-	rec := r.current(id).rec.Clone()
-	rec.Policy = update(rec.Policy)
-	if err := rec.Policy.Validate(); err != nil {
-		return KeyInfo{}, err
-	}
-	k, err := r.record(ctx, rec, nil, r.store.UpdateKey)
+	var k *key
+	err := retryConflicts(func() error {
+		rec := r.current(id).rec.Clone()
+		rec.Policy = update(rec.Policy)
+		if err := rec.Policy.Validate(); err != nil {
+			return err
+		}
+		var err error
+		k, err = r.record(ctx, rec, nil, r.store.UpdateKey)
+		return err
+	})
 	if err != nil {
 		return KeyInfo{}, err
 	}
+	rec := k.rec
 	r.log.Info("key policy updated", "tenant", tenant, "key", name,
 		"rotation_period", kms.FormatDuration(rec.Policy.RotationPeriod), "overlap", kms.FormatDuration(rec.Policy.Overlap),
 		"lead", kms.FormatDuration(rec.Policy.Lead), "destroy_delay", kms.FormatDuration(rec.Policy.DestroyDelay))
@@ -341,32 +379,66 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	intents = slices.DeleteFunc(intents, func(in store.Intent) bool { return skip[in.Tenant] })
+	// Another replica's creation in progress is not a leftover: its
+	// object is neither this store's to remove nor foreign.
+	var pending []store.Intent
+	for _, in := range intents {
+		live, err := r.store.IntentLive(ctx, in)
+		if err != nil {
+			return 0, err
+		}
+		if live {
+			pending = append(pending, in)
+		}
+	}
+	intents = slices.DeleteFunc(intents, func(in store.Intent) bool {
+		return slices.ContainsFunc(pending, func(p store.Intent) bool {
+			return p.Tenant == in.Tenant && string(p.Handle) == string(in.Handle)
+		})
+	})
+	// The records as stored, read after the objects and intents: an
+	// object listed was recorded as an intent first, and an intent gone
+	// since was committed in a record read here.
+	recs, err := r.store.Keys(ctx)
+	if err != nil {
+		return 0, err
+	}
+	for _, rec := range recs {
+		if err := r.Apply(rec); err != nil {
+			return 0, err
+		}
+	}
 	objKey := func(tenant string, h kms.Handle) string { return tenant + "\x00" + string(h) }
 	mine := map[string]bool{} // objects of this store that should not exist
 	for _, in := range intents {
 		mine[objKey(in.Tenant, in.Handle)] = true
 	}
+	inProgress := map[string]bool{}
+	for _, in := range pending {
+		inProgress[objKey(in.Tenant, in.Handle)] = true
+	}
 	live := map[string]string{} // objects that should exist → "tenant/name vN STATE"
-	r.mu.RLock()
-	for _, k := range r.keys {
-		if skip[k.rec.Tenant] {
+	for _, rec := range recs {
+		if skip[rec.Tenant] {
 			continue
 		}
-		for _, v := range k.rec.Versions {
-			key := objKey(k.rec.Tenant, v.Handle)
+		for _, v := range rec.Versions {
+			key := objKey(rec.Tenant, v.Handle)
 			if v.State != kms.StateDestroyed {
-				live[key] = fmt.Sprintf("%s/%s v%d %v", k.rec.Tenant, k.rec.Name, v.Version, v.State)
+				live[key] = fmt.Sprintf("%s/%s v%d %v", rec.Tenant, rec.Name, v.Version, v.State)
 			} else {
 				mine[key] = true
 			}
 		}
 	}
-	r.mu.RUnlock()
 	removed, foreign := 0, 0
 	for _, o := range objs {
 		key := objKey(o.Partition.Tenant, o.Handle)
 		if _, ok := live[key]; ok {
 			delete(live, key)
+			continue
+		}
+		if inProgress[key] {
 			continue
 		}
 		if !mine[key] {

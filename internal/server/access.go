@@ -125,6 +125,8 @@ var methodRoles = map[string]Role{
 	kbv1.KeyBroker_CreateSignedHttpRequest_FullMethodName:     RoleSigner,
 	kbv1.KeyBroker_CreateCertificateRequest_FullMethodName:    RoleSigner,
 	kbv1.KeyBroker_CreateSelfSignedCertificate_FullMethodName: RoleSigner,
+
+	kbv1.KeyBroker_GetClusterStatus_FullMethodName: RoleAdmin,
 }
 
 // authorize authenticates the peer of ctx and checks its tenant may call

@@ -50,8 +50,9 @@ type Observer interface {
 type Options struct {
 	Ring     *keyring.Keyring
 	Access   *Access
-	Audit    Auditor  // nil: no audit log
-	Observer Observer // nil: none
+	Audit    Auditor     // nil: no audit log
+	Observer Observer    // nil: none
+	Cluster  ClusterView // nil: a single daemon
 	Log      *slog.Logger
 }
 
@@ -62,6 +63,7 @@ type Server struct {
 	access   atomic.Pointer[Access] // replaced as a whole on reload
 	audit    Auditor
 	observer Observer
+	cluster  ClusterView
 	log      *slog.Logger
 
 	malformed sync.Map // requests that did not decode (malformedCodec)
@@ -72,7 +74,7 @@ func New(o Options) *Server {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, log: o.Log}
+	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, cluster: o.Cluster, log: o.Log}
 	s.access.Store(o.Access)
 	return s
 }

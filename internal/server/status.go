@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/protoadapt"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/keybroker/keybroker/internal/cluster"
 	"github.com/keybroker/keybroker/internal/keyring"
 	"github.com/keybroker/keybroker/kms"
 )
@@ -40,6 +41,8 @@ const (
 	ReasonAuditDown        = "AUDIT_LOG_UNAVAILABLE"
 	ReasonUnknownMethod    = "UNKNOWN_METHOD"
 	ReasonMalformed        = "MALFORMED_REQUEST"
+	ReasonNotACluster      = "NOT_A_CLUSTER"
+	ReasonReplicaStale     = cluster.ReasonStale
 )
 
 // The answers the server gives before or around a handler — denials, a

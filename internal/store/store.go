@@ -28,7 +28,8 @@ var ErrKidReused = errors.New("store: kid already belongs to another key version
 
 // ErrConflict: the record changed since it was read (another replica, or
 // another writer, committed first). Read it again and decide again.
-var ErrConflict = errors.New("store: the record changed since it was read")
+// It is kms.ErrUnavailable to a caller: retrying will decide afresh.
+var ErrConflict = fmt.Errorf("store: the record changed since it was read: %w", kms.ErrUnavailable)
 
 // ErrNotLeader: a fenced write (see Fenced) was refused because this
 // replica no longer leads.
@@ -66,6 +67,9 @@ type Store interface {
 	DeleteIntent(ctx context.Context, tenant string, h kms.Handle) error
 	// Intents returns every intent recorded.
 	Intents(ctx context.Context) ([]Intent, error)
+	// IntentLive reports whether in's owner may still be working on it
+	// (a live replica): such an intent is not a crash's leftover.
+	IntentLive(ctx context.Context, in Intent) (bool, error)
 	Close() error
 }
 

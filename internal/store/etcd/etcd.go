@@ -54,6 +54,13 @@ type Store struct {
 	prefix  string
 	timeout time.Duration
 	fence   atomic.Pointer[fence]
+	owner   atomic.Pointer[owner]
+}
+
+// owner is the replica and its session's lease, put in each intent.
+type owner struct {
+	replica string
+	lease   int64
 }
 
 // fence is the election key this replica holds while it leads.
@@ -112,6 +119,10 @@ func (s *Store) Close() error { return s.c.Close() }
 // Lead makes fenced writes compare the election key: they commit only while
 // key still exists at create revision rev (this replica's leadership).
 func (s *Store) Lead(key string, rev int64) { s.fence.Store(&fence{key, rev}) }
+
+// SetOwner names the replica and its live session lease in every intent it
+// records from now on (see IntentLive).
+func (s *Store) SetOwner(replica string, lease int64) { s.owner.Store(&owner{replica, lease}) }
 
 // Follow makes every fenced write fail with store.ErrNotLeader.
 func (s *Store) Follow() { s.fence.Store(nil) }
@@ -324,6 +335,13 @@ func (s *Store) Key(ctx context.Context, tenant, name string) (store.Key, error)
 // PutIntent records in; it stays until deleted, whatever happens to its
 // owner (its Lease tells Reconcile whether the owner still lives).
 func (s *Store) PutIntent(ctx context.Context, in store.Intent) error {
+	o := s.owner.Load()
+	if o == nil || o.lease == 0 {
+		// Without a live lease to show it is in progress, the leader
+		// could settle the intent while the object is being made.
+		return fmt.Errorf("store: etcd: no session yet: %w", kms.ErrUnavailable)
+	}
+	in.Owner, in.Lease = o.replica, o.lease
 	v, err := json.Marshal(in)
 	if err != nil {
 		return fmt.Errorf("store: encode intent: %w", err)
@@ -363,6 +381,11 @@ func (s *Store) Intents(ctx context.Context) ([]store.Intent, error) {
 		out = append(out, in)
 	}
 	return out, nil
+}
+
+// IntentLive reports whether in's owner's lease is still granted.
+func (s *Store) IntentLive(ctx context.Context, in store.Intent) (bool, error) {
+	return s.LeaseAlive(ctx, in.Lease)
 }
 
 // LeaseAlive reports whether an etcd lease is still granted: an intent

@@ -2783,6 +2783,185 @@ func (x *AttestKeyResponse) GetVersion() uint32 {
 	return 0
 }
 
+type GetClusterStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetClusterStatusRequest) Reset() {
+	*x = GetClusterStatusRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetClusterStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetClusterStatusRequest) ProtoMessage() {}
+
+func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{35}
+}
+
+type GetClusterStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// replica is the id of the replica that answered.
+	Replica string `protobuf:"bytes,1,opt,name=replica,proto3" json:"replica,omitempty"`
+	// leader is the id of the replica running rotation; empty if none.
+	Leader string `protobuf:"bytes,2,opt,name=leader,proto3" json:"leader,omitempty"`
+	// replicas are the ids of the replicas with a live etcd session.
+	Replicas []string `protobuf:"bytes,3,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	// last_sync_age is the time since this replica last proved it holds
+	// every change committed to etcd.
+	LastSyncAge *durationpb.Duration `protobuf:"bytes,4,opt,name=last_sync_age,json=lastSyncAge,proto3" json:"last_sync_age,omitempty"`
+	// serving is false once last_sync_age passed store.max_staleness: the
+	// replica refuses to sign until it is in step again.
+	Serving       bool            `protobuf:"varint,5,opt,name=serving,proto3" json:"serving,omitempty"`
+	Endpoints     []*EtcdEndpoint `protobuf:"bytes,6,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetClusterStatusResponse) Reset() {
+	*x = GetClusterStatusResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetClusterStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetClusterStatusResponse) ProtoMessage() {}
+
+func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *GetClusterStatusResponse) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
+}
+
+func (x *GetClusterStatusResponse) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+func (x *GetClusterStatusResponse) GetReplicas() []string {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetLastSyncAge() *durationpb.Duration {
+	if x != nil {
+		return x.LastSyncAge
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetServing() bool {
+	if x != nil {
+		return x.Serving
+	}
+	return false
+}
+
+func (x *GetClusterStatusResponse) GetEndpoints() []*EtcdEndpoint {
+	if x != nil {
+		return x.Endpoints
+	}
+	return nil
+}
+
+type EtcdEndpoint struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Endpoint      string                 `protobuf:"bytes,1,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Healthy       bool                   `protobuf:"varint,2,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EtcdEndpoint) Reset() {
+	*x = EtcdEndpoint{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EtcdEndpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EtcdEndpoint) ProtoMessage() {}
+
+func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EtcdEndpoint.ProtoReflect.Descriptor instead.
+func (*EtcdEndpoint) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *EtcdEndpoint) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *EtcdEndpoint) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
 var File_keybroker_v1_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_v1_keybroker_proto_rawDesc = "" +
@@ -2989,7 +3168,18 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\n" +
 	"key_public\x18\x04 \x01(\fR\tkeyPublic\x12\x10\n" +
 	"\x03kid\x18\x05 \x01(\tR\x03kid\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\rR\aversion*z\n" +
+	"\aversion\x18\x06 \x01(\rR\aversion\"\x19\n" +
+	"\x17GetClusterStatusRequest\"\xfb\x01\n" +
+	"\x18GetClusterStatusResponse\x12\x18\n" +
+	"\areplica\x18\x01 \x01(\tR\areplica\x12\x16\n" +
+	"\x06leader\x18\x02 \x01(\tR\x06leader\x12\x1a\n" +
+	"\breplicas\x18\x03 \x03(\tR\breplicas\x12=\n" +
+	"\rlast_sync_age\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vlastSyncAge\x12\x18\n" +
+	"\aserving\x18\x05 \x01(\bR\aserving\x128\n" +
+	"\tendpoints\x18\x06 \x03(\v2\x1a.keybroker.v1.EtcdEndpointR\tendpoints\"D\n" +
+	"\fEtcdEndpoint\x12\x1a\n" +
+	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x18\n" +
+	"\ahealthy\x18\x02 \x01(\bR\ahealthy*z\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fALGORITHM_ES256\x10\x01\x12\x13\n" +
@@ -3017,7 +3207,7 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\x9d\v\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\x80\f\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
@@ -3034,7 +3224,8 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x17CreateSignedHttpRequest\x12,.keybroker.v1.CreateSignedHttpRequestRequest\x1a-.keybroker.v1.CreateSignedHttpRequestResponse\x12y\n" +
 	"\x18CreateCertificateRequest\x12-.keybroker.v1.CreateCertificateRequestRequest\x1a..keybroker.v1.CreateCertificateRequestResponse\x12\x82\x01\n" +
 	"\x1bCreateSelfSignedCertificate\x120.keybroker.v1.CreateSelfSignedCertificateRequest\x1a1.keybroker.v1.CreateSelfSignedCertificateResponse\x12L\n" +
-	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
+	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponse\x12a\n" +
+	"\x10GetClusterStatus\x12%.keybroker.v1.GetClusterStatusRequest\x1a&.keybroker.v1.GetClusterStatusResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
 
 var (
 	file_keybroker_v1_keybroker_proto_rawDescOnce sync.Once
@@ -3049,7 +3240,7 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 }
 
 var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(Algorithm)(0),                              // 0: keybroker.v1.Algorithm
 	(KeyState)(0),                               // 1: keybroker.v1.KeyState
@@ -3091,29 +3282,32 @@ var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(*CreateSelfSignedCertificateResponse)(nil), // 37: keybroker.v1.CreateSelfSignedCertificateResponse
 	(*AttestKeyRequest)(nil),                    // 38: keybroker.v1.AttestKeyRequest
 	(*AttestKeyResponse)(nil),                   // 39: keybroker.v1.AttestKeyResponse
-	nil,                                         // 40: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),               // 41: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                 // 42: google.protobuf.Duration
+	(*GetClusterStatusRequest)(nil),             // 40: keybroker.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),            // 41: keybroker.v1.GetClusterStatusResponse
+	(*EtcdEndpoint)(nil),                        // 42: keybroker.v1.EtcdEndpoint
+	nil,                                         // 43: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),               // 44: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                 // 45: google.protobuf.Duration
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	41, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	41, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	41, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	41, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
-	41, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
-	41, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	44, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	44, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	44, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	44, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	44, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
-	41, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
-	42, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
-	42, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
-	42, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
-	42, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	44, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	45, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	45, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	45, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	45, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
 	0,  // 13: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	41, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	44, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
 	5,  // 15: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
 	6,  // 16: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
-	41, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	44, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
 	0,  // 18: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
 	6,  // 19: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 20: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
@@ -3128,45 +3322,49 @@ var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	7,  // 29: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
 	6,  // 30: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 31: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
-	40, // 32: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	42, // 33: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
-	8,  // 34: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	10, // 35: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	12, // 36: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	14, // 37: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	16, // 38: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	18, // 39: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	20, // 40: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
-	22, // 41: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
-	24, // 42: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
-	26, // 43: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
-	28, // 44: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
-	30, // 45: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
-	32, // 46: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
-	34, // 47: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
-	36, // 48: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
-	38, // 49: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
-	9,  // 50: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	11, // 51: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	13, // 52: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	15, // 53: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	17, // 54: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	19, // 55: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	21, // 56: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
-	23, // 57: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
-	25, // 58: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
-	27, // 59: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
-	29, // 60: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
-	31, // 61: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
-	33, // 62: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
-	35, // 63: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
-	37, // 64: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
-	39, // 65: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
-	50, // [50:66] is the sub-list for method output_type
-	34, // [34:50] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	43, // 32: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	45, // 33: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
+	45, // 34: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
+	42, // 35: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
+	8,  // 36: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	10, // 37: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	12, // 38: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	14, // 39: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	16, // 40: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	18, // 41: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	20, // 42: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	22, // 43: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	24, // 44: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	26, // 45: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
+	28, // 46: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
+	30, // 47: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
+	32, // 48: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
+	34, // 49: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
+	36, // 50: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
+	38, // 51: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
+	40, // 52: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
+	9,  // 53: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	11, // 54: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	13, // 55: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	15, // 56: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	17, // 57: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	19, // 58: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	21, // 59: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	23, // 60: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	25, // 61: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	27, // 62: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
+	29, // 63: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
+	31, // 64: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
+	33, // 65: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
+	35, // 66: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
+	37, // 67: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
+	39, // 68: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
+	41, // 69: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
+	53, // [53:70] is the sub-list for method output_type
+	36, // [36:53] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -3180,7 +3378,7 @@ func file_keybroker_v1_keybroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   36,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -40,6 +40,7 @@ const (
 	KeyBroker_CreateCertificateRequest_FullMethodName    = "/keybroker.v1.KeyBroker/CreateCertificateRequest"
 	KeyBroker_CreateSelfSignedCertificate_FullMethodName = "/keybroker.v1.KeyBroker/CreateSelfSignedCertificate"
 	KeyBroker_AttestKey_FullMethodName                   = "/keybroker.v1.KeyBroker/AttestKey"
+	KeyBroker_GetClusterStatus_FullMethodName            = "/keybroker.v1.KeyBroker/GetClusterStatus"
 )
 
 // KeyBrokerClient is the client API for KeyBroker service.
@@ -88,6 +89,10 @@ type KeyBrokerClient interface {
 	CreateSelfSignedCertificate(ctx context.Context, in *CreateSelfSignedCertificateRequest, opts ...grpc.CallOption) (*CreateSelfSignedCertificateResponse, error)
 	// AttestKey proves a TPM key lives in this TPM (TPM2_Certify).
 	AttestKey(ctx context.Context, in *AttestKeyRequest, opts ...grpc.CallOption) (*AttestKeyResponse, error)
+	// GetClusterStatus describes the replicas that share this daemon's etcd
+	// store (admins only). FAILED_PRECONDITION on a single daemon (store
+	// backend bbolt).
+	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error)
 }
 
 type keyBrokerClient struct {
@@ -258,6 +263,16 @@ func (c *keyBrokerClient) AttestKey(ctx context.Context, in *AttestKeyRequest, o
 	return out, nil
 }
 
+func (c *keyBrokerClient) GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetClusterStatusResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_GetClusterStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyBrokerServer is the server API for KeyBroker service.
 // All implementations must embed UnimplementedKeyBrokerServer
 // for forward compatibility.
@@ -304,6 +319,10 @@ type KeyBrokerServer interface {
 	CreateSelfSignedCertificate(context.Context, *CreateSelfSignedCertificateRequest) (*CreateSelfSignedCertificateResponse, error)
 	// AttestKey proves a TPM key lives in this TPM (TPM2_Certify).
 	AttestKey(context.Context, *AttestKeyRequest) (*AttestKeyResponse, error)
+	// GetClusterStatus describes the replicas that share this daemon's etcd
+	// store (admins only). FAILED_PRECONDITION on a single daemon (store
+	// backend bbolt).
+	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error)
 	mustEmbedUnimplementedKeyBrokerServer()
 }
 
@@ -361,6 +380,9 @@ func (UnimplementedKeyBrokerServer) CreateSelfSignedCertificate(context.Context,
 }
 func (UnimplementedKeyBrokerServer) AttestKey(context.Context, *AttestKeyRequest) (*AttestKeyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AttestKey not implemented")
+}
+func (UnimplementedKeyBrokerServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetClusterStatus not implemented")
 }
 func (UnimplementedKeyBrokerServer) mustEmbedUnimplementedKeyBrokerServer() {}
 func (UnimplementedKeyBrokerServer) testEmbeddedByValue()                   {}
@@ -671,6 +693,24 @@ func _KeyBroker_AttestKey_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_GetClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetClusterStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).GetClusterStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_GetClusterStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).GetClusterStatus(ctx, req.(*GetClusterStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyBroker_ServiceDesc is the grpc.ServiceDesc for KeyBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -741,6 +781,10 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AttestKey",
 			Handler:    _KeyBroker_AttestKey_Handler,
+		},
+		{
+			MethodName: "GetClusterStatus",
+			Handler:    _KeyBroker_GetClusterStatus_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
