@@ -7,8 +7,6 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -17,72 +15,22 @@ import (
 
 	"github.com/keybroker/keybroker/kms"
 	"github.com/keybroker/keybroker/kms/kmstest"
-	"github.com/keybroker/keybroker/softhsm"
+	"github.com/keybroker/keybroker/softhsm/p11kittest"
 )
 
-const p11kitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
-
-// p11kitServer runs SoftHSM2 out of process behind `p11-kit server`.
-type p11kitServer struct {
-	t    *testing.T
-	tok  *softhsm.Token
-	sock string
-	cmd  *exec.Cmd
-}
-
-func startP11Kit(t *testing.T) *p11kitServer {
+// startP11Kit serves a SoftHSM2 token through p11-kit server, in a short
+// directory (the socket path must fit in sun_path).
+func startP11Kit(t *testing.T) *p11kittest.Server {
 	t.Helper()
 	if _, err := exec.LookPath("p11-kit"); err != nil {
 		t.Fatal("p11-kit is not installed: run scripts/install-deps.sh (apt-get install p11-kit)")
-	}
-	if _, err := os.Stat(p11kitClient); err != nil {
-		t.Fatalf("%s missing: run scripts/install-deps.sh (apt-get install p11-kit)", p11kitClient)
 	}
 	dir, err := os.MkdirTemp("", "p11k")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "remote")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &p11kitServer{t: t, tok: tok, sock: filepath.Join(dir, "p11.sock")}
-	s.start()
-	t.Cleanup(s.kill)
-	return s
-}
-
-func (s *p11kitServer) start() {
-	s.t.Helper()
-	os.Remove(s.sock)
-	s.cmd = exec.Command("p11-kit", "server", "-f", "--provider", s.tok.ModulePath, "-n", s.sock, "pkcs11:token="+s.tok.Label)
-	s.cmd.Env = append(os.Environ(), s.tok.Env())
-	// Its own process group: the server forks a process per connection,
-	// and "the HSM died" means all of them.
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := s.cmd.Start(); err != nil {
-		s.t.Fatal(err)
-	}
-	// Ready when a client sees the token through it (the socket exists a
-	// moment before the server serves).
-	for i := 0; i < 250; i++ {
-		probe := exec.Command("pkcs11-tool", "--module", p11kitClient, "-L")
-		probe.Env = append(os.Environ(), "P11_KIT_SERVER_ADDRESS=unix:path="+s.sock)
-		if out, err := probe.CombinedOutput(); err == nil && strings.Contains(string(out), s.tok.Label) {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	s.t.Fatal("p11-kit server did not serve the token within 5 s")
-}
-
-func (s *p11kitServer) kill() {
-	if s.cmd != nil && s.cmd.Process != nil {
-		syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-		s.cmd.Wait()
-		s.cmd = nil
-	}
+	return p11kittest.Start(t, dir)
 }
 
 // TestRecoversFromHSMRestart: the HSM process is killed under load and
@@ -91,8 +39,8 @@ func (s *p11kitServer) kill() {
 // without reopening the Backend.
 func TestRecoversFromHSMRestart(t *testing.T) {
 	srv := startP11Kit(t)
-	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+srv.sock)
-	b, err := Open(Config{ModulePath: p11kitClient, TokenLabel: srv.tok.Label, PIN: srv.tok.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", srv.Address())
+	b, err := Open(Config{ModulePath: p11kittest.ClientModule, TokenLabel: srv.Token.Label, PIN: srv.Token.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
 	if err != nil {
 		t.Fatalf("Open through p11-kit: %v", err)
 	}
@@ -105,7 +53,7 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 	const deadline = time.Second
 	load := startSignLoad(b, h, pub, deadline, 4)
 	time.Sleep(300 * time.Millisecond)
-	srv.kill()
+	srv.Kill()
 	killed := time.Now()
 	// Probe reports the outage within a second.
 	var probeDown time.Duration
@@ -122,7 +70,7 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(3*time.Second - time.Since(killed))
-	srv.start()
+	srv.Start()
 	restarted := time.Now()
 	lastOK := load.waitOKAfter(restarted, 10*time.Second)
 	load.halt()
@@ -152,8 +100,8 @@ func TestRecoversFromHSMRestart(t *testing.T) {
 // again once it continues.
 func TestHungHSM(t *testing.T) {
 	srv := startP11Kit(t)
-	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+srv.sock)
-	b, err := Open(Config{ModulePath: p11kitClient, TokenLabel: srv.tok.Label, PIN: srv.tok.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", srv.Address())
+	b, err := Open(Config{ModulePath: p11kittest.ClientModule, TokenLabel: srv.Token.Label, PIN: srv.Token.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +112,7 @@ func TestHungHSM(t *testing.T) {
 		t.Fatal(err)
 	}
 	digest := sha256.Sum256([]byte("x"))
-	pgid := -srv.cmd.Process.Pid
+	pgid := -srv.PID()
 	syscall.Kill(pgid, syscall.SIGSTOP)
 	defer syscall.Kill(pgid, syscall.SIGCONT)
 	const deadline = 500 * time.Millisecond
@@ -212,8 +160,8 @@ func TestHungHSM(t *testing.T) {
 // and no call overruns its deadline by more than a second.
 func TestHungThenRestartedHSM(t *testing.T) {
 	srv := startP11Kit(t)
-	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+srv.sock)
-	b, err := Open(Config{ModulePath: p11kitClient, TokenLabel: srv.tok.Label, PIN: srv.tok.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", srv.Address())
+	b, err := Open(Config{ModulePath: p11kittest.ClientModule, TokenLabel: srv.Token.Label, PIN: srv.Token.PIN, MaxSessions: 8, PoolWaitTimeout: time.Second}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -225,11 +173,11 @@ func TestHungThenRestartedHSM(t *testing.T) {
 	const deadline = 500 * time.Millisecond
 	load := startSignLoad(b, h, pub, deadline, 4)
 	time.Sleep(200 * time.Millisecond)
-	pgid := -srv.cmd.Process.Pid
+	pgid := -srv.PID()
 	syscall.Kill(pgid, syscall.SIGSTOP)
 	time.Sleep(2 * time.Second)
-	srv.kill() // SIGKILL reaches a stopped process
-	srv.start()
+	srv.Kill() // SIGKILL reaches a stopped process
+	srv.Start()
 	restarted := time.Now()
 	lastOK := load.waitOKAfter(restarted, 10*time.Second)
 	load.halt()

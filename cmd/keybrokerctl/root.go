@@ -106,7 +106,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	f.DurationVar(&a.timeout, "timeout", 10*time.Second, "deadline for the whole command")
 
 	root.AddCommand(newHealthCmd(a), newKeysCmd(a), newSignCmd(a), newPubkeyCmd(a), newJWKSCmd(a))
-	root.AddCommand(newAuditCmd(a), newBenchCmd(a))
+	root.AddCommand(newAuditCmd(a), newBenchCmd(a), newClusterCmd(a))
 	root.AddCommand(newReqCnfCmd(a), newDPoPCmd(a), newSHRCmd(a), newJWSCmd(a), newCSRCmd(a), newCertCmd(a), newAttestCmd(a))
 	// Add cobra's own commands now, so that argsAreUsageErrors sees them.
 	root.InitDefaultHelpCmd()

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/keybroker/keybroker/internal/config"
@@ -55,7 +56,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs := o.fs
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: keybrokerd [--config FILE] [flags]\n       keybrokerd --dev [--dev-dir DIR]\n\nFlags override the configuration file.\n\n")
+		fmt.Fprintf(stderr, "Usage: keybrokerd [--config FILE] [flags]\n       keybrokerd --dev [--dev-dir DIR]\n       keybrokerd migrate --from-bbolt FILE --to-config FILE\n\nFlags override the configuration file.\n\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(stderr, "\nExit status: 0 stopped by SIGTERM or SIGINT; %d usage error; %d configuration refused\n"+
 			"(invalid, unusable PIN file, a PKCS#11 module that cannot load or read its own\n"+
@@ -121,6 +122,9 @@ func (o *options) apply(cfg *config.Config) {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "migrate" {
+		return runMigrate(args[1:], stdout, stderr)
+	}
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -231,17 +235,31 @@ func newLogger(c config.Log, level *slog.LevelVar, w io.Writer) *slog.Logger {
 }
 
 // failpoint returns, when KEYBROKER_FAILPOINT names a step of a key change
-// (for crash tests only), a hook that kills the process with SIGKILL there.
+// (for crash tests only), a hook that kills the process with SIGKILL there
+// — or, with "STEP:stop", stops it with SIGSTOP (a pause, as a replica
+// frozen past its lease). With KEYBROKER_FAILPOINT_ARMED=FILE it fires
+// only while FILE exists, so a test can pick the moment.
 func failpoint(log *slog.Logger) func(string) {
-	at := os.Getenv("KEYBROKER_FAILPOINT")
+	at, action, _ := strings.Cut(os.Getenv("KEYBROKER_FAILPOINT"), ":")
 	if at == "" {
 		return nil
 	}
-	log.Warn("crash test: the daemon kills itself at a failpoint", "failpoint", at)
+	armed := os.Getenv("KEYBROKER_FAILPOINT_ARMED")
+	log.Warn("crash test: the daemon kills itself at a failpoint", "failpoint", at, "action", action, "armed_by", armed)
 	return func(step string) {
-		if step == at {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			select {} // the signal is on its way
+		if step != at {
+			return
 		}
+		if armed != "" {
+			if _, err := os.Stat(armed); err != nil {
+				return
+			}
+		}
+		if action == "stop" {
+			syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+			return // continued: go on with the step
+		}
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {} // the signal is on its way
 	}
 }

@@ -22,71 +22,15 @@ import (
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/config"
-	"github.com/keybroker/keybroker/softhsm"
+	"github.com/keybroker/keybroker/softhsm/p11kittest"
 	"github.com/keybroker/keybroker/tpm/swtpmtest"
 )
 
-// p11kitHSM is SoftHSM2 served by `p11-kit server`: an HSM in a process of
-// its own, which a test can stop, continue, kill and start again.
-type p11kitHSM struct {
-	t    *testing.T
-	tok  *softhsm.Token
-	sock string
-	cmd  *exec.Cmd
-}
-
-func startP11kitHSM(t *testing.T, dir string) *p11kitHSM {
+func startP11kitHSM(t *testing.T, dir string) *p11kittest.Server {
 	t.Helper()
-	if _, err := os.Stat(p11kitClient); err != nil {
-		t.Fatalf("%s missing: run scripts/install-deps.sh (apt-get install p11-kit)", p11kitClient)
-	}
-	tok, err := softhsm.Provision(filepath.Join(dir, "hsm"), "remote")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := &p11kitHSM{t: t, tok: tok, sock: filepath.Join(dir, "p11.sock")}
-	h.start()
-	t.Cleanup(func() {
-		h.signal(syscall.SIGCONT)
-		h.kill()
-	})
-	t.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+h.sock)
+	h := p11kittest.Start(t, dir)
+	t.Setenv("P11_KIT_SERVER_ADDRESS", h.Address())
 	return h
-}
-
-func (h *p11kitHSM) start() {
-	h.t.Helper()
-	os.Remove(h.sock)
-	h.cmd = exec.Command("p11-kit", "server", "-f", "--provider", h.tok.ModulePath, "-n", h.sock, "pkcs11:token="+h.tok.Label)
-	h.cmd.Env = append(os.Environ(), h.tok.Env())
-	h.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // it forks per connection
-	if err := h.cmd.Start(); err != nil {
-		h.t.Fatalf("p11-kit server (scripts/install-deps.sh installs p11-kit): %v", err)
-	}
-	for i := 0; i < 250; i++ {
-		probe := exec.Command("pkcs11-tool", "--module", p11kitClient, "-L")
-		probe.Env = append(os.Environ(), "P11_KIT_SERVER_ADDRESS=unix:path="+h.sock)
-		if out, err := probe.CombinedOutput(); err == nil && strings.Contains(string(out), h.tok.Label) {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	h.t.Fatal("p11-kit server did not serve the token within 5 s")
-}
-
-// signal sends sig to the server and the processes it forked.
-func (h *p11kitHSM) signal(sig syscall.Signal) {
-	if h.cmd != nil {
-		syscall.Kill(-h.cmd.Process.Pid, sig)
-	}
-}
-
-func (h *p11kitHSM) kill() {
-	if h.cmd != nil {
-		h.signal(syscall.SIGKILL)
-		h.cmd.Wait()
-		h.cmd = nil
-	}
 }
 
 // waitHealth polls health every 10 ms until it is want, and returns how
@@ -119,10 +63,10 @@ func TestFrozenHardwareHealth(t *testing.T) {
 			case "pkcs11":
 				dir := shortTempDir(t)
 				hsm := startP11kitHSM(t, dir)
-				freeze = func() { hsm.signal(syscall.SIGSTOP) }
-				thaw = func() { hsm.signal(syscall.SIGCONT) }
+				freeze = func() { hsm.Signal(syscall.SIGSTOP) }
+				thaw = func() { hsm.Signal(syscall.SIGCONT) }
 				edit = func(c *config.Config) {
-					c.PKCS11.Module, c.PKCS11.TokenLabel, c.PKCS11.PINFile = p11kitClient, hsm.tok.Label, hsm.tok.PINFile
+					c.PKCS11.Module, c.PKCS11.TokenLabel, c.PKCS11.PINFile = p11kittest.ClientModule, hsm.Token.Label, hsm.Token.PINFile
 				}
 			case "tpm":
 				sim := swtpmtest.Start(t)

@@ -15,9 +15,8 @@ import (
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/softhsm/p11kittest"
 )
-
-const p11kitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 
 // TestHSMRestartHealth: the daemon on SoftHSM2 behind p11-kit server. The
 // HSM process is killed: the next Sign gets UNAVAILABLE with RetryInfo and
@@ -26,12 +25,12 @@ const p11kitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 func TestHSMRestartHealth(t *testing.T) {
 	dir := shortTempDir(t)
 	hsm := startP11kitHSM(t, dir)
-	tok := hsm.tok
+	tok := hsm.Token
 
 	cfg := config.Default()
 	cfg.Socket = filepath.Join(dir, "kb.sock")
 	cfg.StateDir = filepath.Join(dir, "state")
-	cfg.PKCS11.Module, cfg.PKCS11.TokenLabel, cfg.PKCS11.PINFile = p11kitClient, tok.Label, tok.PINFile
+	cfg.PKCS11.Module, cfg.PKCS11.TokenLabel, cfg.PKCS11.PINFile = p11kittest.ClientModule, tok.Label, tok.PINFile
 	// The scheduled probe is too slow for these bounds: health must follow
 	// the calls themselves.
 	cfg.Health.ProbeInterval = time.Minute
@@ -73,7 +72,7 @@ func TestHSMRestartHealth(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	hsm.kill()
+	hsm.Kill()
 	err = sign()
 	firstError := time.Now()
 	st := status.Convert(err)
@@ -96,7 +95,7 @@ func TestHSMRestartHealth(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(3 * time.Second)
-	hsm.start()
+	hsm.Start()
 	back := time.Now()
 	for sign() != nil {
 		if time.Since(back) > 5*time.Second {

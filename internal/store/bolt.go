@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -58,6 +59,15 @@ func Open(path string) (*Bolt, error) {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	return &Bolt{db: db}, nil
+}
+
+// OpenExisting opens the database file at path, which must exist (a
+// migration's source, not a new store).
+func OpenExisting(path string) (*Bolt, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	return Open(path)
 }
 
 // Close closes the database.
