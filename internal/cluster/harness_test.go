@@ -134,10 +134,10 @@ func newEnv(t *testing.T, o envOptions) *env {
 		r.writeConfig()
 		e.replicas = append(e.replicas, r)
 	}
+	// One after the other: SoftHSM2 processes opening one token at the
+	// same moment can fail (CKR_GENERAL_ERROR; systemd would restart).
 	for _, r := range e.replicas {
 		r.start()
-	}
-	for _, r := range e.replicas {
 		r.waitServing(30 * time.Second)
 	}
 	return e

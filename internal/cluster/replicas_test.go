@@ -138,6 +138,11 @@ func TestConcurrentGuardedRotations(t *testing.T) {
 		t.Fatalf("records after the race: %+v, want one key with 2 versions", recs)
 	}
 	e.checkConsistent()
+	if t.Failed() {
+		for _, r := range e.replicas {
+			t.Logf("%s:\n%s", r.id, r.out)
+		}
+	}
 }
 
 // TestLeaderKilledAtFailpoints: the leader's rotation scheduler prepares

@@ -408,12 +408,24 @@ func (r *Keyring) refresh(ctx context.Context, id keyID) {
 	}
 }
 
+// destroyOrphan removes the object of a version that could not be
+// recorded, trying a few times: a token shared by several processes can
+// fail a call now and then (SoftHSM2 answers CKR_TOKEN_NOT_PRESENT while
+// another process rewrites its files). If it still fails, the intent
+// stays, for the Reconcile of the next start or leader.
 func (r *Keyring) destroyOrphan(ctx context.Context, p kms.Partition, h kms.Handle) {
-	if err := r.backend.Destroy(context.WithoutCancel(ctx), p, h); err != nil {
-		r.log.Error("removing a hardware key that could not be recorded", "tenant", p.Tenant, "err", err)
-		return
+	ctx = context.WithoutCancel(ctx)
+	var err error
+	for attempt := range 4 {
+		if attempt > 0 {
+			time.Sleep(time.Duration(attempt) * 100 * time.Millisecond)
+		}
+		if err = r.backend.Destroy(ctx, p, h); err == nil || errors.Is(err, kms.ErrNotFound) {
+			r.dropIntent(ctx, p.Tenant, h)
+			return
+		}
 	}
-	r.dropIntent(ctx, p.Tenant, h)
+	r.log.Error("removing a hardware key that could not be recorded", "tenant", p.Tenant, "err", err)
 }
 
 // dropIntent removes the intent of an object now recorded or destroyed. A

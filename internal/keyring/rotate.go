@@ -387,7 +387,10 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 		if err != nil {
 			return 0, err
 		}
-		if live {
+		// A creation takes at most a call's time; an intent much older
+		// than that is a leftover even if its owner lives (it failed to
+		// remove an object it could not record).
+		if live && r.now().Sub(in.Created) < intentGrace {
 			pending = append(pending, in)
 		}
 	}
@@ -469,6 +472,10 @@ func (r *Keyring) Reconcile(ctx context.Context) (int, error) {
 	}
 	return removed, nil
 }
+
+// intentGrace is how long another live replica's creation intent counts
+// as work in progress.
+const intentGrace = 2 * time.Minute
 
 // isContextErr tells a call's own cancel or deadline.
 func isContextErr(err error) bool {
