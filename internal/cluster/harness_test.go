@@ -116,6 +116,20 @@ func newEnv(t *testing.T, o envOptions) *env {
 		e.etcd = testetcd.Start(t, 3)
 	}
 	e.hsm = p11kittest.Start(t, e.dir)
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		for _, r := range e.replicas {
+			var lines []string
+			for _, l := range strings.Split(r.out.String(), "\n") {
+				if !strings.Contains(l, "level=DEBUG") {
+					lines = append(lines, l)
+				}
+			}
+			t.Logf("%s's log:\n%s", r.id, strings.Join(lines, "\n"))
+		}
+	})
 	for i := range o.replicas {
 		r := &replica{env: e, id: fmt.Sprintf("replica-%d", i+1)}
 		r.dir = filepath.Join(e.dir, r.id)

@@ -179,19 +179,35 @@ func (s *Store) write(ctx context.Context, k store.Key, create bool) (int64, err
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(f.key), "=", f.rev))
 	}
 	puts = append(puts, clientv3.OpPut(path, string(v)))
-	elseOps := []clientv3.Op{clientv3.OpGet(path, clientv3.WithKeysOnly())}
+	elseOps := []clientv3.Op{clientv3.OpGet(path)}
 	if f != nil {
 		elseOps = append(elseOps, clientv3.OpGet(f.key, clientv3.WithKeysOnly()))
 	}
-	resp, err := s.c.Txn(ctx).If(cmps...).Then(puts...).Else(elseOps...).Commit()
-	if err != nil {
-		return s.settle(path, v, err)
+	var resp *clientv3.TxnResponse
+	var lost error // an attempt that failed in flight: it may have been applied
+	for {
+		actx, cancel := s.attempt(ctx)
+		resp, err = s.c.Txn(actx).If(cmps...).Then(puts...).Else(elseOps...).Commit()
+		cancel()
+		if err == nil {
+			break
+		}
+		// Try again while there is time (a member that died under the
+		// call): the compares keep a second attempt from applying if the
+		// first one was, and the value read then tells.
+		lost = err
+		if !pause(ctx) {
+			return s.settle(path, v, err)
+		}
 	}
 	if resp.Succeeded {
 		return resp.Header.Revision, nil
 	}
-	// Why it failed, from the state it failed on.
 	cur := resp.Responses[0].GetResponseRange().Kvs
+	if lost != nil && len(cur) > 0 && bytes.Equal(cur[0].Value, v) {
+		return cur[0].ModRevision, nil // the attempt that failed in flight was applied
+	}
+	// Why it failed, from the state it failed on.
 	if f != nil {
 		lead := resp.Responses[1].GetResponseRange().Kvs
 		if len(lead) == 0 || lead[0].CreateRevision != f.rev {
@@ -212,6 +228,39 @@ func (s *Store) write(ctx context.Context, k store.Key, create bool) (int64, err
 		return 0, err
 	}
 	return 0, store.ErrConflict
+}
+
+// pause waits a moment before an attempt is retried; false when ctx ends
+// first.
+func pause(ctx context.Context) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(100 * time.Millisecond):
+		return true
+	}
+}
+
+// attempt bounds one try of a write within the call's ctx: it fails at
+// once on a member that has no leader (rather than waiting for an
+// election), and after a third of the request timeout on one that hangs,
+// so that the next try can reach another member.
+func (s *Store) attempt(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout/3)
+	return clientv3.WithRequireLeader(ctx), cancel
+}
+
+// retry runs an idempotent write until it succeeds or ctx ends (the etcd
+// client retries reads by itself, not writes that failed in flight).
+func (s *Store) retry(ctx context.Context, call func(context.Context) error) error {
+	for {
+		actx, cancel := s.attempt(ctx)
+		err := call(actx)
+		cancel()
+		if err == nil || !pause(ctx) {
+			return err
+		}
+	}
 }
 
 // settle decides a write whose transaction failed in flight: if the record
@@ -348,7 +397,11 @@ func (s *Store) PutIntent(ctx context.Context, in store.Intent) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	if _, err := s.c.Put(ctx, s.intentPath(in.Tenant, in.Handle), string(v)); err != nil {
+	err = s.retry(ctx, func(ctx context.Context) error {
+		_, err := s.c.Put(ctx, s.intentPath(in.Tenant, in.Handle), string(v))
+		return err
+	})
+	if err != nil {
 		return unavailable("record intent", err)
 	}
 	return nil
@@ -358,7 +411,11 @@ func (s *Store) PutIntent(ctx context.Context, in store.Intent) error {
 func (s *Store) DeleteIntent(ctx context.Context, tenant string, h kms.Handle) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	if _, err := s.c.Delete(ctx, s.intentPath(tenant, h)); err != nil {
+	err := s.retry(ctx, func(ctx context.Context) error {
+		_, err := s.c.Delete(ctx, s.intentPath(tenant, h))
+		return err
+	})
+	if err != nil {
 		return unavailable("delete intent", err)
 	}
 	return nil
