@@ -2,7 +2,9 @@
 # install-deps.sh — install the Debian/Ubuntu packages keybroker needs for
 # dev mode and tests (SoftHSM2, swtpm, TPM and PKCS#11 tools, protoc with
 # the well-known .proto files, and systemd for systemd-analyze and the unit
-# tests in deploy/).
+# tests in deploy/), etcd (the replicas' shared store: tests and
+# `make run-cluster` start their own members) and iproute2 (the cluster
+# tests' network namespaces).
 #
 # Usage: scripts/install-deps.sh [PACKAGE...]
 #
@@ -16,7 +18,7 @@ set -euo pipefail
 # libprotobuf-dev holds google/protobuf/*.proto, which protoc needs for the
 # API's imports: protobuf-compiler only recommends it, and recommends are
 # not installed here.
-readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler libprotobuf-dev systemd)
+readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools protobuf-compiler libprotobuf-dev systemd etcd-server iproute2)
 
 die() {
 	echo "install-deps: $*" >&2
@@ -107,6 +109,15 @@ for p in "${missing[@]}"; do
 	status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
 	if [[ $status != "install ok installed" ]]; then
 		die "$p is still not installed after apt-get install (status \"$status\")"
+	fi
+done
+# Debian's etcd-server enables and starts a system etcd on 127.0.0.1:2379.
+# keybroker only needs the binary (tests and run-cluster start their own
+# members), so a system etcd that this script brought in is switched off.
+for p in "${missing[@]}"; do
+	if [[ $p == etcd-server ]] && [[ -d /run/systemd/system ]]; then
+		"${as_root[@]}" systemctl disable --now etcd.service >/dev/null 2>&1 || true
+		echo "deps: etcd-server installed; its system service is disabled (keybroker starts its own etcd members)"
 	fi
 done
 echo "deps: installed ${missing[*]}"

@@ -1,9 +1,12 @@
 package cluster_test
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -87,6 +90,30 @@ func TestChangesReachEveryReplica(t *testing.T) {
 		}
 		if healthy != 3 {
 			t.Errorf("%s: %d healthy etcd endpoints, want 3: %v", r.id, healthy, st.GetEndpoints())
+		}
+	}
+	// Each replica's own audit log names it in every record, and holds
+	// the signatures it made.
+	for _, r := range e.replicas {
+		b, err := os.ReadFile(filepath.Join(r.dir, "state", "audit.jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		signs := 0
+		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			var rec struct{ Replica, Method, Code string }
+			if err := json.Unmarshal([]byte(line), &rec); err != nil {
+				t.Fatalf("%s audit: %v", r.id, err)
+			}
+			if rec.Replica != r.id {
+				t.Errorf("%s audit record names replica %q: %s", r.id, rec.Replica, line)
+			}
+			if strings.HasSuffix(rec.Method, "/Sign") && rec.Code == "OK" {
+				signs++
+			}
+		}
+		if r != r1 && signs == 0 {
+			t.Errorf("%s audit log has no OK Sign record", r.id)
 		}
 	}
 	e.checkConsistent()
