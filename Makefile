@@ -24,6 +24,11 @@ run: ## Dev mode: daemon in the foreground on SoftHSM2 (or BACKEND=tpm: swtpm) u
 	$(MAKE) --no-print-directory build
 	BACKEND=$(BACKEND) scripts/dev-run.sh
 
+.PHONY: run-cluster
+run-cluster: ## Three replicas on a 3-member etcd and one SoftHSM2 behind p11-kit server, under .keybroker/cluster
+	$(MAKE) --no-print-directory build
+	scripts/run-cluster.sh
+
 .PHONY: test
 test: deps check-proto vet ## Everything CI runs: deps, generated-code check, vet, all tests with -race on real SoftHSM2
 	$(GO) test -race -count=1 -timeout 15m ./...

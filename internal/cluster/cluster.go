@@ -262,8 +262,18 @@ func (c *Cluster) runSession(ctx context.Context, sess *concurrency.Session) {
 		}
 		stop()
 	}()
-	if err := e.Campaign(cctx, c.o.Replica); err != nil {
-		return // the session ended or we are closing
+	// Campaign, when its ctx ends, resigns on the client's own context,
+	// which hangs while etcd is unreachable: wait for it only while ours
+	// lives (closing the client ends it).
+	won := make(chan error, 1)
+	go func() { won <- e.Campaign(cctx, c.o.Replica) }()
+	select {
+	case err := <-won:
+		if err != nil {
+			return // the session ended or we are closing
+		}
+	case <-cctx.Done():
+		return
 	}
 	// Campaign can return after the lease is gone (a pause); the fence
 	// compares the election key, so a stale win commits nothing.
