@@ -14,6 +14,9 @@ def target:
     "ratio ≥ 0.90: " + yes(.ratio >= 0.90)
   elif .label == "gRPC floor: health Check" then
     "(not a target: gRPC alone on this machine)"
+  elif .label == "etcd store Sign" then
+    ((.etcd_ops_per_sec / .bbolt_ops_per_sec) as $r
+     | "etcd \(.etcd_ops_per_sec | n0)/s vs bbolt \(.bbolt_ops_per_sec | n0)/s (2 rounds each): \($r | n2) (within 5 %: \(yes($r >= 0.95)))")
   elif .label == "GetJWKS" then
     "≥ 20,000/s: " + yes(.daemon.ops_per_sec >= 20000)
   elif .ready_s != null then

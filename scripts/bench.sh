@@ -8,6 +8,8 @@
 #   swtpm ES256 Sign at 1 and 4 clients (the daemon on one swtpm, the
 #     in-process baseline on a second one: a TPM serves one connection);
 #   GetJWKS at 16 clients;
+#   Sign with the metadata on etcd (one member) against the bbolt daemon,
+#     ES256 at 16 clients, measured in turn;
 #   the gRPC floor: the health service's Check at 16 clients (no caller
 #     authorization, no audit record, no hardware);
 #   many keys across many tenants (scripts/benchsetup): start to ready,
@@ -141,8 +143,39 @@ record "GetJWKS" "$("$ctl" "${p11[@]}" -o json bench --rpc jwks -c 16 -d "$dur")
 say "gRPC floor (health Check), 16 clients"
 record "gRPC floor: health Check" "$("$ctl" "${p11[@]}" -o json bench --rpc health -c 16 -d "$dur")"
 single=$(jq -s 'map(select(.label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 16))[0].daemon.ops_per_sec' "$results")
-kill "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
+P11_PID=$DAEMON_PID
+
+# --- the etcd store -------------------------------------------------------------
+# A replica signs from memory: with the metadata on etcd (one member here)
+# its Sign should match the bbolt daemon's. Both daemons run on the same
+# token; they are measured in turn, twice each, and the sums compared.
+if command -v etcd >/dev/null; then
+	say "etcd store: starting one etcd member and a replica"
+	etcd --name bench --data-dir "$work/etcd" --listen-client-urls http://127.0.0.1:23990 \
+		--advertise-client-urls http://127.0.0.1:23990 --listen-peer-urls http://127.0.0.1:23991 \
+		--initial-advertise-peer-urls http://127.0.0.1:23991 --initial-cluster bench=http://127.0.0.1:23991 \
+		--log-outputs "$work/etcd.log" --logger zap &
+	pids+=("$!")
+	sed -e "s|^socket: .*|socket: $work/etcd-replica.sock|" -e "s|^state_dir: .*|state_dir: $work/etcd-state|" "$work/pkcs11.yaml" >"$work/etcd.yaml"
+	printf 'store:\n  backend: etcd\n  endpoints: [http://127.0.0.1:23990]\n  replica: bench\n' >>"$work/etcd.yaml"
+	start_daemon "$work/etcd.yaml" "$work/etcd-replica.log"
+	ec=(--socket "$work/etcd-replica.sock" --timeout 30s)
+	"$ctl" "${ec[@]}" keys create es --alg ES256 >/dev/null
+	bb=0 et=0 last=""
+	for round in 1 2; do
+		say "etcd store vs bbolt, ES256, 16 clients, round $round"
+		et=$(jq -n --argjson a "$et" --argjson b "$("$ctl" "${ec[@]}" -o json bench es -c 16 -d "$dur" | tee "$work/etcd-bench.json" | jq .daemon.ops_per_sec)" '$a + $b')
+		bb=$(jq -n --argjson a "$bb" --argjson b "$("$ctl" "${p11[@]}" -o json bench es -c 16 -d "$dur" | jq .daemon.ops_per_sec)" '$a + $b')
+	done
+	record "etcd store Sign" "$(jq -c --argjson et "$et" --argjson bb "$bb" \
+		'. + {etcd_ops_per_sec: ($et / 2), bbolt_ops_per_sec: ($bb / 2)}' "$work/etcd-bench.json")"
+	kill "$DAEMON_PID"
+	wait "$DAEMON_PID" 2>/dev/null || true
+else
+	say "etcd is missing: no etcd store row (make deps)"
+fi
+kill "$P11_PID"
+wait "$P11_PID" 2>/dev/null || true
 
 # --- swtpm ------------------------------------------------------------------
 if command -v swtpm >/dev/null; then
