@@ -26,6 +26,7 @@ var publicRules = map[string][]string{
 	"rotation":               {"kms"},
 	"softhsm":                {},
 	"softhsm/softhsmtest":    {"softhsm"},
+	"softhsm/p11kittest":     {"softhsm"},
 	"pop":                    {},
 	"client":                 {"api/proto/keybroker/v1", "pop"},
 	"api/proto/keybroker/v1": {},
@@ -45,7 +46,7 @@ func TestImportRules(t *testing.T) {
 	}
 	// A test may start a whole daemon (internal/testdaemon) to test a
 	// client against.
-	testHelpers := map[string]bool{"kms/kmstest": true, "softhsm/softhsmtest": true, "tpm/swtpmtest": true, "softhsm": true, "internal/testdaemon": true}
+	testHelpers := map[string]bool{"kms/kmstest": true, "softhsm/softhsmtest": true, "softhsm/p11kittest": true, "tpm/swtpmtest": true, "softhsm": true, "internal/testdaemon": true}
 	wiring := []string{"cmd/", "scripts/", "examples/", "internal/", "docs", "deploy"}
 	fset := token.NewFileSet()
 	seen := map[string]bool{}

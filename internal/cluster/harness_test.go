@@ -189,7 +189,7 @@ store:
   prefix: %s
   replica: %s
   dial_timeout: 2s
-  request_timeout: 2s
+  request_timeout: 4s
   lease_ttl: %s
   max_staleness: %s
 `, r.sock, filepath.Join(r.dir, "state"), p11kittest.ClientModule, e.hsm.Token.Label, e.hsm.Token.PINFile,

@@ -285,7 +285,12 @@ func (s *Store) kidChecks(ctx context.Context, k store.Key) ([]clientv3.Cmp, []c
 	for i, v := range k.Versions {
 		gets[i] = clientv3.OpGet(s.kidPath(v.Kid))
 	}
-	resp, err := s.c.Txn(ctx).Then(gets...).Commit()
+	var resp *clientv3.TxnResponse
+	err := s.retry(ctx, func(ctx context.Context) error {
+		var err error
+		resp, err = s.c.Txn(ctx).Then(gets...).Commit()
+		return err
+	})
 	if err != nil {
 		return nil, nil, unavailable("read kids", err)
 	}

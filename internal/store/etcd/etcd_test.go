@@ -23,11 +23,19 @@ var prefixes atomic.Int64
 
 func open(t *testing.T, c *testetcd.Cluster) *etcd.Store {
 	t.Helper()
+	return openTimeout(t, c, 2*time.Second)
+}
+
+// openTimeout opens a store under a prefix of its own, whose intents name
+// a replica "test" with a lease that needs to exist only for IntentLive.
+func openTimeout(t *testing.T, c *testetcd.Cluster, timeout time.Duration) *etcd.Store {
+	t.Helper()
 	s, err := etcd.Open(etcd.Config{Endpoints: c.Endpoints(), Prefix: fmt.Sprintf("/kb-test-%d/", prefixes.Add(1)),
-		DialTimeout: 2 * time.Second, RequestTimeout: 2 * time.Second})
+		DialTimeout: 2 * time.Second, RequestTimeout: timeout})
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.SetOwner("test", 1)
 	t.Cleanup(func() { s.Close() })
 	return s
 }

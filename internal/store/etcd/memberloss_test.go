@@ -17,8 +17,9 @@ import (
 // member without a leader fails at once and the next reaches another.
 func TestWritesSurviveMemberLoss(t *testing.T) {
 	c := testetcd.Start(t, 3)
-	s := open(t, c)
-	s.SetOwner("r", 1)
+	// The default request timeout: an election under a loaded machine
+	// can take a couple of seconds.
+	s := openTimeout(t, c, 5*time.Second)
 	for i := range 3 {
 		c.Kill(i)
 		start := time.Now()
