@@ -78,7 +78,7 @@ type replica struct {
 	sock string
 	cfg  string
 	arm  string // the failpoint's arming file
-	ns   string // network namespace, "" for the host's
+	ns   *netns // network namespace, nil for the host's
 	env_ []string
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -136,7 +136,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		r.sock = filepath.Join(r.dir, "kb.sock")
 		r.arm = filepath.Join(r.dir, "armed")
 		if ns != nil && i == o.replicas-1 {
-			r.ns = ns.name
+			r.ns = ns
 		}
 		if err := os.MkdirAll(r.dir, 0o700); err != nil {
 			t.Fatal(err)
@@ -160,7 +160,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 func (r *replica) writeConfig() {
 	e := r.env
 	endpoints := e.etcd.Endpoints()
-	if r.ns != "" {
+	if r.ns != nil {
 		for i, ep := range endpoints {
 			endpoints[i] = strings.Replace(ep, "127.0.0.1", e.netnsHost, 1)
 		}
@@ -204,8 +204,8 @@ func (r *replica) start() {
 	t := r.env.t
 	t.Helper()
 	args := []string{filepath.Join(binDir, "keybrokerd"), "--config", r.cfg}
-	if r.ns != "" {
-		args = append([]string{"ip", "netns", "exec", r.ns}, args...)
+	if r.ns != nil {
+		args = append(r.ns.enter(), args...)
 	}
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = append(os.Environ(), r.env_...)

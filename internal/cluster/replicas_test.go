@@ -49,6 +49,38 @@ func TestChangesReachEveryReplica(t *testing.T) {
 		t.Logf("%s signs with the new key after %v", r.id, took.Round(time.Millisecond))
 	}
 
+	// A policy changed on 3 shows in GetKey on 1 and 2, and the key's
+	// JWKS on every replica has its kid.
+	pctx, pcancel := ctxFor(10 * time.Second)
+	defer pcancel()
+	if _, err := r3.api().UpdatePolicy(pctx, &kbv1.UpdatePolicyRequest{Name: "shared",
+		Policy: &kbv1.RotationPolicy{RotationPeriod: durationpb.New(30 * 24 * time.Hour)}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*replica{r1, r2} {
+		if _, err := eventually(propagation, func() error {
+			ctx, cancel := ctxFor(time.Second)
+			defer cancel()
+			k, err := r.api().GetKey(ctx, &kbv1.GetKeyRequest{Name: "shared"})
+			if err != nil {
+				return err
+			}
+			if got := k.GetKey().GetPolicy().GetRotationPeriod().AsDuration(); got != 30*24*time.Hour {
+				return fmt.Errorf("rotation period %v", got)
+			}
+			j, err := r.api().GetJWKS(ctx, &kbv1.GetJWKSRequest{})
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(j.GetJwks(), kid) {
+				return fmt.Errorf("JWKS without %s", kid)
+			}
+			return nil
+		}); err != nil {
+			t.Errorf("%s: the policy changed on %s: %v after %v", r.id, r3.id, err, propagation)
+		}
+	}
+
 	// Rotate on 2, so that the active version is another; revoke the
 	// first on 3.
 	ctx, cancel := ctxFor(10 * time.Second)
