@@ -385,13 +385,20 @@ func eventually(within time.Duration, f func() error) (time.Duration, error) {
 
 func code(err error) codes.Code { return status.Code(err) }
 
-// records reads the records from etcd directly.
-func (e *env) records() []store.Key {
+// store opens the cluster's etcd store directly, for the test's own reads.
+func (e *env) store() *etcd.Store {
 	e.t.Helper()
 	s, err := etcd.Open(etcd.Config{Endpoints: e.etcd.Endpoints(), Prefix: e.prefix, DialTimeout: 2 * time.Second, RequestTimeout: 5 * time.Second})
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	return s
+}
+
+// records reads the records from etcd directly.
+func (e *env) records() []store.Key {
+	e.t.Helper()
+	s := e.store()
 	defer s.Close()
 	keys, err := s.Keys(context.Background())
 	if err != nil {
@@ -403,10 +410,7 @@ func (e *env) records() []store.Key {
 // intents reads the intents from etcd directly.
 func (e *env) intents() []store.Intent {
 	e.t.Helper()
-	s, err := etcd.Open(etcd.Config{Endpoints: e.etcd.Endpoints(), Prefix: e.prefix, DialTimeout: 2 * time.Second, RequestTimeout: 5 * time.Second})
-	if err != nil {
-		e.t.Fatal(err)
-	}
+	s := e.store()
 	defer s.Close()
 	in, err := s.Intents(context.Background())
 	if err != nil {
