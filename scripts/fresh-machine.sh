@@ -11,6 +11,8 @@
 # (commit first: uncommitted changes are not seen), in one fresh root:
 #   run       `make run` until the daemon is healthy and has signed once, then
 #             stop it (scripts/readme-check.sh run)
+#   cluster   `make run-cluster` until its replicas serve and sign, then stop
+#             it (scripts/readme-check.sh cluster)
 #   test      `make test`
 #   service   boot systemd as PID 1 in the root and install the service as
 #             the README says, with SoftHSM2 (scripts/readme-check.sh service)
@@ -37,7 +39,7 @@ cmd=()
 while (($#)); do
 	case "$1" in
 	--keep) keep=true ;;
-	run | test | service) steps+=("$1") ;;
+	run | cluster | test | service) steps+=("$1") ;;
 	--)
 		shift
 		cmd=("$@")
@@ -49,11 +51,11 @@ while (($#)); do
 		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 		exit 0
 		;;
-	*) die "unknown step \"$1\" (want run, test, service or -- COMMAND)" ;;
+	*) die "unknown step \"$1\" (want run, cluster, test, service or -- COMMAND)" ;;
 	esac
 	shift
 done
-((${#steps[@]})) || steps=(run test service)
+((${#steps[@]})) || steps=(run cluster test service)
 
 [[ $(id -u) == 0 ]] || die "needs root (chroot, mounts, namespaces); try: sudo $0 $*"
 command -v go >/dev/null || die "no go on PATH"
@@ -245,6 +247,7 @@ for step in "${steps[@]}"; do
 	rc=0
 	case $step in
 	run) in_chroot scripts/readme-check.sh run || rc=$? ;;
+	cluster) in_chroot scripts/readme-check.sh cluster || rc=$? ;;
 	test) in_chroot make test || rc=$? ;;
 	service)
 		# A machine that runs services has systemd: the project's own
