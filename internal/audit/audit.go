@@ -169,6 +169,16 @@ type Options struct {
 	// RetryEvery is how often a failed log (not one with a Sink) tries to
 	// recover; default 200ms.
 	RetryEvery time.Duration
+	// SyncInterval, when set, is audit.sync "interval": a batch is
+	// written (write(2)) before its Writes return, and synced at most
+	// this often (and at Close). A crash of the process loses nothing (the
+	// kernel has the lines); a crash of the machine can lose what was
+	// written in the last SyncInterval. Zero is "always": every batch is
+	// synced before its Writes return.
+	SyncInterval time.Duration
+	// OnBatch, when set, is called by the writer with the number of
+	// records of each batch it commits (the group commit's depth).
+	OnBatch func(records int)
 	// Replica, when set, is put in every record (several replicas, each
 	// with its own log: which one served the call).
 	Replica string
@@ -199,6 +209,8 @@ type Log struct {
 	log        *slog.Logger
 	onChange   func(error)
 	replica    string
+	syncEvery  time.Duration // 0: sync every batch
+	onBatch    func(int)
 
 	// The writer goroutine's: where the last durable line ends in the
 	// file, and what the last commit found wrong with the file.
@@ -220,7 +232,8 @@ type Log struct {
 	prev      string     // hash of the last line queued
 	queue     []*pending // lines waiting for the writer, in seq order
 	queued    int        // bytes of the lines queued or being committed
-	durable   Head       // the last line synced
+	durable   Head       // the last line written and acknowledged (synced too, unless syncEvery)
+	synced    Head       // the last line synced: what the head file may record
 	failed    error      // why the sink, the file or the head file failed; every Write fails until it recovers
 	failedAt  time.Time  // when failed was set
 	refused   int        // Writes refused since failedAt
@@ -272,6 +285,8 @@ func Open(path string, o Options) (*Log, error) {
 		retryEvery: o.RetryEvery,
 		onChange:   o.OnChange,
 		replica:    o.Replica,
+		syncEvery:  o.SyncInterval,
+		onBatch:    o.OnBatch,
 	}
 	if l.retryEvery <= 0 {
 		l.retryEvery = defaultRetryEvery
@@ -294,7 +309,7 @@ func Open(path string, o Options) (*Log, error) {
 			return nil, err
 		}
 		l.sink, l.file, l.path, l.headPath, l.end = f, f, path, path+".head", end
-		l.seq, l.prev, l.durable, l.anchored = head.Seq, head.Hash, head, head
+		l.seq, l.prev, l.durable, l.synced, l.anchored = head.Seq, head.Hash, head, head, head
 		go l.anchor()
 	} else {
 		close(l.anchorDone)
@@ -403,14 +418,23 @@ func (l *Log) enqueue(r Record) (*pending, error) {
 func (l *Log) run() {
 	defer close(l.done)
 	var buf []byte
+	var lastSync time.Time
+	dirty := false // written lines not yet synced (syncEvery only)
+	var syncTimer *time.Timer
+	var syncDue <-chan time.Time
 	for {
-		<-l.wake
+		select {
+		case <-l.wake:
+		case <-syncDue:
+			syncDue = nil
+		}
 		l.mu.Lock()
 		batch, closing, failed := l.queue, l.closed, l.failed != nil
 		l.queue = nil // its bytes stay in queued until committed
 		l.mu.Unlock()
 		if failed {
 			// The anchor failed the log: fail has answered the queue.
+			dirty = false
 			if !l.recover() {
 				return
 			}
@@ -424,8 +448,10 @@ func (l *Log) run() {
 			}
 			n := len(buf)
 			head := batch[len(batch)-1].head
-			if err := l.commit(buf, batch[0].head.Seq, head); err != nil {
+			syncNow := l.syncEvery == 0 || closing || time.Since(lastSync) >= l.syncEvery
+			if err := l.commit(buf, batch[0].head.Seq, head, syncNow); err != nil {
 				l.fail(err, batch)
+				dirty = false
 				if !l.recover() {
 					return
 				}
@@ -437,19 +463,60 @@ func (l *Log) run() {
 			l.end += int64(n)
 			l.mu.Lock()
 			l.durable = head
+			if syncNow {
+				l.synced = head
+			}
 			l.queued -= n
 			l.mu.Unlock()
-			// The records are on disk: answer their callers. The head
-			// file follows (anchor); a crash before it does leaves
-			// records past the head, which Open accepts.
+			if l.onBatch != nil {
+				l.onBatch(len(batch))
+			}
+			// The records are on disk (or, with syncEvery, written):
+			// answer their callers. The head file follows (anchor); a
+			// crash before it does leaves records past the head, which
+			// Open accepts.
 			for _, p := range batch {
 				p.ack <- nil
 			}
+			if syncNow {
+				lastSync, dirty = time.Now(), false
+				l.wakeAnchor()
+			} else {
+				dirty = true
+			}
+		} else if dirty && (closing || time.Since(lastSync) >= l.syncEvery) {
+			if err := l.sink.Sync(); err != nil {
+				l.fail(fmt.Errorf("syncing records up to %d: %w", l.Head().Seq, err), nil)
+				dirty = false
+				if !l.recover() {
+					return
+				}
+				continue
+			}
+			l.mu.Lock()
+			l.synced = l.durable
+			l.mu.Unlock()
+			lastSync, dirty = time.Now(), false
 			l.wakeAnchor()
 		}
-		if closing {
+		if dirty && syncDue == nil {
+			if syncTimer == nil {
+				syncTimer = time.NewTimer(0)
+				<-syncTimer.C
+			}
+			syncTimer.Reset(max(time.Until(lastSync.Add(l.syncEvery)), 0))
+			syncDue = syncTimer.C
+		}
+		if closing && !dirty {
 			// Nothing is queued after closed is set: the batch was the last.
 			return
+		}
+		if closing {
+			// Sync what was written before returning.
+			select {
+			case l.wake <- struct{}{}:
+			default:
+			}
 		}
 	}
 }
@@ -457,7 +524,7 @@ func (l *Log) run() {
 // commit makes the lines b, seqs first to head.Seq, durable, and checks
 // that they are in the file at the log's path, right after the last
 // durable line.
-func (l *Log) commit(b []byte, first uint64, head Head) error {
+func (l *Log) commit(b []byte, first uint64, head Head, sync bool) error {
 	n, err := l.sink.Write(b)
 	if err == nil && n != len(b) {
 		err = io.ErrShortWrite
@@ -465,8 +532,10 @@ func (l *Log) commit(b []byte, first uint64, head Head) error {
 	if err != nil {
 		return fmt.Errorf("writing records %d to %d: %w", first, head.Seq, err)
 	}
-	if err := l.sink.Sync(); err != nil {
-		return fmt.Errorf("syncing records %d to %d: %w", first, head.Seq, err)
+	if sync {
+		if err := l.sink.Sync(); err != nil {
+			return fmt.Errorf("syncing records %d to %d: %w", first, head.Seq, err)
+		}
 	}
 	if err := l.checkFile(l.end + int64(len(b))); err != nil {
 		return fmt.Errorf("records %d to %d are not in the log file: %w", first, head.Seq, err)

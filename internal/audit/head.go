@@ -69,7 +69,9 @@ func (l *Log) lastAnchor() {
 func (l *Log) writeAnchor() error {
 	l.headMu.Lock()
 	defer l.headMu.Unlock()
-	head := l.Head()
+	l.mu.Lock()
+	head := l.synced
+	l.mu.Unlock()
 	if head == l.anchored {
 		return nil
 	}

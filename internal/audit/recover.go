@@ -214,7 +214,7 @@ func (l *Log) repair() error {
 	}
 	l.end, l.damage, l.anchored = end+int64(len(line)), damage{}, head
 	l.mu.Lock()
-	l.durable, l.seq, l.prev = head, head.Seq, head.Hash
+	l.durable, l.synced, l.seq, l.prev = head, head, head.Seq, head.Hash
 	l.failed = nil
 	l.mu.Unlock()
 	if brk != "" {

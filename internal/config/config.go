@@ -144,6 +144,11 @@ type Audit struct {
 	// WriteTimeout: a call whose record is not durable within it fails
 	// with UNAVAILABLE (and a signature is not released).
 	WriteTimeout time.Duration `yaml:"write_timeout"`
+	// Sync is "always" (a record is synced to disk before its call
+	// returns) or "interval" (written before, synced at most every
+	// SyncInterval): see docs/operations.md "The audit log's durability".
+	Sync         string        `yaml:"sync"`
+	SyncInterval time.Duration `yaml:"sync_interval"`
 }
 
 // PKCS11 configures the PKCS#11 backend.
@@ -224,7 +229,7 @@ func Default() Config {
 			PoolWaitTimeout: 2 * time.Second,
 		},
 		TPM:      TPM{Device: DefaultTPMDevice, Timeout: 5 * time.Second},
-		Audit:    Audit{WriteTimeout: time.Second},
+		Audit:    Audit{WriteTimeout: time.Second, Sync: "always", SyncInterval: 50 * time.Millisecond},
 		Rotation: Rotation{CheckInterval: time.Minute},
 		Limits: Limits{
 			MaxRecvMsgSize:       64 << 10,
@@ -336,6 +341,15 @@ func (c Config) Validate() error {
 		if c.TCP.CertFile == "" || c.TCP.KeyFile == "" || c.TCP.ClientCAFile == "" {
 			add("tcp: address is set, so cert_file, key_file and client_ca_file must be too")
 		}
+	}
+	switch c.Audit.Sync {
+	case "always":
+	case "interval":
+		if c.Audit.SyncInterval < time.Millisecond || c.Audit.SyncInterval > 10*time.Second {
+			add("audit.sync_interval: got %v, want 1ms..10s", c.Audit.SyncInterval)
+		}
+	default:
+		add("audit.sync: got %q, want always or interval", c.Audit.Sync)
 	}
 	if c.Audit.WriteTimeout <= 0 || c.Audit.WriteTimeout > time.Minute {
 		add("audit.write_timeout: got %v, want > 0 and at most 1m", c.Audit.WriteTimeout)

@@ -69,6 +69,8 @@ tcp:
 audit:
   path: /var/log/kb/audit.jsonl
   write_timeout: 2s
+  sync: interval
+  sync_interval: 20ms
 rotation:
   check_interval: 30s
 limits:
@@ -123,7 +125,7 @@ func TestParseFull(t *testing.T) {
 			PKCS11: &TenantToken{TokenLabel: "payments", PINFile: "/etc/kb/payments.pin"},
 		}},
 		TCP:      TCP{Address: "127.0.0.1:8443", CertFile: "/etc/kb/tls.crt", KeyFile: "/etc/kb/tls.key", ClientCAFile: "/etc/kb/clients.crt"},
-		Audit:    Audit{Path: "/var/log/kb/audit.jsonl", WriteTimeout: 2 * time.Second},
+		Audit:    Audit{Path: "/var/log/kb/audit.jsonl", WriteTimeout: 2 * time.Second, Sync: "interval", SyncInterval: 20 * time.Millisecond},
 		Rotation: Rotation{CheckInterval: 30 * time.Second},
 		Limits: Limits{
 			MaxRecvMsgSize:       131072,
@@ -656,6 +658,9 @@ func TestValidateStore(t *testing.T) {
 		{"staleness", func(c *Config) { etcd(c); c.Store.MaxStaleness = 0 }, "store.max_staleness"},
 		{"replica", func(c *Config) { etcd(c); c.Store.Replica = "Replica 1" }, "store.replica"},
 		{"half tls", func(c *Config) { etcd(c); c.Store.TLS.CertFile = "/x" }, "store.tls"},
+		{"audit interval", func(c *Config) { c.Audit.Sync = "interval" }, ""},
+		{"audit sync", func(c *Config) { c.Audit.Sync = "sometimes" }, `audit.sync: got "sometimes"`},
+		{"audit sync interval", func(c *Config) { c.Audit.Sync, c.Audit.SyncInterval = "interval", 0 }, "audit.sync_interval"},
 		{"tpm with etcd", func(c *Config) {
 			etcd(c)
 			c.Backend = "tpm"

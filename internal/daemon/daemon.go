@@ -147,7 +147,14 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	// Health follows the audit log as it follows the hardware: a log that
 	// fails or recovers asks for a probe at once.
 	d.probeNow = make(chan struct{}, 1)
-	auditOpts := audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log, OnChange: func(error) { d.nudgeProbe() }}
+	batches := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "keybroker_audit_batch_records",
+		Help:    "Records per audit log commit (one write, one sync): the group commit's depth.",
+		Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256}})
+	auditOpts := audit.Options{Timeout: cfg.Audit.WriteTimeout, Log: log, OnChange: func(error) { d.nudgeProbe() },
+		OnBatch: func(n int) { batches.Observe(float64(n)) }}
+	if cfg.Audit.Sync == "interval" {
+		auditOpts.SyncInterval = cfg.Audit.SyncInterval
+	}
 	if d.etcd != nil {
 		auditOpts.Replica = ReplicaID(cfg)
 	}
@@ -160,6 +167,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		return nil, fmt.Errorf("audit log: %w", err)
 	}
 	d.metrics = metrics.New(keySource{d}, tenantNames(cfg))
+	d.metrics.Registry().MustRegister(batches)
 	if sessions, ok := d.backend.(kms.SessionCounter); ok {
 		d.metrics.Registry().MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "keybroker_backend_sessions_in_use",

@@ -1,0 +1,82 @@
+package audit
+
+import (
+	"fmt"
+	"os"
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestSyncInterval: with Options.SyncInterval, Writes return once their
+// batch is written, syncs happen at most once per interval, lines written
+// and not yet synced are synced within about an interval even with no new
+// Write, and Close syncs what is left; the head (synced) follows the
+// syncs while Head (acknowledged) follows the writes.
+func TestSyncInterval(t *testing.T) {
+	sink, path := newCountingSink(t)
+	sink.syncDelay = 5 * time.Millisecond
+	const interval = 300 * time.Millisecond
+	var batches, records atomic.Int64
+	l := openLog(t, "", Options{Sink: sink, SyncInterval: interval,
+		OnBatch: func(n int) { batches.Add(1); records.Add(int64(n)) }})
+	ctx := context.Background()
+	start := time.Now()
+	for i := range 40 {
+		if err := l.Write(ctx, Record{RequestID: "r", Method: "/m", Code: "OK", Key: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	elapsed := time.Since(start)
+	if got := sink.writes.Load(); got != 40 {
+		t.Errorf("%d writes for 40 sequential records, want 40", got)
+	}
+	if max := int64(elapsed/interval) + 2; sink.syncs.Load() > max {
+		t.Errorf("%d syncs in %v, want at most %d with a %v interval", sink.syncs.Load(), elapsed, max, interval)
+	}
+	if batches.Load() != 40 || records.Load() != 40 {
+		t.Errorf("OnBatch: %d batches of %d records, want 40 of 40", batches.Load(), records.Load())
+	}
+	if h := l.Head(); h.Seq != 40 {
+		t.Errorf("Head after 40 acknowledged writes: %+v", h)
+	}
+	// Idle: the last lines get synced within about an interval.
+	before := sink.syncs.Load()
+	deadline := time.Now().Add(3 * interval)
+	for {
+		l.mu.Lock()
+		synced := l.synced
+		l.mu.Unlock()
+		if synced.Seq == 40 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("synced head %+v %v after the last write, want seq 40", synced, 3*interval)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if sink.syncs.Load() != before+1 {
+		t.Errorf("%d syncs while idle, want 1", sink.syncs.Load()-before)
+	}
+	// Close syncs a line written just before it.
+	if err := l.Write(ctx, Record{RequestID: "r", Method: "/m", Code: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	before = sink.syncs.Load()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if sink.syncs.Load() != before+1 {
+		t.Errorf("Close made %d syncs, want 1", sink.syncs.Load()-before)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	head := l.Head()
+	if n, err := Verify(f, &head); err != nil || n != 41 {
+		t.Errorf("the log: %d records, %v; want 41 that verify", n, err)
+	}
+}
