@@ -1,9 +1,9 @@
 package audit
 
 import (
+	"context"
 	"fmt"
 	"os"
-	"context"
 	"sync/atomic"
 	"testing"
 	"time"
