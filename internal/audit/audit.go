@@ -356,14 +356,7 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	if r.Time.IsZero() {
-		r.Time = l.now()
-	}
-	r.Time = r.Time.UTC()
-	if r.Replica == "" {
-		r.Replica = l.replica
-	}
-	p, err := l.enqueue(r)
+	p, err := l.enqueue(l.complete(r))
 	if err != nil {
 		return err
 	}
@@ -377,6 +370,29 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	case <-ctx.Done():
 		return fmt.Errorf("%w: record seq %d not yet durable: %w", ErrUnavailable, p.head.Seq, ctx.Err())
 	}
+}
+
+// Queue appends r to the log like Write, in the same order, but returns
+// once it is queued, not once it is durable: for calls whose answer
+// reveals nothing that is not public (a public key, a JWK Set), which need
+// not wait for the disk. It fails, like Write, when the log is failed or
+// its queue is full. A crash can lose a queued record that Write would
+// have waited for.
+func (l *Log) Queue(r Record) error {
+	_, err := l.enqueue(l.complete(r))
+	return err
+}
+
+// complete sets what Write and Queue set in every record.
+func (l *Log) complete(r Record) Record {
+	if r.Time.IsZero() {
+		r.Time = l.now()
+	}
+	r.Time = r.Time.UTC()
+	if r.Replica == "" {
+		r.Replica = l.replica
+	}
+	return r
 }
 
 // enqueue chains r to the last line and queues it for the writer. Seqs are

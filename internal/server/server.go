@@ -31,10 +31,22 @@ import (
 	"github.com/keybroker/keybroker/kms"
 )
 
-// Auditor records one audit line per RPC and returns once it is durable
-// (*audit.Log). An error withholds the response.
+// Auditor records one audit line per RPC (*audit.Log): Write returns once
+// it is durable, Queue once it is in line (for publicReads). An error
+// withholds the response.
 type Auditor interface {
 	Write(ctx context.Context, r audit.Record) error
+	Queue(r audit.Record) error
+}
+
+// publicReads are the methods whose answer is public data (public keys,
+// JWK Sets, key metadata): recorded in order like every call, but their
+// answer does not wait for the record to reach the disk.
+var publicReads = map[string]bool{
+	kbv1.KeyBroker_GetJWKS_FullMethodName:      true,
+	kbv1.KeyBroker_GetPublicKey_FullMethodName: true,
+	kbv1.KeyBroker_GetKey_FullMethodName:       true,
+	kbv1.KeyBroker_ListKeys_FullMethodName:     true,
 }
 
 // Observer is told about every keybroker.v1 call once it is answered
@@ -114,7 +126,12 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	}
 	if s.audit != nil {
 		rec := auditRecord(reqID, info.FullMethod, caller, req, resp, code, time.Since(start))
-		aerr := s.audit.Write(context.WithoutCancel(ctx), rec)
+		var aerr error
+		if publicReads[info.FullMethod] {
+			aerr = s.audit.Queue(rec)
+		} else {
+			aerr = s.audit.Write(context.WithoutCancel(ctx), rec)
+		}
 		switch {
 		case aerr != nil && adminChanges[info.FullMethod] && code != codes.Unavailable:
 			// The change (or its refusal) happened, and its intent record
