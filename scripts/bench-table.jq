@@ -14,6 +14,10 @@ def target:
     "ratio ≥ 0.90: " + yes(.ratio >= 0.90)
   elif .label == "gRPC floor: health Check" then
     "(not a target: gRPC alone on this machine)"
+  elif .label == "vs p11-kit remoting" and .daemon.algorithm == "ES256" then
+    "keybroker / peer ≥ 1.5 (in-process column: the peer): " + yes(.ratio >= 1.5)
+  elif .label == "vs p11-kit remoting" then
+    "keybroker / peer ≥ 1.0 (in-process column: the peer): " + yes(.ratio >= 1.0)
   elif .label == "etcd store Sign" then
     ((.etcd_ops_per_sec / .bbolt_ops_per_sec) as $r
      | "etcd \(.etcd_ops_per_sec | n0)/s vs bbolt \(.bbolt_ops_per_sec | n0)/s (2 rounds each): \($r | n2) (within 5 %: \(yes($r >= 0.95)))")

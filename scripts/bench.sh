@@ -8,6 +8,9 @@
 #   swtpm ES256 Sign at 1 and 4 clients (the daemon on one swtpm, the
 #     in-process baseline on a second one: a TPM serves one connection);
 #   GetJWKS at 16 clients;
+#   the peer: SoftHSM2 ES256 and RS256 at 4 and 16 clients signed
+#     in-process over p11-kit remoting (p11-kit-client.so to `p11-kit
+#     server`), against the daemon in the same command;
 #   Sign with the metadata on etcd (one member) against the bbolt daemon,
 #     ES256 at 16 clients, measured in turn;
 #   the gRPC floor: the health service's Check at 16 clients (no caller
@@ -144,6 +147,30 @@ say "gRPC floor (health Check), 16 clients"
 record "gRPC floor: health Check" "$("$ctl" "${p11[@]}" -o json bench --rpc health -c 16 -d "$dur")"
 single=$(jq -s 'map(select(.label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 16))[0].daemon.ops_per_sec' "$results")
 P11_PID=$DAEMON_PID
+
+# --- the peer: the same token through p11-kit remoting -------------------------
+# What a service does without keybroker to keep keys off its host: sign
+# in-process (crypto11, through keybroker's hsm package) over
+# p11-kit-client.so, the token served by `p11-kit server`. The daemon is
+# measured again in the same command, so keybroker / peer is back to back.
+p11client=/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so
+if command -v p11-kit >/dev/null && [ -f "$p11client" ]; then
+	SOFTHSM2_CONF=$CONF p11-kit server -f --provider "$MODULE" -n "$work/p11kit.sock" "pkcs11:token=$LABEL" >/dev/null 2>"$work/p11kit.log" &
+	pids+=("$!")
+	for _ in $(seq 100); do
+		[ -S "$work/p11kit.sock" ] && break
+		sleep 0.05
+	done
+	peer=(--baseline --backend pkcs11 --pkcs11-module "$p11client" --token-label "$LABEL" --pin-file "$PIN_FILE")
+	for key in es rs; do
+		for c in 4 16; do
+			say "p11-kit remoting peer, $key, $c clients"
+			record "vs p11-kit remoting" "$(P11_KIT_SERVER_ADDRESS=unix:path=$work/p11kit.sock "$ctl" "${p11[@]}" -o json bench "$key" -c "$c" -d "$dur" "${peer[@]}")"
+		done
+	done
+else
+	say "p11-kit is missing: no peer rows (make deps)"
+fi
 
 # --- the etcd store -------------------------------------------------------------
 # A replica signs from memory: with the metadata on etcd (one member here)
