@@ -20,6 +20,7 @@
 package audit
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -29,6 +30,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -331,6 +333,45 @@ func encodeLine(r Record) ([]byte, Head, error) {
 	return append(line, '\n'), Head{Seq: r.Seq, Hash: hex.EncodeToString(sum[:])}, nil
 }
 
+// A record's JSON starts with its seq and ends with its prev (the first and
+// last fields of Record); encodeBody keeps what lies between.
+var (
+	seqPrefix  = []byte(`{"seq":0,`)
+	prevSuffix = []byte(`"prev":""}`)
+)
+
+// encodeBody encodes r without its seq and prev; chainLine adds them. The
+// two make exactly the line encodeLine makes of r with them.
+func encodeBody(r Record) ([]byte, error) {
+	r.Seq, r.Prev = 0, ""
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, fmt.Errorf("audit: encoding record: %w", err)
+	}
+	if !bytes.HasPrefix(b, seqPrefix) || !bytes.HasSuffix(b, prevSuffix) {
+		return nil, fmt.Errorf("audit: encoding record: unexpected shape %.40q", b)
+	}
+	return b[len(seqPrefix) : len(b)-len(prevSuffix)], nil
+}
+
+// chainLine is the line of the record mid (from encodeBody) at seq, after
+// the line whose hash is prev, with its head.
+func chainLine(mid []byte, seq uint64, prev string) ([]byte, Head, error) {
+	line := make([]byte, 0, len(mid)+len(prev)+40)
+	line = append(line, `{"seq":`...)
+	line = strconv.AppendUint(line, seq, 10)
+	line = append(line, ',')
+	line = append(line, mid...)
+	line = append(line, `"prev":"`...)
+	line = append(line, prev...) // hex: nothing to escape
+	line = append(line, `"}`...)
+	if len(line) > MaxLineBytes {
+		return nil, Head{}, fmt.Errorf("audit: record: got %d bytes, want at most %d", len(line), MaxLineBytes)
+	}
+	sum := sha256.Sum256(line)
+	return append(line, '\n'), Head{Seq: seq, Hash: hex.EncodeToString(sum[:])}, nil
+}
+
 // Head returns the seq and hash of the last durable line. While the log is
 // open the head file lags it (by up to Options.HeadEvery); once Close has
 // returned nil, the head file holds it too. With a Sink, it is the head to
@@ -356,7 +397,11 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	p, err := l.enqueue(l.complete(r))
+	mid, err := encodeBody(l.complete(r))
+	if err != nil {
+		return err
+	}
+	p, err := l.enqueue(mid)
 	if err != nil {
 		return err
 	}
@@ -379,7 +424,11 @@ func (l *Log) Write(ctx context.Context, r Record) error {
 // its queue is full. A crash can lose a queued record that Write would
 // have waited for.
 func (l *Log) Queue(r Record) error {
-	_, err := l.enqueue(l.complete(r))
+	mid, err := encodeBody(l.complete(r))
+	if err != nil {
+		return err
+	}
+	_, err = l.enqueue(mid)
 	return err
 }
 
@@ -395,9 +444,11 @@ func (l *Log) complete(r Record) Record {
 	return r
 }
 
-// enqueue chains r to the last line and queues it for the writer. Seqs are
-// assigned under the lock that queues, so the file is in seq order.
-func (l *Log) enqueue(r Record) (*pending, error) {
+// enqueue chains a record (mid, from encodeBody) to the last line and
+// queues it for the writer. Seqs are assigned under the lock that queues,
+// so the file is in seq order; the JSON encoding is done before, outside
+// it, so that concurrent calls do not wait on each other's encoding.
+func (l *Log) enqueue(mid []byte) (*pending, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.failed != nil {
@@ -407,8 +458,7 @@ func (l *Log) enqueue(r Record) (*pending, error) {
 	if l.closed {
 		return nil, fmt.Errorf("%w: closed", ErrUnavailable)
 	}
-	r.Seq, r.Prev = l.seq+1, l.prev
-	line, head, err := encodeLine(r)
+	line, head, err := chainLine(mid, l.seq+1, l.prev)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -78,5 +79,35 @@ func TestSyncInterval(t *testing.T) {
 	head := l.Head()
 	if n, err := Verify(f, &head); err != nil || n != 41 {
 		t.Errorf("the log: %d records, %v; want 41 that verify", n, err)
+	}
+}
+
+// TestChainLineMatchesEncodeLine: the line spliced from a body encoded
+// outside the lock is byte for byte the line of the whole record.
+func TestChainLineMatchesEncodeLine(t *testing.T) {
+	recs := []Record{
+		{},
+		{Time: time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC), RequestID: "id", Tenant: "t\"<>&\u2028", Caller: "uid:1",
+			Method: "/keybroker.v1.KeyBroker/Sign", Key: "k", Version: 3, Kid: "kid", Replica: "r-1", Alg: "ES256",
+			DigestSHA256: "ab", Code: "OK", LatencyMS: 1.5, Note: "n"},
+		{Method: MethodBreak, Break: &Break{AfterSeq: 7, AfterHash: ZeroHash, Reason: "gone"}},
+	}
+	for i, r := range recs {
+		r.Seq, r.Prev = uint64(1000+i), strings.Repeat("ab", 32)
+		want, wantHead, err := encodeLine(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mid, err := encodeBody(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, head, err := chainLine(mid, r.Seq, r.Prev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(want) || head != wantHead {
+			t.Errorf("record %d:\n got %s %+v\nwant %s %+v", i, got, head, want, wantHead)
+		}
 	}
 }
