@@ -18,6 +18,8 @@ def target:
     "keybroker / peer ≥ 1.5 (in-process column: the peer): " + yes(.ratio >= 1.5)
   elif .label == "vs p11-kit remoting" then
     "keybroker / peer ≥ 1.0 (in-process column: the peer): " + yes(.ratio >= 1.0)
+  elif .batch_count != null then
+    "\(.batch_sum | n0) records in \(.batch_count | n0) commits: \(if .batch_count > 0 then (.batch_sum / .batch_count | n2) else "-" end) records per write + fsync (not a target)"
   elif .label == "etcd store Sign" then
     ((.etcd_ops_per_sec / .bbolt_ops_per_sec) as $r
      | "etcd \(.etcd_ops_per_sec | n0)/s vs bbolt \(.bbolt_ops_per_sec | n0)/s (2 rounds each): \($r | n2) (within 5 %: \(yes($r >= 0.95)))")
@@ -29,4 +31,4 @@ def target:
   else "" end;
 "| case | alg | clients | in-process ops/s | daemon ops/s | daemon / in-process | daemon p50 / p95 / p99 ms | errors | target |",
 "|---|---|---:|---:|---:|---:|---|---:|---|",
-(.[] | "| \(.label) | \(.daemon.algorithm // "-") | \(.daemon.concurrency) | \(.baseline.ops_per_sec | n0) | \(.daemon.ops_per_sec | n0) | \(.ratio | n2) | \(.daemon.p50_ms) / \(.daemon.p95_ms) / \(.daemon.p99_ms) | \(.daemon.errors + (.baseline.errors // 0)) | \(target) |")
+(.[] | "| \(.label) | \(.daemon.algorithm // "-") | \(.daemon.concurrency // "-") | \(.baseline.ops_per_sec | n0) | \(.daemon.ops_per_sec | n0) | \(.ratio | n2) | \(.daemon.p50_ms // "-") / \(.daemon.p95_ms // "-") / \(.daemon.p99_ms // "-") | \(.daemon.errors + (.baseline.errors // 0)) | \(target) |")

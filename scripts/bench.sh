@@ -129,6 +129,8 @@ pkcs11:
 $(audit_conf pkcs11)
 log:
   level: warn
+admin:
+  address: 127.0.0.1:${BENCH_ADMIN_PORT:-19464}
 EOF
 start_daemon "$work/pkcs11.yaml" "$work/p11.log"
 p11=(--socket "$work/p11.sock" --timeout 30s)
@@ -141,6 +143,18 @@ for key in es rs; do
 		record "SoftHSM2 Sign" "$("$ctl" "${p11[@]}" -o json bench "$key" -c "$c" -d "$dur" "${baseline[@]}")"
 	done
 done
+# The group commit's depth over the Sign rows: records per audit commit.
+batches=$(python3 - "http://127.0.0.1:${BENCH_ADMIN_PORT:-19464}/metrics" <<'PY'
+import json, sys, urllib.request
+m = {}
+for line in urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().splitlines():
+    for k in ("keybroker_audit_batch_records_sum", "keybroker_audit_batch_records_count"):
+        if line.startswith(k + " "):
+            m[k] = float(line.split()[1])
+print(json.dumps({"batch_sum": m.get("keybroker_audit_batch_records_sum", 0), "batch_count": m.get("keybroker_audit_batch_records_count", 0)}))
+PY
+)
+record "audit group commit (Sign rows)" "$batches"
 say "GetJWKS, 16 clients"
 record "GetJWKS" "$("$ctl" "${p11[@]}" -o json bench --rpc jwks -c 16 -d "$dur")"
 say "gRPC floor (health Check), 16 clients"
@@ -183,7 +197,7 @@ if command -v etcd >/dev/null; then
 		--initial-advertise-peer-urls http://127.0.0.1:23991 --initial-cluster bench=http://127.0.0.1:23991 \
 		--log-outputs "$work/etcd.log" --logger zap &
 	pids+=("$!")
-	sed -e "s|^socket: .*|socket: $work/etcd-replica.sock|" -e "s|^state_dir: .*|state_dir: $work/etcd-state|" "$work/pkcs11.yaml" >"$work/etcd.yaml"
+	sed -e "s|^socket: .*|socket: $work/etcd-replica.sock|" -e "s|^state_dir: .*|state_dir: $work/etcd-state|" -e "/^admin:/,+1d" "$work/pkcs11.yaml" >"$work/etcd.yaml"
 	printf 'store:\n  backend: etcd\n  endpoints: [http://127.0.0.1:23990]\n  replica: bench\n' >>"$work/etcd.yaml"
 	start_daemon "$work/etcd.yaml" "$work/etcd-replica.log"
 	ec=(--socket "$work/etcd-replica.sock" --timeout 30s)
