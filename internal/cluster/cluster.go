@@ -105,7 +105,9 @@ func (c *Cluster) Close() {
 func (c *Cluster) Fresh() error {
 	age := time.Since(time.Unix(0, c.lastSync.Load()))
 	ok := age <= c.o.MaxStaleness
-	if c.fresh.Swap(ok) != ok {
+	// Sign asks on every call: write the flag only when it changes, so
+	// that concurrent calls do not contend on it.
+	if c.fresh.Load() != ok && c.fresh.CompareAndSwap(!ok, ok) {
 		if ok {
 			c.o.Log.Info("in step with etcd again: serving")
 		} else {

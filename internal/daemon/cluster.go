@@ -73,20 +73,30 @@ func etcdTLS(t config.StoreTLS) (*tls.Config, error) {
 }
 
 // ReplicaID is store.replica, or else this host's name in the form
-// replica ids take.
+// replica ids take (lower case; any other character a '-').
 func ReplicaID(cfg config.Config) string {
 	if cfg.Store.Replica != "" {
 		return cfg.Store.Replica
 	}
-	h, err := os.Hostname()
-	if err != nil || h == "" {
-		return "replica"
+	h, _ := os.Hostname()
+	return hostReplicaID(h)
+}
+
+// hostReplicaID makes a replica id of host name h.
+func hostReplicaID(h string) string {
+	id := []byte(strings.ToLower(h))
+	for i, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || i > 0 && (c == '.' || c == '_' || c == '-')) {
+			id[i] = '-'
+		}
 	}
-	h = strings.ToLower(h)
-	if kms.ValidateName(h) != nil {
-		return "replica"
+	if len(id) > kms.MaxNameLen {
+		id = id[:kms.MaxNameLen]
 	}
-	return h
+	if kms.ValidateName(string(id)) != nil {
+		return "replica" // no usable host name: set store.replica
+	}
+	return string(id)
 }
 
 // joinCluster starts this replica's membership: in step with etcd, and

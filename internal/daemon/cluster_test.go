@@ -73,3 +73,25 @@ func TestTPMWithEtcdRefused(t *testing.T) {
 		t.Fatalf("New: %v, want ErrConfig explaining the TPM", err)
 	}
 }
+
+// TestReplicaID: store.replica wins; otherwise the host name, made a valid
+// id, so that two hosts never fall back to one shared id by accident.
+func TestReplicaID(t *testing.T) {
+	cfg := config.Default()
+	cfg.Store.Replica = "kb-7"
+	if got := ReplicaID(cfg); got != "kb-7" {
+		t.Errorf("ReplicaID with store.replica: %q", got)
+	}
+	for h, want := range map[string]string{
+		"web-01.example.com":    "web-01.example.com",
+		"Web_02":                "web_02",
+		"db 3+x":                "db-3-x",
+		"_lead":                 "replica", // no valid id can be made of it
+		"":                      "replica",
+		strings.Repeat("a", 70): strings.Repeat("a", 63),
+	} {
+		if got := hostReplicaID(h); got != want {
+			t.Errorf("hostReplicaID(%q) = %q, want %q", h, hostReplicaID(h), want)
+		}
+	}
+}

@@ -134,15 +134,7 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 // that ignores cancellation) is left running: callsEnded is cleared, so
 // Close does not close the audit log, store or backend under it.
 func (d *Daemon) stopServers(servers []*grpc.Server) {
-	graceful := make(chan struct{})
-	go func() {
-		var wg sync.WaitGroup
-		for _, g := range servers {
-			wg.Go(g.GracefulStop)
-		}
-		wg.Wait()
-		close(graceful)
-	}()
+	graceful := onEach(servers, (*grpc.Server).GracefulStop)
 	timer := time.NewTimer(d.cfg.Limits.ShutdownTimeout)
 	defer timer.Stop()
 	select {
@@ -151,15 +143,7 @@ func (d *Daemon) stopServers(servers []*grpc.Server) {
 	case <-timer.C:
 	}
 	d.log.Warn("graceful stop timed out; cutting off remaining calls", "shutdown_timeout", d.cfg.Limits.ShutdownTimeout)
-	stopped := make(chan struct{})
-	go func() {
-		var wg sync.WaitGroup
-		for _, g := range servers {
-			wg.Go(g.Stop)
-		}
-		wg.Wait()
-		close(stopped)
-	}()
+	stopped := onEach(servers, (*grpc.Server).Stop)
 	wait := d.cfg.Limits.CallTimeout + d.cfg.Audit.WriteTimeout + time.Second
 	timer.Reset(wait)
 	select {
@@ -277,4 +261,19 @@ func deadline(max time.Duration) grpc.UnaryServerInterceptor {
 		defer cancel()
 		return handler(ctx, req)
 	}
+}
+
+// onEach runs f on every server at once; the channel closes when all have
+// returned.
+func onEach(servers []*grpc.Server, f func(*grpc.Server)) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		var wg sync.WaitGroup
+		for _, g := range servers {
+			wg.Go(func() { f(g) })
+		}
+		wg.Wait()
+		close(done)
+	}()
+	return done
 }
