@@ -14,6 +14,7 @@ package keybrokerv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
@@ -1099,6 +1100,222 @@ func (x *SignResponse) GetAlgorithm() Algorithm {
 	return Algorithm_ALGORITHM_UNSPECIFIED
 }
 
+type SignStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the client to match the response; the daemon does not
+	// interpret it (ids in flight should differ).
+	Id            uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request       *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamRequest) Reset() {
+	*x = SignStreamRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamRequest) ProtoMessage() {}
+
+func (x *SignStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamRequest.ProtoReflect.Descriptor instead.
+func (*SignStreamRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *SignStreamRequest) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SignStreamRequest) GetRequest() *SignRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+type SignStreamResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Types that are valid to be assigned to Result:
+	//
+	//	*SignStreamResponse_Response
+	//	*SignStreamResponse_Error
+	Result isSignStreamResponse_Result `protobuf_oneof:"result"`
+	// The request's audit record id (a unary call's x-request-id header).
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamResponse) Reset() {
+	*x = SignStreamResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamResponse) ProtoMessage() {}
+
+func (x *SignStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamResponse.ProtoReflect.Descriptor instead.
+func (*SignStreamResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SignStreamResponse) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SignStreamResponse) GetResult() isSignStreamResponse_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *SignStreamResponse) GetResponse() *SignResponse {
+	if x != nil {
+		if x, ok := x.Result.(*SignStreamResponse_Response); ok {
+			return x.Response
+		}
+	}
+	return nil
+}
+
+func (x *SignStreamResponse) GetError() *Status {
+	if x != nil {
+		if x, ok := x.Result.(*SignStreamResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+func (x *SignStreamResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type isSignStreamResponse_Result interface {
+	isSignStreamResponse_Result()
+}
+
+type SignStreamResponse_Response struct {
+	Response *SignResponse `protobuf:"bytes,2,opt,name=response,proto3,oneof"`
+}
+
+type SignStreamResponse_Error struct {
+	// The gRPC status a unary Sign would have ended with.
+	Error *Status `protobuf:"bytes,3,opt,name=error,proto3,oneof"`
+}
+
+func (*SignStreamResponse_Response) isSignStreamResponse_Result() {}
+
+func (*SignStreamResponse_Error) isSignStreamResponse_Result() {}
+
+// Status is a gRPC status; the same fields, numbers and types as
+// google.rpc.Status, so it converts to and from it (details included).
+type Status struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Code          int32                  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Details       []*anypb.Any           `protobuf:"bytes,3,rep,name=details,proto3" json:"details,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Status) Reset() {
+	*x = Status{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Status) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Status) ProtoMessage() {}
+
+func (x *Status) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Status.ProtoReflect.Descriptor instead.
+func (*Status) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Status) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *Status) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Status) GetDetails() []*anypb.Any {
+	if x != nil {
+		return x.Details
+	}
+	return nil
+}
+
 type GetPublicKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1111,7 +1328,7 @@ type GetPublicKeyRequest struct {
 
 func (x *GetPublicKeyRequest) Reset() {
 	*x = GetPublicKeyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1340,7 @@ func (x *GetPublicKeyRequest) String() string {
 func (*GetPublicKeyRequest) ProtoMessage() {}
 
 func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[11]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1353,7 @@ func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{11}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetPublicKeyRequest) GetName() string {
@@ -1179,7 +1396,7 @@ type GetPublicKeyResponse struct {
 
 func (x *GetPublicKeyResponse) Reset() {
 	*x = GetPublicKeyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1191,7 +1408,7 @@ func (x *GetPublicKeyResponse) String() string {
 func (*GetPublicKeyResponse) ProtoMessage() {}
 
 func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[12]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1204,7 +1421,7 @@ func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{12}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetPublicKeyResponse) GetKid() string {
@@ -1264,7 +1481,7 @@ type GetJWKSRequest struct {
 
 func (x *GetJWKSRequest) Reset() {
 	*x = GetJWKSRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1493,7 @@ func (x *GetJWKSRequest) String() string {
 func (*GetJWKSRequest) ProtoMessage() {}
 
 func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[13]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1506,7 @@ func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSRequest.ProtoReflect.Descriptor instead.
 func (*GetJWKSRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{13}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{16}
 }
 
 type GetJWKSResponse struct {
@@ -1302,7 +1519,7 @@ type GetJWKSResponse struct {
 
 func (x *GetJWKSResponse) Reset() {
 	*x = GetJWKSResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[14]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1314,7 +1531,7 @@ func (x *GetJWKSResponse) String() string {
 func (*GetJWKSResponse) ProtoMessage() {}
 
 func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[14]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1327,7 +1544,7 @@ func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSResponse.ProtoReflect.Descriptor instead.
 func (*GetJWKSResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{14}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetJWKSResponse) GetJwks() string {
@@ -1349,7 +1566,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[15]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1578,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[15]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1591,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{15}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RotateKeyRequest) GetName() string {
@@ -1402,7 +1619,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[16]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1414,7 +1631,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[16]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1427,7 +1644,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{16}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RotateKeyResponse) GetKey() *Key {
@@ -1456,7 +1673,7 @@ type RevokeKeyVersionRequest struct {
 
 func (x *RevokeKeyVersionRequest) Reset() {
 	*x = RevokeKeyVersionRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[17]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1685,7 @@ func (x *RevokeKeyVersionRequest) String() string {
 func (*RevokeKeyVersionRequest) ProtoMessage() {}
 
 func (x *RevokeKeyVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[17]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1698,7 @@ func (x *RevokeKeyVersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyVersionRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyVersionRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{17}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RevokeKeyVersionRequest) GetName() string {
@@ -1514,7 +1731,7 @@ type RevokeKeyVersionResponse struct {
 
 func (x *RevokeKeyVersionResponse) Reset() {
 	*x = RevokeKeyVersionResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[18]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1526,7 +1743,7 @@ func (x *RevokeKeyVersionResponse) String() string {
 func (*RevokeKeyVersionResponse) ProtoMessage() {}
 
 func (x *RevokeKeyVersionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[18]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1539,7 +1756,7 @@ func (x *RevokeKeyVersionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyVersionResponse.ProtoReflect.Descriptor instead.
 func (*RevokeKeyVersionResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{18}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RevokeKeyVersionResponse) GetKey() *Key {
@@ -1559,7 +1776,7 @@ type UpdatePolicyRequest struct {
 
 func (x *UpdatePolicyRequest) Reset() {
 	*x = UpdatePolicyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[19]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1788,7 @@ func (x *UpdatePolicyRequest) String() string {
 func (*UpdatePolicyRequest) ProtoMessage() {}
 
 func (x *UpdatePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[19]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1801,7 @@ func (x *UpdatePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdatePolicyRequest.ProtoReflect.Descriptor instead.
 func (*UpdatePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{19}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UpdatePolicyRequest) GetName() string {
@@ -1610,7 +1827,7 @@ type UpdatePolicyResponse struct {
 
 func (x *UpdatePolicyResponse) Reset() {
 	*x = UpdatePolicyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[20]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1622,7 +1839,7 @@ func (x *UpdatePolicyResponse) String() string {
 func (*UpdatePolicyResponse) ProtoMessage() {}
 
 func (x *UpdatePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[20]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1635,7 +1852,7 @@ func (x *UpdatePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdatePolicyResponse.ProtoReflect.Descriptor instead.
 func (*UpdatePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{20}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *UpdatePolicyResponse) GetKey() *Key {
@@ -1658,7 +1875,7 @@ type GetConfirmationRequest struct {
 
 func (x *GetConfirmationRequest) Reset() {
 	*x = GetConfirmationRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[21]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1670,7 +1887,7 @@ func (x *GetConfirmationRequest) String() string {
 func (*GetConfirmationRequest) ProtoMessage() {}
 
 func (x *GetConfirmationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[21]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1683,7 +1900,7 @@ func (x *GetConfirmationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConfirmationRequest.ProtoReflect.Descriptor instead.
 func (*GetConfirmationRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{21}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetConfirmationRequest) GetName() string {
@@ -1729,7 +1946,7 @@ type GetConfirmationResponse struct {
 
 func (x *GetConfirmationResponse) Reset() {
 	*x = GetConfirmationResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[22]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1741,7 +1958,7 @@ func (x *GetConfirmationResponse) String() string {
 func (*GetConfirmationResponse) ProtoMessage() {}
 
 func (x *GetConfirmationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[22]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1754,7 +1971,7 @@ func (x *GetConfirmationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConfirmationResponse.ProtoReflect.Descriptor instead.
 func (*GetConfirmationResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{22}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetConfirmationResponse) GetKid() string {
@@ -1828,7 +2045,7 @@ type SignJWSRequest struct {
 
 func (x *SignJWSRequest) Reset() {
 	*x = SignJWSRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[23]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +2057,7 @@ func (x *SignJWSRequest) String() string {
 func (*SignJWSRequest) ProtoMessage() {}
 
 func (x *SignJWSRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[23]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +2070,7 @@ func (x *SignJWSRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignJWSRequest.ProtoReflect.Descriptor instead.
 func (*SignJWSRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{23}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SignJWSRequest) GetName() string {
@@ -1902,7 +2119,7 @@ type SignJWSResponse struct {
 
 func (x *SignJWSResponse) Reset() {
 	*x = SignJWSResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[24]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1914,7 +2131,7 @@ func (x *SignJWSResponse) String() string {
 func (*SignJWSResponse) ProtoMessage() {}
 
 func (x *SignJWSResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[24]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1927,7 +2144,7 @@ func (x *SignJWSResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignJWSResponse.ProtoReflect.Descriptor instead.
 func (*SignJWSResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{24}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SignJWSResponse) GetJws() string {
@@ -1973,7 +2190,7 @@ type CreateDPoPProofRequest struct {
 
 func (x *CreateDPoPProofRequest) Reset() {
 	*x = CreateDPoPProofRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[25]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1985,7 +2202,7 @@ func (x *CreateDPoPProofRequest) String() string {
 func (*CreateDPoPProofRequest) ProtoMessage() {}
 
 func (x *CreateDPoPProofRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[25]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1998,7 +2215,7 @@ func (x *CreateDPoPProofRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDPoPProofRequest.ProtoReflect.Descriptor instead.
 func (*CreateDPoPProofRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{25}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CreateDPoPProofRequest) GetName() string {
@@ -2077,7 +2294,7 @@ type CreateDPoPProofResponse struct {
 
 func (x *CreateDPoPProofResponse) Reset() {
 	*x = CreateDPoPProofResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[26]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2089,7 +2306,7 @@ func (x *CreateDPoPProofResponse) String() string {
 func (*CreateDPoPProofResponse) ProtoMessage() {}
 
 func (x *CreateDPoPProofResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[26]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2102,7 +2319,7 @@ func (x *CreateDPoPProofResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDPoPProofResponse.ProtoReflect.Descriptor instead.
 func (*CreateDPoPProofResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{26}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CreateDPoPProofResponse) GetProof() string {
@@ -2153,7 +2370,7 @@ type CreateSignedHttpRequestRequest struct {
 
 func (x *CreateSignedHttpRequestRequest) Reset() {
 	*x = CreateSignedHttpRequestRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[27]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2165,7 +2382,7 @@ func (x *CreateSignedHttpRequestRequest) String() string {
 func (*CreateSignedHttpRequestRequest) ProtoMessage() {}
 
 func (x *CreateSignedHttpRequestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[27]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2178,7 +2395,7 @@ func (x *CreateSignedHttpRequestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSignedHttpRequestRequest.ProtoReflect.Descriptor instead.
 func (*CreateSignedHttpRequestRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{27}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CreateSignedHttpRequestRequest) GetName() string {
@@ -2256,7 +2473,7 @@ type CreateSignedHttpRequestResponse struct {
 
 func (x *CreateSignedHttpRequestResponse) Reset() {
 	*x = CreateSignedHttpRequestResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[28]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2268,7 +2485,7 @@ func (x *CreateSignedHttpRequestResponse) String() string {
 func (*CreateSignedHttpRequestResponse) ProtoMessage() {}
 
 func (x *CreateSignedHttpRequestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[28]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2281,7 +2498,7 @@ func (x *CreateSignedHttpRequestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSignedHttpRequestResponse.ProtoReflect.Descriptor instead.
 func (*CreateSignedHttpRequestResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{28}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateSignedHttpRequestResponse) GetShr() string {
@@ -2319,7 +2536,7 @@ type CreateCertificateRequestRequest struct {
 
 func (x *CreateCertificateRequestRequest) Reset() {
 	*x = CreateCertificateRequestRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[29]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2331,7 +2548,7 @@ func (x *CreateCertificateRequestRequest) String() string {
 func (*CreateCertificateRequestRequest) ProtoMessage() {}
 
 func (x *CreateCertificateRequestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[29]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2344,7 +2561,7 @@ func (x *CreateCertificateRequestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCertificateRequestRequest.ProtoReflect.Descriptor instead.
 func (*CreateCertificateRequestRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{29}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateCertificateRequestRequest) GetName() string {
@@ -2401,7 +2618,7 @@ type CreateCertificateRequestResponse struct {
 
 func (x *CreateCertificateRequestResponse) Reset() {
 	*x = CreateCertificateRequestResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[30]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2413,7 +2630,7 @@ func (x *CreateCertificateRequestResponse) String() string {
 func (*CreateCertificateRequestResponse) ProtoMessage() {}
 
 func (x *CreateCertificateRequestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[30]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2426,7 +2643,7 @@ func (x *CreateCertificateRequestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCertificateRequestResponse.ProtoReflect.Descriptor instead.
 func (*CreateCertificateRequestResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{30}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateCertificateRequestResponse) GetCsrDer() []byte {
@@ -2473,7 +2690,7 @@ type CreateSelfSignedCertificateRequest struct {
 
 func (x *CreateSelfSignedCertificateRequest) Reset() {
 	*x = CreateSelfSignedCertificateRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[31]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2485,7 +2702,7 @@ func (x *CreateSelfSignedCertificateRequest) String() string {
 func (*CreateSelfSignedCertificateRequest) ProtoMessage() {}
 
 func (x *CreateSelfSignedCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[31]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2498,7 +2715,7 @@ func (x *CreateSelfSignedCertificateRequest) ProtoReflect() protoreflect.Message
 
 // Deprecated: Use CreateSelfSignedCertificateRequest.ProtoReflect.Descriptor instead.
 func (*CreateSelfSignedCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{31}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CreateSelfSignedCertificateRequest) GetName() string {
@@ -2564,7 +2781,7 @@ type CreateSelfSignedCertificateResponse struct {
 
 func (x *CreateSelfSignedCertificateResponse) Reset() {
 	*x = CreateSelfSignedCertificateResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[32]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2576,7 +2793,7 @@ func (x *CreateSelfSignedCertificateResponse) String() string {
 func (*CreateSelfSignedCertificateResponse) ProtoMessage() {}
 
 func (x *CreateSelfSignedCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[32]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2589,7 +2806,7 @@ func (x *CreateSelfSignedCertificateResponse) ProtoReflect() protoreflect.Messag
 
 // Deprecated: Use CreateSelfSignedCertificateResponse.ProtoReflect.Descriptor instead.
 func (*CreateSelfSignedCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{32}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CreateSelfSignedCertificateResponse) GetCertificateDer() []byte {
@@ -2640,7 +2857,7 @@ type AttestKeyRequest struct {
 
 func (x *AttestKeyRequest) Reset() {
 	*x = AttestKeyRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[33]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2652,7 +2869,7 @@ func (x *AttestKeyRequest) String() string {
 func (*AttestKeyRequest) ProtoMessage() {}
 
 func (x *AttestKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[33]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2665,7 +2882,7 @@ func (x *AttestKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestKeyRequest.ProtoReflect.Descriptor instead.
 func (*AttestKeyRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{33}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *AttestKeyRequest) GetName() string {
@@ -2713,7 +2930,7 @@ type AttestKeyResponse struct {
 
 func (x *AttestKeyResponse) Reset() {
 	*x = AttestKeyResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[34]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2725,7 +2942,7 @@ func (x *AttestKeyResponse) String() string {
 func (*AttestKeyResponse) ProtoMessage() {}
 
 func (x *AttestKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[34]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2738,7 +2955,7 @@ func (x *AttestKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestKeyResponse.ProtoReflect.Descriptor instead.
 func (*AttestKeyResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{34}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *AttestKeyResponse) GetAttest() []byte {
@@ -2791,7 +3008,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[35]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2803,7 +3020,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[35]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2816,7 +3033,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{35}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{38}
 }
 
 type GetClusterStatusResponse struct {
@@ -2840,7 +3057,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[36]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2852,7 +3069,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[36]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2865,7 +3082,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{36}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GetClusterStatusResponse) GetReplica() string {
@@ -2920,7 +3137,7 @@ type EtcdEndpoint struct {
 
 func (x *EtcdEndpoint) Reset() {
 	*x = EtcdEndpoint{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[37]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2932,7 +3149,7 @@ func (x *EtcdEndpoint) String() string {
 func (*EtcdEndpoint) ProtoMessage() {}
 
 func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[37]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2945,7 +3162,7 @@ func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdEndpoint.ProtoReflect.Descriptor instead.
 func (*EtcdEndpoint) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{37}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *EtcdEndpoint) GetEndpoint() string {
@@ -2966,7 +3183,7 @@ var File_keybroker_v1_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckeybroker/v1/keybroker.proto\x12\fkeybroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x04\n" +
+	"\x1ckeybroker/v1/keybroker.proto\x12\fkeybroker.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x04\n" +
 	"\n" +
 	"KeyVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x10\n" +
@@ -3035,7 +3252,21 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\tsignature\x18\x01 \x01(\fR\tsignature\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\rR\aversion\x125\n" +
-	"\talgorithm\x18\x04 \x01(\x0e2\x17.keybroker.v1.AlgorithmR\talgorithm\"U\n" +
+	"\talgorithm\x18\x04 \x01(\x0e2\x17.keybroker.v1.AlgorithmR\talgorithm\"X\n" +
+	"\x11SignStreamRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x123\n" +
+	"\arequest\x18\x02 \x01(\v2\x19.keybroker.v1.SignRequestR\arequest\"\xb5\x01\n" +
+	"\x12SignStreamResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x128\n" +
+	"\bresponse\x18\x02 \x01(\v2\x1a.keybroker.v1.SignResponseH\x00R\bresponse\x12,\n" +
+	"\x05error\x18\x03 \x01(\v2\x14.keybroker.v1.StatusH\x00R\x05error\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestIdB\b\n" +
+	"\x06result\"f\n" +
+	"\x06Status\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12.\n" +
+	"\adetails\x18\x03 \x03(\v2\x14.google.protobuf.AnyR\adetails\"U\n" +
 	"\x13GetPublicKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
@@ -3207,12 +3438,14 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\x80\f\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xd5\f\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
 	"\bListKeys\x12\x1d.keybroker.v1.ListKeysRequest\x1a\x1e.keybroker.v1.ListKeysResponse\x12=\n" +
-	"\x04Sign\x12\x19.keybroker.v1.SignRequest\x1a\x1a.keybroker.v1.SignResponse\x12U\n" +
+	"\x04Sign\x12\x19.keybroker.v1.SignRequest\x1a\x1a.keybroker.v1.SignResponse\x12S\n" +
+	"\n" +
+	"SignStream\x12\x1f.keybroker.v1.SignStreamRequest\x1a .keybroker.v1.SignStreamResponse(\x010\x01\x12U\n" +
 	"\fGetPublicKey\x12!.keybroker.v1.GetPublicKeyRequest\x1a\".keybroker.v1.GetPublicKeyResponse\x12F\n" +
 	"\aGetJWKS\x12\x1c.keybroker.v1.GetJWKSRequest\x1a\x1d.keybroker.v1.GetJWKSResponse\x12L\n" +
 	"\tRotateKey\x12\x1e.keybroker.v1.RotateKeyRequest\x1a\x1f.keybroker.v1.RotateKeyResponse\x12a\n" +
@@ -3240,7 +3473,7 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 }
 
 var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(Algorithm)(0),                              // 0: keybroker.v1.Algorithm
 	(KeyState)(0),                               // 1: keybroker.v1.KeyState
@@ -3258,56 +3491,60 @@ var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(*ListKeysResponse)(nil),                    // 13: keybroker.v1.ListKeysResponse
 	(*SignRequest)(nil),                         // 14: keybroker.v1.SignRequest
 	(*SignResponse)(nil),                        // 15: keybroker.v1.SignResponse
-	(*GetPublicKeyRequest)(nil),                 // 16: keybroker.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),                // 17: keybroker.v1.GetPublicKeyResponse
-	(*GetJWKSRequest)(nil),                      // 18: keybroker.v1.GetJWKSRequest
-	(*GetJWKSResponse)(nil),                     // 19: keybroker.v1.GetJWKSResponse
-	(*RotateKeyRequest)(nil),                    // 20: keybroker.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),                   // 21: keybroker.v1.RotateKeyResponse
-	(*RevokeKeyVersionRequest)(nil),             // 22: keybroker.v1.RevokeKeyVersionRequest
-	(*RevokeKeyVersionResponse)(nil),            // 23: keybroker.v1.RevokeKeyVersionResponse
-	(*UpdatePolicyRequest)(nil),                 // 24: keybroker.v1.UpdatePolicyRequest
-	(*UpdatePolicyResponse)(nil),                // 25: keybroker.v1.UpdatePolicyResponse
-	(*GetConfirmationRequest)(nil),              // 26: keybroker.v1.GetConfirmationRequest
-	(*GetConfirmationResponse)(nil),             // 27: keybroker.v1.GetConfirmationResponse
-	(*SignJWSRequest)(nil),                      // 28: keybroker.v1.SignJWSRequest
-	(*SignJWSResponse)(nil),                     // 29: keybroker.v1.SignJWSResponse
-	(*CreateDPoPProofRequest)(nil),              // 30: keybroker.v1.CreateDPoPProofRequest
-	(*CreateDPoPProofResponse)(nil),             // 31: keybroker.v1.CreateDPoPProofResponse
-	(*CreateSignedHttpRequestRequest)(nil),      // 32: keybroker.v1.CreateSignedHttpRequestRequest
-	(*CreateSignedHttpRequestResponse)(nil),     // 33: keybroker.v1.CreateSignedHttpRequestResponse
-	(*CreateCertificateRequestRequest)(nil),     // 34: keybroker.v1.CreateCertificateRequestRequest
-	(*CreateCertificateRequestResponse)(nil),    // 35: keybroker.v1.CreateCertificateRequestResponse
-	(*CreateSelfSignedCertificateRequest)(nil),  // 36: keybroker.v1.CreateSelfSignedCertificateRequest
-	(*CreateSelfSignedCertificateResponse)(nil), // 37: keybroker.v1.CreateSelfSignedCertificateResponse
-	(*AttestKeyRequest)(nil),                    // 38: keybroker.v1.AttestKeyRequest
-	(*AttestKeyResponse)(nil),                   // 39: keybroker.v1.AttestKeyResponse
-	(*GetClusterStatusRequest)(nil),             // 40: keybroker.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),            // 41: keybroker.v1.GetClusterStatusResponse
-	(*EtcdEndpoint)(nil),                        // 42: keybroker.v1.EtcdEndpoint
-	nil,                                         // 43: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),               // 44: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                 // 45: google.protobuf.Duration
+	(*SignStreamRequest)(nil),                   // 16: keybroker.v1.SignStreamRequest
+	(*SignStreamResponse)(nil),                  // 17: keybroker.v1.SignStreamResponse
+	(*Status)(nil),                              // 18: keybroker.v1.Status
+	(*GetPublicKeyRequest)(nil),                 // 19: keybroker.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),                // 20: keybroker.v1.GetPublicKeyResponse
+	(*GetJWKSRequest)(nil),                      // 21: keybroker.v1.GetJWKSRequest
+	(*GetJWKSResponse)(nil),                     // 22: keybroker.v1.GetJWKSResponse
+	(*RotateKeyRequest)(nil),                    // 23: keybroker.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),                   // 24: keybroker.v1.RotateKeyResponse
+	(*RevokeKeyVersionRequest)(nil),             // 25: keybroker.v1.RevokeKeyVersionRequest
+	(*RevokeKeyVersionResponse)(nil),            // 26: keybroker.v1.RevokeKeyVersionResponse
+	(*UpdatePolicyRequest)(nil),                 // 27: keybroker.v1.UpdatePolicyRequest
+	(*UpdatePolicyResponse)(nil),                // 28: keybroker.v1.UpdatePolicyResponse
+	(*GetConfirmationRequest)(nil),              // 29: keybroker.v1.GetConfirmationRequest
+	(*GetConfirmationResponse)(nil),             // 30: keybroker.v1.GetConfirmationResponse
+	(*SignJWSRequest)(nil),                      // 31: keybroker.v1.SignJWSRequest
+	(*SignJWSResponse)(nil),                     // 32: keybroker.v1.SignJWSResponse
+	(*CreateDPoPProofRequest)(nil),              // 33: keybroker.v1.CreateDPoPProofRequest
+	(*CreateDPoPProofResponse)(nil),             // 34: keybroker.v1.CreateDPoPProofResponse
+	(*CreateSignedHttpRequestRequest)(nil),      // 35: keybroker.v1.CreateSignedHttpRequestRequest
+	(*CreateSignedHttpRequestResponse)(nil),     // 36: keybroker.v1.CreateSignedHttpRequestResponse
+	(*CreateCertificateRequestRequest)(nil),     // 37: keybroker.v1.CreateCertificateRequestRequest
+	(*CreateCertificateRequestResponse)(nil),    // 38: keybroker.v1.CreateCertificateRequestResponse
+	(*CreateSelfSignedCertificateRequest)(nil),  // 39: keybroker.v1.CreateSelfSignedCertificateRequest
+	(*CreateSelfSignedCertificateResponse)(nil), // 40: keybroker.v1.CreateSelfSignedCertificateResponse
+	(*AttestKeyRequest)(nil),                    // 41: keybroker.v1.AttestKeyRequest
+	(*AttestKeyResponse)(nil),                   // 42: keybroker.v1.AttestKeyResponse
+	(*GetClusterStatusRequest)(nil),             // 43: keybroker.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),            // 44: keybroker.v1.GetClusterStatusResponse
+	(*EtcdEndpoint)(nil),                        // 45: keybroker.v1.EtcdEndpoint
+	nil,                                         // 46: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),               // 47: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                 // 48: google.protobuf.Duration
+	(*anypb.Any)(nil),                           // 49: google.protobuf.Any
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	44, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	44, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	44, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	44, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
-	44, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
-	44, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	47, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	47, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	47, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	47, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	47, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	47, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
-	44, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
-	45, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
-	45, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
-	45, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
-	45, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	47, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	48, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	48, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	48, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	48, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
 	0,  // 13: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	44, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	47, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
 	5,  // 15: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
 	6,  // 16: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
-	44, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	47, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
 	0,  // 18: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
 	6,  // 19: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 20: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
@@ -3317,54 +3554,60 @@ var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	3,  // 24: keybroker.v1.SignRequest.padding:type_name -> keybroker.v1.RSAPadding
 	4,  // 25: keybroker.v1.SignRequest.format:type_name -> keybroker.v1.SignatureFormat
 	0,  // 26: keybroker.v1.SignResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	0,  // 27: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	7,  // 28: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 29: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
-	6,  // 30: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
-	7,  // 31: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
-	43, // 32: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	45, // 33: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
-	45, // 34: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
-	42, // 35: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
-	8,  // 36: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	10, // 37: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	12, // 38: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	14, // 39: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	16, // 40: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	18, // 41: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	20, // 42: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
-	22, // 43: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
-	24, // 44: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
-	26, // 45: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
-	28, // 46: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
-	30, // 47: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
-	32, // 48: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
-	34, // 49: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
-	36, // 50: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
-	38, // 51: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
-	40, // 52: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
-	9,  // 53: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	11, // 54: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	13, // 55: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	15, // 56: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	17, // 57: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	19, // 58: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	21, // 59: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
-	23, // 60: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
-	25, // 61: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
-	27, // 62: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
-	29, // 63: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
-	31, // 64: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
-	33, // 65: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
-	35, // 66: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
-	37, // 67: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
-	39, // 68: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
-	41, // 69: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
-	53, // [53:70] is the sub-list for method output_type
-	36, // [36:53] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	14, // 27: keybroker.v1.SignStreamRequest.request:type_name -> keybroker.v1.SignRequest
+	15, // 28: keybroker.v1.SignStreamResponse.response:type_name -> keybroker.v1.SignResponse
+	18, // 29: keybroker.v1.SignStreamResponse.error:type_name -> keybroker.v1.Status
+	49, // 30: keybroker.v1.Status.details:type_name -> google.protobuf.Any
+	0,  // 31: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
+	7,  // 32: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 33: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
+	6,  // 34: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	7,  // 35: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
+	46, // 36: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	48, // 37: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
+	48, // 38: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
+	45, // 39: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
+	8,  // 40: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	10, // 41: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	12, // 42: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	14, // 43: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	16, // 44: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
+	19, // 45: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	21, // 46: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	23, // 47: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	25, // 48: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	27, // 49: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	29, // 50: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
+	31, // 51: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
+	33, // 52: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
+	35, // 53: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
+	37, // 54: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
+	39, // 55: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
+	41, // 56: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
+	43, // 57: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
+	9,  // 58: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	11, // 59: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	13, // 60: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	15, // 61: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	17, // 62: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
+	20, // 63: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	22, // 64: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	24, // 65: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	26, // 66: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	28, // 67: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	30, // 68: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
+	32, // 69: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
+	34, // 70: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
+	36, // 71: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
+	38, // 72: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
+	40, // 73: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
+	42, // 74: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
+	44, // 75: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
+	58, // [58:76] is the sub-list for method output_type
+	40, // [40:58] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -3372,13 +3615,17 @@ func file_keybroker_v1_keybroker_proto_init() {
 	if File_keybroker_v1_keybroker_proto != nil {
 		return
 	}
+	file_keybroker_v1_keybroker_proto_msgTypes[12].OneofWrappers = []any{
+		(*SignStreamResponse_Response)(nil),
+		(*SignStreamResponse_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   39,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

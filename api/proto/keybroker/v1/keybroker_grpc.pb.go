@@ -28,6 +28,7 @@ const (
 	KeyBroker_GetKey_FullMethodName                      = "/keybroker.v1.KeyBroker/GetKey"
 	KeyBroker_ListKeys_FullMethodName                    = "/keybroker.v1.KeyBroker/ListKeys"
 	KeyBroker_Sign_FullMethodName                        = "/keybroker.v1.KeyBroker/Sign"
+	KeyBroker_SignStream_FullMethodName                  = "/keybroker.v1.KeyBroker/SignStream"
 	KeyBroker_GetPublicKey_FullMethodName                = "/keybroker.v1.KeyBroker/GetPublicKey"
 	KeyBroker_GetJWKS_FullMethodName                     = "/keybroker.v1.KeyBroker/GetJWKS"
 	KeyBroker_RotateKey_FullMethodName                   = "/keybroker.v1.KeyBroker/RotateKey"
@@ -57,6 +58,12 @@ type KeyBrokerClient interface {
 	ListKeys(ctx context.Context, in *ListKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
 	// Sign signs a digest with a key version (the active one unless named).
 	Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error)
+	// SignStream signs many digests over one stream: each request is handled
+	// exactly as a Sign call (authentication, authorization, quota,
+	// validation, one audit record each) and answered under its id, in the
+	// order the signatures complete, not the order they were asked. An error
+	// of one request is its response's status and does not end the stream.
+	SignStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse], error)
 	// GetPublicKey returns the public half of a key version as PEM, DER and JWK.
 	GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*GetPublicKeyResponse, error)
 	// GetJWKS returns the caller's published public keys as a JWK Set.
@@ -142,6 +149,19 @@ func (c *keyBrokerClient) Sign(ctx context.Context, in *SignRequest, opts ...grp
 	}
 	return out, nil
 }
+
+func (c *keyBrokerClient) SignStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KeyBroker_ServiceDesc.Streams[0], KeyBroker_SignStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SignStreamRequest, SignStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeyBroker_SignStreamClient = grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse]
 
 func (c *keyBrokerClient) GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*GetPublicKeyResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -287,6 +307,12 @@ type KeyBrokerServer interface {
 	ListKeys(context.Context, *ListKeysRequest) (*ListKeysResponse, error)
 	// Sign signs a digest with a key version (the active one unless named).
 	Sign(context.Context, *SignRequest) (*SignResponse, error)
+	// SignStream signs many digests over one stream: each request is handled
+	// exactly as a Sign call (authentication, authorization, quota,
+	// validation, one audit record each) and answered under its id, in the
+	// order the signatures complete, not the order they were asked. An error
+	// of one request is its response's status and does not end the stream.
+	SignStream(grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]) error
 	// GetPublicKey returns the public half of a key version as PEM, DER and JWK.
 	GetPublicKey(context.Context, *GetPublicKeyRequest) (*GetPublicKeyResponse, error)
 	// GetJWKS returns the caller's published public keys as a JWK Set.
@@ -344,6 +370,9 @@ func (UnimplementedKeyBrokerServer) ListKeys(context.Context, *ListKeysRequest) 
 }
 func (UnimplementedKeyBrokerServer) Sign(context.Context, *SignRequest) (*SignResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Sign not implemented")
+}
+func (UnimplementedKeyBrokerServer) SignStream(grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method SignStream not implemented")
 }
 func (UnimplementedKeyBrokerServer) GetPublicKey(context.Context, *GetPublicKeyRequest) (*GetPublicKeyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetPublicKey not implemented")
@@ -476,6 +505,13 @@ func _KeyBroker_Sign_Handler(srv interface{}, ctx context.Context, dec func(inte
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _KeyBroker_SignStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(KeyBrokerServer).SignStream(&grpc.GenericServerStream[SignStreamRequest, SignStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeyBroker_SignStreamServer = grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]
 
 func _KeyBroker_GetPublicKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetPublicKeyRequest)
@@ -787,6 +823,13 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _KeyBroker_GetClusterStatus_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "SignStream",
+			Handler:       _KeyBroker_SignStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "keybroker/v1/keybroker.proto",
 }
