@@ -213,7 +213,7 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		}
 	}
 
-	svcOpts := server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: healthNudger{d.metrics, d}, Log: log}
+	svcOpts := server.Options{Ring: d.ring, Access: access, Audit: d.audit, Observer: healthNudger{d.metrics, d}, Log: log, CallTimeout: cfg.Limits.CallTimeout}
 	if c := d.cluster.Load(); c != nil {
 		svcOpts.Cluster = c
 	}

@@ -109,6 +109,7 @@ func tenantOf(ctx context.Context) (string, error) {
 // is refused.
 var methodRoles = map[string]Role{
 	kbv1.KeyBroker_Sign_FullMethodName:             RoleSigner,
+	kbv1.KeyBroker_SignStream_FullMethodName:       RoleSigner,
 	kbv1.KeyBroker_GetKey_FullMethodName:           RoleSigner | RoleAdmin,
 	kbv1.KeyBroker_ListKeys_FullMethodName:         RoleSigner | RoleAdmin,
 	kbv1.KeyBroker_GetPublicKey_FullMethodName:     RoleSigner | RoleAdmin,

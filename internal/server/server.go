@@ -66,6 +66,9 @@ type Options struct {
 	Observer Observer    // nil: none
 	Cluster  ClusterView // nil: a single daemon
 	Log      *slog.Logger
+	// CallTimeout bounds each SignStream message as the daemon bounds a
+	// unary call (0: only the stream's context).
+	CallTimeout time.Duration
 }
 
 // Server implements kbv1.KeyBrokerServer.
@@ -78,7 +81,8 @@ type Server struct {
 	cluster  ClusterView
 	log      *slog.Logger
 
-	malformed sync.Map // requests that did not decode (malformedCodec)
+	callTimeout time.Duration
+	malformed   sync.Map // requests that did not decode (malformedCodec)
 }
 
 // New returns the service.
@@ -86,7 +90,7 @@ func New(o Options) *Server {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, cluster: o.Cluster, log: o.Log}
+	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, cluster: o.Cluster, log: o.Log, callTimeout: o.CallTimeout}
 	s.access.Store(o.Access)
 	return s
 }
@@ -96,9 +100,8 @@ func New(o Options) *Server {
 // call sees the new ones.
 func (s *Server) SetAccess(a *Access) { s.access.Store(a) }
 
-// UnaryInterceptor wraps every keybroker.v1 call: request id, caller
-// authentication and authorization, signing quota, panic recovery, the one
-// error → status conversion, a log line, and the audit record, which must be
+// UnaryInterceptor wraps every keybroker.v1 call (see handle) and gives it
+// a request id, sent in the x-request-id header. The audit record must be
 // durable before the response (or the response is withheld: UNAVAILABLE).
 // Other services (health, reflection) pass through.
 func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -107,9 +110,16 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	if !strings.HasPrefix(info.FullMethod, "/"+kbv1.KeyBroker_ServiceDesc.ServiceName+"/") {
 		return handler(ctx, req)
 	}
-	start := time.Now()
 	reqID := newRequestID()
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", reqID))
+	return s.handle(ctx, reqID, req, malformed, info, handler)
+}
+
+// handle runs one keybroker.v1 call, unary or a SignStream message: caller
+// authentication and authorization, signing quota, panic recovery, the one
+// error → status conversion, a log line, the audit record and the metrics.
+func (s *Server) handle(ctx context.Context, reqID string, req any, malformed bool, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	start := time.Now()
 	caller, resp, err := s.call(ctx, reqID, req, malformed, info, handler)
 	code := status.Code(err)
 	// The logger with the call's fields is built only when a line is
