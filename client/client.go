@@ -29,11 +29,13 @@ type Client struct {
 	conn    *grpc.ClientConn
 	api     kbv1.KeyBrokerClient
 	timeout time.Duration
+	mux     *signMux // nil: unary Sign calls
 }
 
 type options struct {
 	tls     *tls.Config
 	timeout time.Duration
+	stream  bool
 }
 
 // Option configures Dial.
@@ -47,6 +49,14 @@ func WithTLS(c *tls.Config) Option { return func(o *options) { o.tls = c } }
 // WithTimeout bounds calls made without a deadline (crypto.Signer.Sign,
 // http.RoundTripper); default 10 s.
 func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
+
+// WithSignStream makes the client's Sign calls (and its Signers') messages
+// of one SignStream, shared by all goroutines, instead of one unary call
+// each: fewer HTTP/2 streams and less work per signature in both
+// processes. A daemon without SignStream is called unary. When the stream
+// breaks, the calls waiting on it fail with UNAVAILABLE (the daemon may
+// have signed some of them) and the next call opens a new stream.
+func WithSignStream() Option { return func(o *options) { o.stream = true } }
 
 // Dial connects to keybrokerd. target is a unix socket path (or
 // "unix:///path"), or "host:port" with WithTLS. An empty target means
@@ -80,7 +90,23 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("client: %w", err)
 	}
-	return &Client{conn: conn, api: kbv1.NewKeyBrokerClient(conn), timeout: o.timeout}, nil
+	c := &Client{conn: conn, api: kbv1.NewKeyBrokerClient(conn), timeout: o.timeout}
+	if o.stream {
+		c.mux = &signMux{api: c.api}
+	}
+	return c, nil
+}
+
+// Sign makes one Sign call, over the shared SignStream with
+// WithSignStream. The client's default timeout applies when ctx has no
+// deadline.
+func (c *Client) Sign(ctx context.Context, req *kbv1.SignRequest) (*kbv1.SignResponse, error) {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
+	if c.mux != nil {
+		return c.mux.sign(ctx, req)
+	}
+	return c.api.Sign(ctx, req)
 }
 
 // Close closes the connection.

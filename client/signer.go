@@ -107,9 +107,7 @@ func (s *Signer) sign(ctx context.Context, digest []byte, opts crypto.SignerOpts
 			req.Padding = kbv1.RSAPadding_RSA_PADDING_PSS
 		}
 	}
-	ctx, cancel := s.c.withTimeout(ctx)
-	defer cancel()
-	resp, err := s.c.api.Sign(ctx, req)
+	resp, err := s.c.Sign(ctx, req)
 	if err != nil {
 		return nil, err
 	}

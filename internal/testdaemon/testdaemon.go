@@ -63,6 +63,13 @@ func Start(t testing.TB, edit ...func(*config.Config)) *Daemon {
 	return &Daemon{Socket: cfg.Socket, Config: cfg}
 }
 
+// shared is the daemon Main started.
+var shared *Daemon
+
+// Shared is the daemon Main started for the whole process (nil without
+// Main), for tests that read its state directory or audit log.
+func Shared() *Daemon { return shared }
+
 // Main runs a package's tests and examples against one daemon for the whole
 // process, on a token provisioned under a temporary directory, with
 // KEYBROKER_SOCKET pointing at it (so client.Dial("") finds it). Call it
@@ -104,6 +111,7 @@ func runMain(m *testing.M) (int, error) {
 	done := make(chan error, 1)
 	go func() { done <- d.ServeListener(ctx, lis) }()
 	os.Setenv("KEYBROKER_SOCKET", cfg.Socket)
+	shared = &Daemon{Socket: cfg.Socket, Config: cfg}
 	code := m.Run()
 	cancel()
 	if err := <-done; err != nil {
