@@ -5,12 +5,13 @@
 #
 #   SoftHSM2 ES256 and RS256-2048 Sign at 1, 4, 16 clients, each against
 #     the same token signed in-process (keybrokerctl bench --baseline);
+#     the same over SignStream (bench --stream) at 4 and 16 clients;
 #   swtpm ES256 Sign at 1 and 4 clients (the daemon on one swtpm, the
 #     in-process baseline on a second one: a TPM serves one connection);
 #   GetJWKS at 16 clients;
 #   the peer: SoftHSM2 ES256 and RS256 at 4 and 16 clients signed
 #     in-process over p11-kit remoting (p11-kit-client.so to `p11-kit
-#     server`), against the daemon in the same command;
+#     server`), against the daemon in the same command, unary and stream;
 #   Sign with the metadata on etcd (one member) against the bbolt daemon,
 #     ES256 at 16 clients, measured in turn;
 #   the gRPC floor: the health service's Check at 16 clients (no caller
@@ -142,6 +143,10 @@ for key in es rs; do
 		say "SoftHSM2 $key, $c clients"
 		record "SoftHSM2 Sign" "$("$ctl" "${p11[@]}" -o json bench "$key" -c "$c" -d "$dur" "${baseline[@]}")"
 	done
+	for c in 4 16; do
+		say "SoftHSM2 $key over SignStream, $c clients"
+		record "SoftHSM2 SignStream" "$("$ctl" "${p11[@]}" -o json bench "$key" --stream -c "$c" -d "$dur" "${baseline[@]}")"
+	done
 done
 # The group commit's depth over the Sign rows: records per audit commit.
 batches=$(python3 - "http://127.0.0.1:${BENCH_ADMIN_PORT:-19464}/metrics" <<'PY'
@@ -178,8 +183,10 @@ if command -v p11-kit >/dev/null && [ -f "$p11client" ]; then
 	peer=(--baseline --backend pkcs11 --pkcs11-module "$p11client" --token-label "$LABEL" --pin-file "$PIN_FILE")
 	for key in es rs; do
 		for c in 4 16; do
-			say "p11-kit remoting peer, $key, $c clients"
-			record "vs p11-kit remoting" "$(P11_KIT_SERVER_ADDRESS=unix:path=$work/p11kit.sock "$ctl" "${p11[@]}" -o json bench "$key" -c "$c" -d "$dur" "${peer[@]}")"
+			for mode in "" --stream; do
+				say "p11-kit remoting peer, $key, $c clients ${mode:+(daemon over SignStream)}"
+				record "vs p11-kit remoting" "$(P11_KIT_SERVER_ADDRESS=unix:path=$work/p11kit.sock "$ctl" "${p11[@]}" -o json bench "$key" $mode -c "$c" -d "$dur" "${peer[@]}")"
+			done
 		done
 	done
 else

@@ -35,6 +35,10 @@ with --rpc jwks, GetJWKS) as fast as they can for --duration, or until
 and the errors. The clients share one connection, as an application's
 goroutines share one gRPC client; --conns N spreads them over N.
 
+--stream signs over SignStream: each client's Sign is a message of one
+stream per connection, shared by the clients (the SDK's
+client.WithSignStream), instead of a unary call.
+
 --rpc health calls the gRPC health service's Check instead: no caller
 authorization, no audit record, no hardware. It measures the floor that
 gRPC itself sets on this machine, for comparison with the other calls.
@@ -66,6 +70,7 @@ type benchFlags struct {
 	format      string
 	baseline    bool
 	backend     string // "pkcs11" or "tpm"
+	stream      bool
 
 	module, tokenLabel, pinFile, softhsm2Conf string
 	maxSessions                               int
@@ -75,7 +80,7 @@ type benchFlags struct {
 // benchResult is one measurement.
 type benchResult struct {
 	Target      string  `json:"target"` // "daemon" or "in-process"
-	RPC         string  `json:"rpc"`    // "Sign" or "GetJWKS"
+	RPC         string  `json:"rpc"`    // "Sign", "SignStream", "GetJWKS" or "health.Check"
 	Backend     string  `json:"backend,omitempty"`
 	Algorithm   string  `json:"algorithm,omitempty"`
 	Concurrency int     `json:"concurrency"`
@@ -123,6 +128,7 @@ func newBenchCmd(a *app) *cobra.Command {
 	fs.DurationVarP(&f.duration, "duration", "d", 5*time.Second, "how long to measure")
 	fs.Int64VarP(&f.count, "count", "n", 0, "measure this many calls instead of a --duration")
 	fs.StringVar(&f.format, "format", "der", "ECDSA signature `encoding` asked of the daemon: "+signatureFormats.String())
+	fs.BoolVar(&f.stream, "stream", false, "sign over one SignStream per connection instead of unary calls")
 	fs.BoolVar(&f.baseline, "baseline", false, "first measure the --backend in-process, and print the ratio")
 	fs.StringVar(&f.backend, "backend", "pkcs11", "baseline: the daemon's key `backend`: pkcs11|tpm")
 	fs.StringVar(&f.module, "pkcs11-module", "/usr/lib/softhsm/libsofthsm2.so", "baseline: PKCS#11 library `path`")
@@ -147,6 +153,9 @@ func (f *benchFlags) check(name string) error {
 		}
 		if f.baseline {
 			return usageErrorf("--baseline: only for --rpc sign (%s makes no hardware call)", f.rpc)
+		}
+		if f.stream {
+			return usageErrorf("--stream: only for --rpc sign")
 		}
 	default:
 		return usageErrorf("--rpc: got %q, want sign, jwks or health", f.rpc)
@@ -187,7 +196,11 @@ func (f *benchFlags) check(name string) error {
 
 // bench runs the measurements and prints them.
 func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
-	conns, err := a.dialN(f.conns)
+	var opts []client.Option
+	if f.stream {
+		opts = append(opts, client.WithSignStream())
+	}
+	conns, err := a.dialN(f.conns, opts...)
 	if err != nil {
 		return err
 	}
@@ -238,9 +251,12 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 			out.Baseline = &b
 		}
 		out.Daemon = benchResult{RPC: "Sign", Algorithm: alg.String()}
+		if f.stream {
+			out.Daemon.RPC = "SignStream"
+		}
 		req := &kbv1.SignRequest{Name: name, Digest: digest, Format: format}
 		newOp = func(w int) func(context.Context) error {
-			c := kbv1.NewKeyBrokerClient(conns[w%len(conns)].Conn())
+			c := conns[w%len(conns)]
 			return func(ctx context.Context) error {
 				_, err := c.Sign(ctx, req)
 				return err
@@ -266,7 +282,7 @@ func (a *app) bench(ctx context.Context, f benchFlags, name string) error {
 // dialN opens n connections to the daemon's socket (client.Dial). The
 // socket is checked first: grpc connects lazily, and a stopped daemon is
 // then a plain message rather than a transport error.
-func (a *app) dialN(n int) ([]*client.Client, error) {
+func (a *app) dialN(n int, opts ...client.Option) ([]*client.Client, error) {
 	if _, err := os.Stat(a.socket); errors.Is(err, fs.ErrNotExist) {
 		return nil, status.Errorf(codes.Unavailable, "socket %s does not exist (is keybrokerd running?)", a.socket)
 	} else if err != nil {
@@ -274,7 +290,7 @@ func (a *app) dialN(n int) ([]*client.Client, error) {
 	}
 	conns := make([]*client.Client, 0, n)
 	for range n {
-		c, err := client.Dial("unix:" + a.socket)
+		c, err := client.Dial("unix:"+a.socket, opts...)
 		if err != nil {
 			for _, c := range conns {
 				c.Close()
