@@ -30,6 +30,23 @@ func TestBenchSign(t *testing.T) {
 	}
 }
 
+// --stream against a daemon without SignStream (the fake) signs unary: the
+// SDK's fallback, every call counted once.
+func TestBenchStreamFallsBack(t *testing.T) {
+	socket, _ := startFake(t, newFakeBroker(t))
+	r := runAt(socket, "--output", "json", "bench", "alpha", "--stream", "-c", "4", "-n", "40")
+	if r.code != exitOK {
+		t.Fatalf("exit code %d, stderr %q", r.code, r.stderr)
+	}
+	var out benchOutput
+	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil {
+		t.Fatalf("stdout %q: %v", r.stdout, err)
+	}
+	if d := out.Daemon; d.RPC != "SignStream" || d.Ops != 40 || d.Errors != 0 {
+		t.Errorf("daemon result = %+v, want 40 SignStream-mode calls, no errors", d)
+	}
+}
+
 func TestBenchJWKSText(t *testing.T) {
 	socket, _ := startFake(t, newFakeBroker(t))
 	r := runAt(socket, "bench", "--rpc", "jwks", "-c", "2", "-d", "100ms")
@@ -103,6 +120,7 @@ func TestBenchUsage(t *testing.T) {
 		{"bench", "alpha", "--baseline", "--backend", "tpm"},
 		{"bench", "alpha", "--backend", "yubikey"},
 		{"bench", "--rpc", "jwks", "--baseline", "--pin-file", "x"},
+		{"bench", "--rpc", "jwks", "--stream"},
 	} {
 		r := runAt(socket, args...)
 		if r.code != exitUsage || r.stdout != "" {
