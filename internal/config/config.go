@@ -43,7 +43,27 @@ type Config struct {
 	Health   Health   `yaml:"health"`
 	Admin    Admin    `yaml:"admin"`
 	Store    Store    `yaml:"store"`
+	JWKS     JWKS     `yaml:"jwks"`
 }
+
+// JWKS is the optional HTTPS listener that publishes the JWK Sets of the
+// tenants with publish_jwks (see docs/operations.md "Publishing JWKS over
+// HTTPS"). It has no authentication: it serves public keys only.
+type JWKS struct {
+	// Address, e.g. "0.0.0.0:8443"; empty: off.
+	Address  string `yaml:"address"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// MaxAge caps Cache-Control max-age. The answer's max-age is the
+	// smaller of MaxAge and half the shortest pre-publication lead of the
+	// keys served, so that a relying party's cached copy always holds a
+	// pending version before it signs; MaxAge also bounds how long a
+	// revoked version may stay in relying parties' caches.
+	MaxAge time.Duration `yaml:"max_age"`
+}
+
+// MaxJWKSMaxAge bounds jwks.max_age.
+const MaxJWKSMaxAge = 7 * 24 * time.Hour
 
 // Store says where the metadata lives: "bbolt" (the default), a file in
 // state_dir for one daemon, or "etcd", shared by several replicas in front
@@ -104,6 +124,9 @@ type Tenant struct {
 	// PKCS11, when set, gives the tenant its own token; otherwise its keys
 	// live on the shared token (pkcs11.token_label), kept apart by record.
 	PKCS11 *TenantToken `yaml:"pkcs11"`
+	// PublishJWKS serves the tenant's JWK Set, without authentication, on
+	// the jwks listener. Off: the listener says nothing about the tenant.
+	PublishJWKS bool `yaml:"publish_jwks"`
 }
 
 // Identities are the callers that act as a tenant.
@@ -244,6 +267,7 @@ func Default() Config {
 		Health: Health{ProbeInterval: 250 * time.Millisecond, ProbeTimeout: 250 * time.Millisecond},
 		Store: Store{Backend: "bbolt", Prefix: "/keybroker/", DialTimeout: 5 * time.Second, RequestTimeout: 5 * time.Second,
 			LeaseTTL: 10 * time.Second, MaxStaleness: 10 * time.Second},
+		JWKS: JWKS{MaxAge: time.Hour},
 	}
 }
 
@@ -376,6 +400,7 @@ func (c Config) Validate() error {
 		add("health.probe_interval: got %v, want 100ms..1h", c.Health.ProbeInterval)
 	}
 	p = append(p, c.validateStore()...)
+	p = append(p, c.validateJWKS()...)
 	if c.Admin.Address != "" {
 		if err := checkLoopback(c.Admin.Address); err != nil {
 			add("admin.address: %v", err)
@@ -559,8 +584,10 @@ func (c Config) validateTenants() Problems {
 }
 
 // ReloadCheck compares the running configuration c with next, a valid
-// configuration read on SIGHUP. Tenants (identities, roles, quotas), the
-// log level and the health probe interval apply live. problems are changes
+// configuration read on SIGHUP. Tenants (identities, roles, quotas,
+// publish_jwks), the log level, the health probe interval and jwks.max_age
+// apply live (the daemon also re-reads the jwks certificate files from
+// their paths at start). problems are changes
 // that cannot: a tenant's own PKCS#11 token added, changed or dropped
 // (its keys would go to another token than the one they are on). restart
 // names the fields that changed but take effect only at the next start.
@@ -596,6 +623,9 @@ func (c Config) ReloadCheck(next Config) (problems Problems, restart []string) {
 		{"log.format", c.Log.Format != next.Log.Format},
 		{"admin", c.Admin != next.Admin},
 		{"store", !reflect.DeepEqual(c.Store, next.Store)},
+		{"jwks.address", c.JWKS.Address != next.JWKS.Address},
+		{"jwks.cert_file", c.JWKS.CertFile != next.JWKS.CertFile},
+		{"jwks.key_file", c.JWKS.KeyFile != next.JWKS.KeyFile},
 	}
 	for _, f := range fixed {
 		if f.changed {
@@ -603,6 +633,46 @@ func (c Config) ReloadCheck(next Config) (problems Problems, restart []string) {
 		}
 	}
 	return problems, restart
+}
+
+func (c Config) validateJWKS() Problems {
+	var p Problems
+	add := func(format string, args ...any) { p = append(p, fmt.Sprintf(format, args...)) }
+	j := c.JWKS
+	if j.Address != "" {
+		if err := checkHostPort(j.Address); err != nil {
+			add("jwks.address: %v", err)
+		} else if j.Address == c.TCP.Address || j.Address == c.Admin.Address {
+			add("jwks.address: %q is also the tcp or admin listener's address", j.Address)
+		}
+		if j.CertFile == "" || j.KeyFile == "" {
+			add("jwks: address is set, so cert_file and key_file must be too")
+		}
+	}
+	if j.MaxAge < 0 || j.MaxAge > MaxJWKSMaxAge {
+		add("jwks.max_age: got %v, want 0s..%v", j.MaxAge, MaxJWKSMaxAge)
+	}
+	if j.Address == "" {
+		for i, t := range c.Tenants {
+			if t.PublishJWKS {
+				add("tenants[%d] (%s).publish_jwks: set, but jwks.address is empty, so nothing would serve it", i, t.Name)
+			}
+		}
+	}
+	return p
+}
+
+// checkHostPort accepts host:port with a numeric port (the host may be
+// empty: every interface).
+func checkHostPort(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port: %v", addr, err)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("%q: port %q is not a number 0..65535", addr, port)
+	}
+	return nil
 }
 
 func (c Config) validateStore() Problems {

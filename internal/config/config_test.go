@@ -61,6 +61,7 @@ tenants:
     pkcs11:
       token_label: payments
       pin_file: /etc/kb/payments.pin
+    publish_jwks: true
 tcp:
   address: 127.0.0.1:8443
   cert_file: /etc/kb/tls.crt
@@ -96,6 +97,11 @@ store:
   replica: kb-1
   lease_ttl: 15s
   max_staleness: 20s
+jwks:
+  address: 0.0.0.0:443
+  cert_file: /etc/kb/jwks.crt
+  key_file: /etc/kb/jwks.key
+  max_age: 10m
 `
 
 func TestParseFull(t *testing.T) {
@@ -120,9 +126,10 @@ func TestParseFull(t *testing.T) {
 			Name: "payments",
 			Identities: Identities{UIDs: []uint32{1001}, GIDs: []uint32{2001}, SPIFFEIDs: []string{"spiffe://example.org/payments"},
 				DNSNames: []string{"payments.internal"}, CommonNames: []string{"payments"}},
-			Roles:  []string{"signer", "admin"},
-			Quota:  Quota{SignsPerSecond: 100, Burst: 200, MaxKeys: 50},
-			PKCS11: &TenantToken{TokenLabel: "payments", PINFile: "/etc/kb/payments.pin"},
+			Roles:       []string{"signer", "admin"},
+			Quota:       Quota{SignsPerSecond: 100, Burst: 200, MaxKeys: 50},
+			PKCS11:      &TenantToken{TokenLabel: "payments", PINFile: "/etc/kb/payments.pin"},
+			PublishJWKS: true,
 		}},
 		TCP:      TCP{Address: "127.0.0.1:8443", CertFile: "/etc/kb/tls.crt", KeyFile: "/etc/kb/tls.key", ClientCAFile: "/etc/kb/clients.crt"},
 		Audit:    Audit{Path: "/var/log/kb/audit.jsonl", WriteTimeout: 2 * time.Second, Sync: "interval", SyncInterval: 20 * time.Millisecond},
@@ -140,6 +147,7 @@ func TestParseFull(t *testing.T) {
 			DialTimeout: 3 * time.Second, RequestTimeout: 4 * time.Second,
 			TLS:     StoreTLS{CAFile: "/etc/kb/etcd-ca.crt", CertFile: "/etc/kb/etcd.crt", KeyFile: "/etc/kb/etcd.key"},
 			Replica: "kb-1", LeaseTTL: 15 * time.Second, MaxStaleness: 20 * time.Second},
+		JWKS: JWKS{Address: "0.0.0.0:443", CertFile: "/etc/kb/jwks.crt", KeyFile: "/etc/kb/jwks.key", MaxAge: 10 * time.Minute},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
@@ -345,6 +353,26 @@ func TestValidateSingleProblems(t *testing.T) {
 		{"admin no port", func(c *Config) { c.Admin.Address = "127.0.0.1" }, "admin.address: \"127.0.0.1\" is not host:port"},
 		{"admin bad port", func(c *Config) { c.Admin.Address = "127.0.0.1:http" }, "admin.address: \"127.0.0.1:http\": port"},
 		{"level upper", func(c *Config) { c.Log.Level = "INFO" }, "log.level:"},
+		{"jwks", func(c *Config) { c.JWKS = JWKS{Address: ":8443", CertFile: "/c", KeyFile: "/k", MaxAge: time.Hour} }, ""},
+		{"jwks max_age 0", func(c *Config) { c.JWKS.MaxAge = 0 }, ""},
+		{"jwks max_age 7d", func(c *Config) { c.JWKS.MaxAge = MaxJWKSMaxAge }, ""},
+		{"jwks max_age 7d+1s", func(c *Config) { c.JWKS.MaxAge = MaxJWKSMaxAge + time.Second }, "jwks.max_age: got 168h0m1s, want 0s..168h0m0s"},
+		{"jwks max_age negative", func(c *Config) { c.JWKS.MaxAge = -time.Second }, "jwks.max_age: got -1s"},
+		{"jwks no cert", func(c *Config) { c.JWKS = JWKS{Address: ":8443", KeyFile: "/k", MaxAge: time.Hour} }, "jwks: address is set, so cert_file and key_file"},
+		{"jwks no key", func(c *Config) { c.JWKS = JWKS{Address: ":8443", CertFile: "/c", MaxAge: time.Hour} }, "jwks: address is set, so cert_file and key_file"},
+		{"jwks no port", func(c *Config) { c.JWKS = JWKS{Address: "127.0.0.1", CertFile: "/c", KeyFile: "/k"} }, `jwks.address: "127.0.0.1" is not host:port`},
+		{"jwks bad port", func(c *Config) { c.JWKS = JWKS{Address: "127.0.0.1:https", CertFile: "/c", KeyFile: "/k"} }, `jwks.address: "127.0.0.1:https": port`},
+		{"jwks on the tcp listener", func(c *Config) {
+			c.TCP = TCP{Address: "127.0.0.1:8443", CertFile: "/c", KeyFile: "/k", ClientCAFile: "/ca"}
+			c.JWKS = JWKS{Address: "127.0.0.1:8443", CertFile: "/c", KeyFile: "/k"}
+		}, `jwks.address: "127.0.0.1:8443" is also the tcp or admin listener's address`},
+		{"publish_jwks without a listener", func(c *Config) {
+			c.Tenants = []Tenant{{Name: "a", Identities: Identities{UIDs: []uint32{7}}, Roles: []string{RoleSigner}, PublishJWKS: true}}
+		}, "tenants[0] (a).publish_jwks: set, but jwks.address is empty"},
+		{"publish_jwks with a listener", func(c *Config) {
+			c.Tenants = []Tenant{{Name: "a", Identities: Identities{UIDs: []uint32{7}}, Roles: []string{RoleSigner}, PublishJWKS: true}}
+			c.JWKS = JWKS{Address: "127.0.0.1:8443", CertFile: "/c", KeyFile: "/k"}
+		}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()
@@ -579,6 +607,13 @@ func TestReloadCheck(t *testing.T) {
 			c.Log.Format = "text"
 			c.Admin.Address = "127.0.0.1:1"
 		}, nil, []string{"socket", "pkcs11", "limits", "log.format", "admin"}},
+		{"jwks live", func(c *Config) {
+			c.Tenants[0].PublishJWKS = true
+			c.JWKS.MaxAge = time.Minute
+		}, nil, nil},
+		{"jwks listener", func(c *Config) {
+			c.JWKS = JWKS{Address: ":1", CertFile: "/c", KeyFile: "/k"}
+		}, nil, []string{"jwks.address", "jwks.cert_file", "jwks.key_file"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			next := base

@@ -66,6 +66,7 @@ type Daemon struct {
 	grpc    *grpc.Server // unix socket, peers identified by SO_PEERCRED
 	tcp     *grpc.Server // TCP with mutual TLS; nil when not configured
 	tcpLis  net.Listener // passed by systemd (socket activation), else nil
+	jwks    *jwksServer  // HTTPS JWK Sets; nil when jwks.address is not set
 
 	live     atomic.Pointer[config.Config] // the configuration in force (reload)
 	access   atomic.Pointer[server.Access]
@@ -249,6 +250,11 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 			return nil, fmt.Errorf("tcp: %w", err)
 		}
 		d.tcp = newServer(credentials.NewTLS(tlsCfg))
+	}
+	if cfg.JWKS.Address != "" {
+		if d.jwks, err = d.newJWKS(cfg); err != nil {
+			return nil, err
+		}
 	}
 	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	d.health.SetServingStatus(kbv1.KeyBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)

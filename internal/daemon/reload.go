@@ -14,7 +14,8 @@ import (
 
 // Reload re-reads the configuration with load (SIGHUP) and applies what
 // can change while serving: tenants (identities, roles), quotas (signs per
-// second, burst, max keys), the log level and the health probe interval.
+// second, burst, max keys, publish_jwks), the log level, the health probe
+// interval, jwks.max_age and the JWKS certificate (re-read from its files).
 // A configuration with any problem is refused whole: every problem is
 // logged, the running configuration keeps serving, and the problems are
 // returned (config.Problems). systemd is told RELOADING=1, then READY=1
@@ -50,6 +51,10 @@ func (d *Daemon) reload(load func() (config.Config, error)) error {
 	// the hardware, listeners and store were opened with.
 	p, restart := d.cfg.ReloadCheck(next)
 	problems = append(problems, p...)
+	useCert, err := d.reloadJWKSCert()
+	if err != nil {
+		problems = append(problems, err.Error())
+	}
 	if len(problems) > 0 {
 		return problems
 	}
@@ -64,6 +69,7 @@ func (d *Daemon) reload(load func() (config.Config, error)) error {
 	d.access.Store(access)
 	d.svc.SetAccess(access)
 	d.maxKeys.Store(&maxKeys)
+	useCert()
 	d.metrics.SetTenants(tenantNames(next))
 	if d.level != nil {
 		var level slog.Level

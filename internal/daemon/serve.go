@@ -54,7 +54,7 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 	}
 
 	servers := []*grpc.Server{d.grpc}
-	errc := make(chan error, 3)
+	errc := make(chan error, 4)
 	go func() { errc <- d.grpc.Serve(lis) }()
 	d.log.Info("serving", "socket", lis.Addr().String(), "backend", d.cfg.Backend)
 	if d.tcp != nil {
@@ -92,6 +92,15 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 		}()
 		d.log.Info("serving metrics", "address", "http://"+al.Addr().String()+"/metrics")
 	}
+	if err := d.serveJWKS(errc); err != nil {
+		for _, g := range servers {
+			g.Stop()
+		}
+		if admin != nil {
+			admin.Close()
+		}
+		return err
+	}
 
 	watchdog, err := sdWatchdog()
 	if err != nil {
@@ -116,6 +125,7 @@ func (d *Daemon) ServeListener(ctx context.Context, lis net.Listener) error {
 	d.health.Shutdown()    // watchers are sent NOT_SERVING...
 	d.endStreams()         // ...then their streams end
 	d.stopServers(servers) // unary calls finish, or are cut off
+	d.stopJWKS()
 	if admin != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
