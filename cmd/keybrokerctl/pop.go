@@ -143,6 +143,11 @@ func (f dpopFlags) request(name string) (*kbv1.CreateDPoPProofRequest, error) {
 		return nil, usageErrorf("--method: required")
 	case f.url == "":
 		return nil, usageErrorf("--url: required")
+	}
+	if err := checkMethod(f.method); err != nil {
+		return nil, err
+	}
+	switch {
 	case f.accessToken != "" && f.ath != "":
 		return nil, usageErrorf("--access-token and --ath: give at most one")
 	}
@@ -186,7 +191,7 @@ and version that signed, and the "jkt" the token's cnf must hold.`,
 		}.runE(a),
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&f.method, "method", "", "HTTP `method` of the request (required)")
+	fs.StringVar(&f.method, "method", "", "HTTP `method` of the request, case-sensitive: GET, not get (required)")
 	fs.StringVar(&f.url, "url", "", "`URL` of the request (required)")
 	fs.StringVar(&f.accessToken, "access-token", "", "the access `token` sent with the request")
 	fs.StringVar(&f.ath, "ath", "", "the access token's hash `A` (base64url SHA-256), instead of --access-token")
@@ -219,6 +224,9 @@ func (f shrFlags) request(name string, stdin io.Reader) (*kbv1.CreateSignedHttpR
 	case f.url == "":
 		return nil, usageErrorf("--url: required")
 	}
+	if err := checkMethod(f.method); err != nil {
+		return nil, err
+	}
 	headers, err := parseHeaders(f.headers)
 	if err != nil {
 		return nil, err
@@ -233,6 +241,25 @@ func (f shrFlags) request(name string, stdin io.Reader) (*kbv1.CreateSignedHttpR
 		}
 	}
 	return req, nil
+}
+
+// standardMethods are the methods of RFC 9110 §9.3 and PATCH (RFC 5789).
+var standardMethods = []string{"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+
+// checkMethod refuses a --method that is not a token (RFC 9110 §9.1), and
+// a standard method in the wrong case: method names are case-sensitive, so
+// a DPoP proof with "htm":"get" matches no GET at a resource server. The
+// RPC takes any method as given; the CLI catches the typo.
+func checkMethod(m string) error {
+	for _, s := range standardMethods {
+		if m != s && strings.EqualFold(m, s) {
+			return usageErrorf("--method: got %q, but methods are case-sensitive (RFC 9110 §9.1): did you mean %s?", m, s)
+		}
+	}
+	if !isToken(m) {
+		return usageErrorf("--method: got %q, want a method name such as GET (an RFC 9110 token)", m)
+	}
+	return nil
 }
 
 // parseHeaders parses "Name: value" lines (RFC 9110 §5) into a map. A name
@@ -309,7 +336,7 @@ and the kid and version that signed.`,
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&f.accessToken, "access-token", "", "the PoP access `token` (required)")
-	fs.StringVar(&f.method, "method", "", "HTTP `method` of the request (required)")
+	fs.StringVar(&f.method, "method", "", "HTTP `method` of the request, case-sensitive: GET, not get (required)")
 	fs.StringVar(&f.url, "url", "", "full `URL` of the request (required)")
 	fs.StringVar(&f.nonce, "nonce", "", "the server's `nonce`")
 	fs.StringArrayVar(&f.headers, "header", nil, "a request header to cover, as `'Name: value'`; repeat for more")

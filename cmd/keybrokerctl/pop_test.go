@@ -321,3 +321,45 @@ func TestAttestRequest(t *testing.T) {
 		t.Errorf("request() with 64-byte nonce = %v, %v", got, err)
 	}
 }
+
+// TestMethodCase: a standard method in the wrong case is refused before
+// any call, with the method meant (RFC 9110 §9.1: methods are
+// case-sensitive, so "htm":"get" matches no GET); other methods go to the
+// RPC exactly as given, and a method that is not a token is refused.
+func TestMethodCase(t *testing.T) {
+	fake := newFakeBroker(t)
+	socket, _ := startFake(t, fake)
+	for _, cmd := range [][]string{
+		{"dpop", "alpha", "--url", "https://rs.example/"},
+		{"shr", "alpha", "--access-token", "at-1", "--url", "https://rs.example/"},
+	} {
+		for _, tc := range []struct{ method, want string }{
+			{"get", "did you mean GET?"},
+			{"Get", "did you mean GET?"},
+			{"post", "did you mean POST?"},
+			{"pAtCh", "did you mean PATCH?"},
+			{"options", "did you mean OPTIONS?"},
+			{"connect", "did you mean CONNECT?"},
+			{"GET /x", `--method: got "GET /x", want a method name`},
+			{"", "--method: required"},
+		} {
+			r := runAt(socket, append(cmd, "--method", tc.method)...)
+			if r.code != exitUsage || r.stdout != "" || !strings.Contains(r.stderr, tc.want) {
+				t.Errorf("%s --method %q: exit %d, stderr %q; want %d and %q", cmd[0], tc.method, r.code, r.stderr, exitUsage, tc.want)
+			}
+		}
+	}
+	if got := locked(fake, &fake.dpopReq); got != nil {
+		t.Errorf("a refused dpop reached keybrokerd: %v", got)
+	}
+	if got := locked(fake, &fake.shrReq); got != nil {
+		t.Errorf("a refused shr reached keybrokerd: %v", got)
+	}
+	// Extension methods (RFC 9110 §16.1), in whatever case, are sent as given.
+	for _, m := range []string{"PROPFIND", "purge", "GET"} {
+		runAt(socket, "dpop", "alpha", "--method", m, "--url", "https://rs.example/").check(t, exitOK, "dpop."+m+".kid-a2\n", "")
+		wantRequest(t, locked(fake, &fake.dpopReq), &kbv1.CreateDPoPProofRequest{Name: "alpha", Htm: m, Htu: "https://rs.example/"})
+		runAt(socket, "shr", "alpha", "--access-token", "at-1", "--method", m, "--url", "https://rs.example/").check(t, exitOK, "shr."+m+".kid-a2\n", "")
+		wantRequest(t, locked(fake, &fake.shrReq), &kbv1.CreateSignedHttpRequestRequest{Name: "alpha", AccessToken: "at-1", Method: m, Url: "https://rs.example/"})
+	}
+}
