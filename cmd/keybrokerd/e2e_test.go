@@ -237,7 +237,7 @@ func TestDevModeReusesToken(t *testing.T) {
 	sock := filepath.Join(dir, "dev", "keybroker.sock")
 	var kids []string
 	for i := 0; i < 2; i++ {
-		p := start(t, daemon, ctl, sock, "--dev", "--dev-dir", filepath.Join(dir, "dev"))
+		p := start(t, daemon, ctl, sock, "--dev", "--dev-dir", filepath.Join(dir, "dev"), "--jwks-address", freeAddr(t))
 		m := thumbprintLine.FindStringSubmatch(p.stdout.String())
 		if m == nil {
 			t.Fatalf("run %d: no thumbprint in dev banner:\n%s", i, p.stdout)

@@ -79,6 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&c.PKCS11.MaxSessions, "max-sessions", 0, "PKCS#11 session pool `size`")
 	fs.StringVar(&c.Log.Level, "log-level", "", "log `level`: debug, info, warn, error")
 	fs.StringVar(&c.Log.Format, "log-format", "", "log `format`: json, text")
+	fs.StringVar(&c.JWKS.Address, "jwks-address", "", "HTTPS JWKS listener `host:port` (dev mode: 127.0.0.1:8443)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -117,6 +118,8 @@ func (o *options) apply(cfg *config.Config) {
 			cfg.Log.Level = f.Log.Level
 		case "log-format":
 			cfg.Log.Format = f.Log.Format
+		case "jwks-address":
+			cfg.JWKS.Address = f.JWKS.Address
 		}
 	})
 }
