@@ -5,7 +5,8 @@
 #
 # usage: scripts/readme-check.sh run|cluster|service
 #   run      `make run` in the background until the daemon is healthy; sign
-#            with the "demo" key and verify the signature with openssl; stop
+#            with the "demo" key and verify the signature with openssl; fetch
+#            the dev JWKS over HTTPS pinned to the dev certificate; stop
 #            the daemon with SIGINT, as Ctrl-C does, and want exit status 0.
 #   cluster  `make run-cluster` in the background until its three replicas
 #            agree on a leader; sign with "demo" on each replica, verified;
@@ -62,6 +63,21 @@ EOF
 	fi
 }
 
+# fetch_pinned CAFILE URL: GET URL over HTTPS trusting only CAFILE, with
+# curl --cacert as the README shows, or Python's ssl where curl is not
+# installed (a minimal root); either verifies the server's certificate.
+fetch_pinned() {
+	if command -v curl >/dev/null; then
+		curl -fsS --cacert "$1" "$2"
+		return
+	fi
+	python3 - "$1" "$2" <<'EOF'
+import ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+sys.stdout.write(urllib.request.urlopen(sys.argv[2], context=ctx, timeout=10).read().decode())
+EOF
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: until COMMAND succeeds.
 wait_for() {
 	local secs=$1 what=$2
@@ -93,6 +109,17 @@ check_run() {
 	grep -q 'demo' "$tmp/run.log" || { cat "$tmp/run.log" >&2; fail "no mention of the demo key"; }
 	check "make run: bin/keybrokerctl sign demo, verified with openssl"
 	verify_signature bin/keybrokerctl
+	check "make run: the dev tenant's JWKS over HTTPS, the dev certificate pinned, holds the demo key"
+	local jwks_url=https://127.0.0.1:8443/tenants/dev/jwks.json cacert=.keybroker/dev/jwks-tls/cert.pem kid
+	grep -qF "curl --cacert $PWD/$cacert $jwks_url" "$tmp/run.log" || { cat "$tmp/run.log" >&2; fail "the banner does not print the curl command for $jwks_url"; }
+	fetch_pinned "$cacert" "$jwks_url" >"$tmp/jwks.json" || fail "GET $jwks_url with --cacert $cacert failed"
+	kid=$(awk '$1 == "thumbprint" { print $2; exit }' "$tmp/run.log")
+	python3 - "$tmp/jwks.json" "$kid" <<'EOF' || fail "the JWKS does not hold demo's kid $kid: $(cat "$tmp/jwks.json")"
+import json, sys
+keys = json.load(open(sys.argv[1]))["keys"]
+assert sys.argv[2] and sys.argv[2] in [k["kid"] for k in keys], keys
+assert all("d" not in k for k in keys), "a private member"
+EOF
 	check "make run: Ctrl-C (SIGINT) stops the daemon, exit status 0"
 	pkill -INT -f '^bin/keybrokerd --dev' || fail "no keybrokerd process to stop"
 	local rc=0
