@@ -114,7 +114,7 @@ const maxKeptBuf = 1 << 20
 const defaultTimeout = time.Second
 
 // defaultHeadEvery is Options.HeadEvery when unset.
-const defaultHeadEvery = 10 * time.Millisecond
+const defaultHeadEvery = 100 * time.Millisecond
 
 // defaultRetryEvery is Options.RetryEvery when unset.
 const defaultRetryEvery = 200 * time.Millisecond
@@ -165,7 +165,7 @@ type Options struct {
 	// Now is the clock for Record.Time; default time.Now.
 	Now func() time.Time
 	// HeadEvery is the least time between two updates of the head file;
-	// default 10ms. The head follows the log in the background, so it can
+	// default 100ms. The head follows the log in the background, so it can
 	// lag the last durable record by this much plus one update.
 	HeadEvery time.Duration
 	// RetryEvery is how often a failed log (not one with a Sink) tries to
