@@ -467,7 +467,7 @@ func (f *fakeBroker) AttestKey(_ context.Context, req *kbv1.AttestKeyRequest) (*
 // startFake serves fake and a health service (SERVING) on a unix socket
 // and returns the socket's path and the health server. Cleanup stops the
 // server and removes the socket.
-func startFake(t testing.TB, fake *fakeBroker) (string, *health.Server) {
+func startFake(t testing.TB, fake kbv1.KeyBrokerServer) (string, *health.Server) {
 	t.Helper()
 	// Not t.TempDir(): its path embeds the test name and can exceed the
 	// 107 bytes a unix socket path may have.

@@ -25,7 +25,8 @@ digests and prints public keys and the JWK Set.
 
 It also proves possession of a key for OAuth and mTLS: "req-cnf" prints a
 token request's req_cnf, "dpop" makes a DPoP proof, "shr" a Signed HTTP
-Request, "jws" signs a payload as a JWS, "csr" and "cert" make a CSR and a
+Request, "jws" signs a payload as a JWS, "client-assertion" makes an RFC
+7523 client assertion (private_key_jwt), "csr" and "cert" make a CSR and a
 self-signed certificate, and "attest" proves a TPM key lives in the TPM.
 These commands take --version N or --kid KID to use a version other than
 the active one.
@@ -108,6 +109,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.AddCommand(newHealthCmd(a), newKeysCmd(a), newSignCmd(a), newPubkeyCmd(a), newJWKSCmd(a))
 	root.AddCommand(newAuditCmd(a), newBenchCmd(a), newClusterCmd(a))
 	root.AddCommand(newReqCnfCmd(a), newDPoPCmd(a), newSHRCmd(a), newJWSCmd(a), newCSRCmd(a), newCertCmd(a), newAttestCmd(a))
+	root.AddCommand(newClientAssertionCmd(a))
 	// Add cobra's own commands now, so that argsAreUsageErrors sees them.
 	root.InitDefaultHelpCmd()
 	root.InitDefaultCompletionCmd()

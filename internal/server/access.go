@@ -126,6 +126,7 @@ var methodRoles = map[string]Role{
 	kbv1.KeyBroker_CreateSignedHttpRequest_FullMethodName:     RoleSigner,
 	kbv1.KeyBroker_CreateCertificateRequest_FullMethodName:    RoleSigner,
 	kbv1.KeyBroker_CreateSelfSignedCertificate_FullMethodName: RoleSigner,
+	kbv1.KeyBroker_CreateClientAssertion_FullMethodName:       RoleSigner,
 
 	kbv1.KeyBroker_GetClusterStatus_FullMethodName: RoleAdmin,
 }

@@ -3000,6 +3000,184 @@ func (x *AttestKeyResponse) GetVersion() uint32 {
 	return 0
 }
 
+type CreateClientAssertionRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid     string                 `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	// The OAuth client_id: both "iss" and "sub" (RFC 7523 §3). 1 to 256
+	// printable ASCII characters.
+	ClientId string `protobuf:"bytes,4,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
+	// "aud": the authorization server's token endpoint or issuer URL, sent
+	// as given. An absolute https URL (http only for a loopback host), no
+	// userinfo or fragment.
+	Audience string `protobuf:"bytes,5,opt,name=audience,proto3" json:"audience,omitempty"`
+	// "exp" - "iat". Default 5 minutes; at least 1 second, at most 1 hour.
+	Lifetime *durationpb.Duration `protobuf:"bytes,6,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
+	// Add "nbf" (equal to "iat").
+	NotBefore     bool `protobuf:"varint,7,opt,name=not_before,json=notBefore,proto3" json:"not_before,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateClientAssertionRequest) Reset() {
+	*x = CreateClientAssertionRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateClientAssertionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateClientAssertionRequest) ProtoMessage() {}
+
+func (x *CreateClientAssertionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateClientAssertionRequest.ProtoReflect.Descriptor instead.
+func (*CreateClientAssertionRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *CreateClientAssertionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateClientAssertionRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionRequest) GetClientId() string {
+	if x != nil {
+		return x.ClientId
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionRequest) GetAudience() string {
+	if x != nil {
+		return x.Audience
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionRequest) GetLifetime() *durationpb.Duration {
+	if x != nil {
+		return x.Lifetime
+	}
+	return nil
+}
+
+func (x *CreateClientAssertionRequest) GetNotBefore() bool {
+	if x != nil {
+		return x.NotBefore
+	}
+	return false
+}
+
+type CreateClientAssertionResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The compact JWT, for the token request's "client_assertion" with
+	// client_assertion_type urn:ietf:params:oauth:client-assertion-type:jwt-bearer.
+	Assertion string `protobuf:"bytes,1,opt,name=assertion,proto3" json:"assertion,omitempty"`
+	Kid       string `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version   uint32 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	// The assertion's "jti" and "exp".
+	Jti           string                 `protobuf:"bytes,4,opt,name=jti,proto3" json:"jti,omitempty"`
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateClientAssertionResponse) Reset() {
+	*x = CreateClientAssertionResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateClientAssertionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateClientAssertionResponse) ProtoMessage() {}
+
+func (x *CreateClientAssertionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateClientAssertionResponse.ProtoReflect.Descriptor instead.
+func (*CreateClientAssertionResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *CreateClientAssertionResponse) GetAssertion() string {
+	if x != nil {
+		return x.Assertion
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CreateClientAssertionResponse) GetJti() string {
+	if x != nil {
+		return x.Jti
+	}
+	return ""
+}
+
+func (x *CreateClientAssertionResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
 type GetClusterStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -3008,7 +3186,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[38]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3020,7 +3198,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[38]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3033,7 +3211,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{38}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{40}
 }
 
 type GetClusterStatusResponse struct {
@@ -3057,7 +3235,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[39]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3069,7 +3247,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[39]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3082,7 +3260,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{39}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetClusterStatusResponse) GetReplica() string {
@@ -3137,7 +3315,7 @@ type EtcdEndpoint struct {
 
 func (x *EtcdEndpoint) Reset() {
 	*x = EtcdEndpoint{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3149,7 +3327,7 @@ func (x *EtcdEndpoint) String() string {
 func (*EtcdEndpoint) ProtoMessage() {}
 
 func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3162,7 +3340,7 @@ func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdEndpoint.ProtoReflect.Descriptor instead.
 func (*EtcdEndpoint) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{40}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *EtcdEndpoint) GetEndpoint() string {
@@ -3399,7 +3577,23 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\n" +
 	"key_public\x18\x04 \x01(\fR\tkeyPublic\x12\x10\n" +
 	"\x03kid\x18\x05 \x01(\tR\x03kid\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\rR\aversion\"\x19\n" +
+	"\aversion\x18\x06 \x01(\rR\aversion\"\xed\x01\n" +
+	"\x1cCreateClientAssertionRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12\x1b\n" +
+	"\tclient_id\x18\x04 \x01(\tR\bclientId\x12\x1a\n" +
+	"\baudience\x18\x05 \x01(\tR\baudience\x125\n" +
+	"\blifetime\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\blifetime\x12\x1d\n" +
+	"\n" +
+	"not_before\x18\a \x01(\bR\tnotBefore\"\xb8\x01\n" +
+	"\x1dCreateClientAssertionResponse\x12\x1c\n" +
+	"\tassertion\x18\x01 \x01(\tR\tassertion\x12\x10\n" +
+	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\rR\aversion\x12\x10\n" +
+	"\x03jti\x18\x04 \x01(\tR\x03jti\x12;\n" +
+	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\"\x19\n" +
 	"\x17GetClusterStatusRequest\"\xfb\x01\n" +
 	"\x18GetClusterStatusResponse\x12\x18\n" +
 	"\areplica\x18\x01 \x01(\tR\areplica\x12\x16\n" +
@@ -3438,7 +3632,7 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xd5\f\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xc7\r\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
@@ -3457,7 +3651,8 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x17CreateSignedHttpRequest\x12,.keybroker.v1.CreateSignedHttpRequestRequest\x1a-.keybroker.v1.CreateSignedHttpRequestResponse\x12y\n" +
 	"\x18CreateCertificateRequest\x12-.keybroker.v1.CreateCertificateRequestRequest\x1a..keybroker.v1.CreateCertificateRequestResponse\x12\x82\x01\n" +
 	"\x1bCreateSelfSignedCertificate\x120.keybroker.v1.CreateSelfSignedCertificateRequest\x1a1.keybroker.v1.CreateSelfSignedCertificateResponse\x12L\n" +
-	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponse\x12a\n" +
+	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponse\x12p\n" +
+	"\x15CreateClientAssertion\x12*.keybroker.v1.CreateClientAssertionRequest\x1a+.keybroker.v1.CreateClientAssertionResponse\x12a\n" +
 	"\x10GetClusterStatus\x12%.keybroker.v1.GetClusterStatusRequest\x1a&.keybroker.v1.GetClusterStatusResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
 
 var (
@@ -3473,7 +3668,7 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 }
 
 var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(Algorithm)(0),                              // 0: keybroker.v1.Algorithm
 	(KeyState)(0),                               // 1: keybroker.v1.KeyState
@@ -3518,33 +3713,35 @@ var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(*CreateSelfSignedCertificateResponse)(nil), // 40: keybroker.v1.CreateSelfSignedCertificateResponse
 	(*AttestKeyRequest)(nil),                    // 41: keybroker.v1.AttestKeyRequest
 	(*AttestKeyResponse)(nil),                   // 42: keybroker.v1.AttestKeyResponse
-	(*GetClusterStatusRequest)(nil),             // 43: keybroker.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),            // 44: keybroker.v1.GetClusterStatusResponse
-	(*EtcdEndpoint)(nil),                        // 45: keybroker.v1.EtcdEndpoint
-	nil,                                         // 46: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),               // 47: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                 // 48: google.protobuf.Duration
-	(*anypb.Any)(nil),                           // 49: google.protobuf.Any
+	(*CreateClientAssertionRequest)(nil),        // 43: keybroker.v1.CreateClientAssertionRequest
+	(*CreateClientAssertionResponse)(nil),       // 44: keybroker.v1.CreateClientAssertionResponse
+	(*GetClusterStatusRequest)(nil),             // 45: keybroker.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),            // 46: keybroker.v1.GetClusterStatusResponse
+	(*EtcdEndpoint)(nil),                        // 47: keybroker.v1.EtcdEndpoint
+	nil,                                         // 48: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),               // 49: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                 // 50: google.protobuf.Duration
+	(*anypb.Any)(nil),                           // 51: google.protobuf.Any
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	47, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	47, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	47, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	47, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
-	47, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
-	47, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	49, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	49, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	49, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	49, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	49, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	49, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
-	47, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
-	48, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
-	48, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
-	48, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
-	48, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	49, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	50, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	50, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	50, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	50, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
 	0,  // 13: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	47, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	49, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
 	5,  // 15: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
 	6,  // 16: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
-	47, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	49, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
 	0,  // 18: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
 	6,  // 19: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 20: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
@@ -3557,57 +3754,61 @@ var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	14, // 27: keybroker.v1.SignStreamRequest.request:type_name -> keybroker.v1.SignRequest
 	15, // 28: keybroker.v1.SignStreamResponse.response:type_name -> keybroker.v1.SignResponse
 	18, // 29: keybroker.v1.SignStreamResponse.error:type_name -> keybroker.v1.Status
-	49, // 30: keybroker.v1.Status.details:type_name -> google.protobuf.Any
+	51, // 30: keybroker.v1.Status.details:type_name -> google.protobuf.Any
 	0,  // 31: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
 	7,  // 32: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
 	7,  // 33: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
 	6,  // 34: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
 	7,  // 35: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
-	46, // 36: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	48, // 37: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
-	48, // 38: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
-	45, // 39: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
-	8,  // 40: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	10, // 41: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	12, // 42: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	14, // 43: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	16, // 44: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
-	19, // 45: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	21, // 46: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	23, // 47: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
-	25, // 48: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
-	27, // 49: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
-	29, // 50: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
-	31, // 51: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
-	33, // 52: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
-	35, // 53: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
-	37, // 54: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
-	39, // 55: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
-	41, // 56: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
-	43, // 57: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
-	9,  // 58: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	11, // 59: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	13, // 60: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	15, // 61: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	17, // 62: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
-	20, // 63: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	22, // 64: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	24, // 65: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
-	26, // 66: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
-	28, // 67: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
-	30, // 68: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
-	32, // 69: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
-	34, // 70: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
-	36, // 71: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
-	38, // 72: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
-	40, // 73: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
-	42, // 74: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
-	44, // 75: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
-	58, // [58:76] is the sub-list for method output_type
-	40, // [40:58] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	48, // 36: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	50, // 37: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
+	50, // 38: keybroker.v1.CreateClientAssertionRequest.lifetime:type_name -> google.protobuf.Duration
+	49, // 39: keybroker.v1.CreateClientAssertionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	50, // 40: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
+	47, // 41: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
+	8,  // 42: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	10, // 43: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	12, // 44: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	14, // 45: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	16, // 46: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
+	19, // 47: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	21, // 48: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	23, // 49: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	25, // 50: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	27, // 51: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	29, // 52: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
+	31, // 53: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
+	33, // 54: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
+	35, // 55: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
+	37, // 56: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
+	39, // 57: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
+	41, // 58: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
+	43, // 59: keybroker.v1.KeyBroker.CreateClientAssertion:input_type -> keybroker.v1.CreateClientAssertionRequest
+	45, // 60: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
+	9,  // 61: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	11, // 62: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	13, // 63: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	15, // 64: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	17, // 65: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
+	20, // 66: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	22, // 67: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	24, // 68: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	26, // 69: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	28, // 70: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	30, // 71: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
+	32, // 72: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
+	34, // 73: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
+	36, // 74: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
+	38, // 75: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
+	40, // 76: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
+	42, // 77: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
+	44, // 78: keybroker.v1.KeyBroker.CreateClientAssertion:output_type -> keybroker.v1.CreateClientAssertionResponse
+	46, // 79: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
+	61, // [61:80] is the sub-list for method output_type
+	42, // [42:61] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -3625,7 +3826,7 @@ func file_keybroker_v1_keybroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   42,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -41,6 +41,7 @@ const (
 	KeyBroker_CreateCertificateRequest_FullMethodName    = "/keybroker.v1.KeyBroker/CreateCertificateRequest"
 	KeyBroker_CreateSelfSignedCertificate_FullMethodName = "/keybroker.v1.KeyBroker/CreateSelfSignedCertificate"
 	KeyBroker_AttestKey_FullMethodName                   = "/keybroker.v1.KeyBroker/AttestKey"
+	KeyBroker_CreateClientAssertion_FullMethodName       = "/keybroker.v1.KeyBroker/CreateClientAssertion"
 	KeyBroker_GetClusterStatus_FullMethodName            = "/keybroker.v1.KeyBroker/GetClusterStatus"
 )
 
@@ -96,6 +97,10 @@ type KeyBrokerClient interface {
 	CreateSelfSignedCertificate(ctx context.Context, in *CreateSelfSignedCertificateRequest, opts ...grpc.CallOption) (*CreateSelfSignedCertificateResponse, error)
 	// AttestKey proves a TPM key lives in this TPM (TPM2_Certify).
 	AttestKey(ctx context.Context, in *AttestKeyRequest, opts ...grpc.CallOption) (*AttestKeyResponse, error)
+	// CreateClientAssertion makes an RFC 7523 client assertion
+	// (private_key_jwt): a JWT with iss = sub = the client id, aud, a random
+	// jti, iat and exp, signed by the ACTIVE version (or the one named).
+	CreateClientAssertion(ctx context.Context, in *CreateClientAssertionRequest, opts ...grpc.CallOption) (*CreateClientAssertionResponse, error)
 	// GetClusterStatus describes the replicas that share this daemon's etcd
 	// store (admins only). FAILED_PRECONDITION on a single daemon (store
 	// backend bbolt).
@@ -283,6 +288,16 @@ func (c *keyBrokerClient) AttestKey(ctx context.Context, in *AttestKeyRequest, o
 	return out, nil
 }
 
+func (c *keyBrokerClient) CreateClientAssertion(ctx context.Context, in *CreateClientAssertionRequest, opts ...grpc.CallOption) (*CreateClientAssertionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateClientAssertionResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_CreateClientAssertion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *keyBrokerClient) GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetClusterStatusResponse)
@@ -345,6 +360,10 @@ type KeyBrokerServer interface {
 	CreateSelfSignedCertificate(context.Context, *CreateSelfSignedCertificateRequest) (*CreateSelfSignedCertificateResponse, error)
 	// AttestKey proves a TPM key lives in this TPM (TPM2_Certify).
 	AttestKey(context.Context, *AttestKeyRequest) (*AttestKeyResponse, error)
+	// CreateClientAssertion makes an RFC 7523 client assertion
+	// (private_key_jwt): a JWT with iss = sub = the client id, aud, a random
+	// jti, iat and exp, signed by the ACTIVE version (or the one named).
+	CreateClientAssertion(context.Context, *CreateClientAssertionRequest) (*CreateClientAssertionResponse, error)
 	// GetClusterStatus describes the replicas that share this daemon's etcd
 	// store (admins only). FAILED_PRECONDITION on a single daemon (store
 	// backend bbolt).
@@ -409,6 +428,9 @@ func (UnimplementedKeyBrokerServer) CreateSelfSignedCertificate(context.Context,
 }
 func (UnimplementedKeyBrokerServer) AttestKey(context.Context, *AttestKeyRequest) (*AttestKeyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AttestKey not implemented")
+}
+func (UnimplementedKeyBrokerServer) CreateClientAssertion(context.Context, *CreateClientAssertionRequest) (*CreateClientAssertionResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateClientAssertion not implemented")
 }
 func (UnimplementedKeyBrokerServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetClusterStatus not implemented")
@@ -729,6 +751,24 @@ func _KeyBroker_AttestKey_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_CreateClientAssertion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateClientAssertionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).CreateClientAssertion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_CreateClientAssertion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).CreateClientAssertion(ctx, req.(*CreateClientAssertionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _KeyBroker_GetClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetClusterStatusRequest)
 	if err := dec(in); err != nil {
@@ -817,6 +857,10 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AttestKey",
 			Handler:    _KeyBroker_AttestKey_Handler,
+		},
+		{
+			MethodName: "CreateClientAssertion",
+			Handler:    _KeyBroker_CreateClientAssertion_Handler,
 		},
 		{
 			MethodName: "GetClusterStatus",
