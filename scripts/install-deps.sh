@@ -4,7 +4,11 @@
 # the well-known .proto files, and systemd for systemd-analyze and the unit
 # tests in deploy/), etcd (the replicas' shared store: tests and
 # `make run-cluster` start their own members) and iproute2 (the cluster
-# tests' network namespaces).
+# tests' network namespaces). With no arguments it also installs nodejs and
+# npm when there is no npm (a node from elsewhere, e.g. NodeSource, is used
+# as it is) and runs `npm ci` in test/oidc-provider, the independent
+# authorization server the tests run (skipped when node_modules already
+# holds what its package-lock.json pins).
 #
 # Usage: scripts/install-deps.sh [PACKAGE...]
 #
@@ -23,6 +27,28 @@ readonly ALL_PACKAGES=(softhsm2 opensc p11-kit swtpm swtpm-tools tpm2-tools prot
 die() {
 	echo "install-deps: $*" >&2
 	exit 1
+}
+
+# npm_deps installs test/oidc-provider's pinned npm packages.
+npm_deps() {
+	local dir stamp sum try
+	dir=$(cd "$(dirname "$0")/.." && pwd)/test/oidc-provider
+	stamp=$dir/node_modules/.keybroker-lock.sha256
+	sum=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+	if [[ -f $stamp && $(<"$stamp") == "$sum" ]]; then
+		return 0
+	fi
+	command -v npm >/dev/null 2>&1 || die "npm not found: install nodejs and npm (or run $0 as root)"
+	echo "deps: npm ci in test/oidc-provider"
+	for try in 1 2 3; do
+		if (cd "$dir" && npm ci --no-audit --no-fund); then
+			echo "$sum" >"$stamp"
+			return 0
+		fi
+		echo "install-deps: npm ci failed (try $try of 3)" >&2
+		sleep $((try * 5))
+	done
+	die "npm ci in $dir failed 3 times"
 }
 
 usage() {
@@ -50,8 +76,10 @@ for arg in "$@"; do
 	fi
 	packages+=("$arg")
 done
+all=false
 if ((${#packages[@]} == 0)); then
 	packages=("${ALL_PACKAGES[@]}")
+	all=true
 fi
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
@@ -68,7 +96,13 @@ for p in "${packages[@]}"; do
 	fi
 done
 
+if $all && ! command -v npm >/dev/null 2>&1; then
+	command -v node >/dev/null 2>&1 || missing+=(nodejs)
+	missing+=(npm)
+fi
+
 if ((${#missing[@]} == 0)); then
+	if $all; then npm_deps; fi
 	echo "deps: all present"
 	exit 0
 fi
@@ -120,4 +154,5 @@ for p in "${missing[@]}"; do
 		echo "deps: etcd-server installed; its system service is disabled (keybroker starts its own etcd members)"
 	fi
 done
+if $all; then npm_deps; fi
 echo "deps: installed ${missing[*]}"
