@@ -10,7 +10,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: deps
-deps: ## Install the system packages (SoftHSM2, swtpm, tpm2-tools, protoc, ...) when missing
+deps: ## Install the system packages (SoftHSM2, swtpm, tpm2-tools, protoc, node, ...) when missing and the pinned npm packages of test/oidc-provider
 	scripts/install-deps.sh
 
 .PHONY: build
