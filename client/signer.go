@@ -45,6 +45,11 @@ func (c *Client) SignerVersion(ctx context.Context, name string, v uint32) (*Sig
 	if err != nil {
 		return nil, err
 	}
+	return c.signerFrom(name, resp)
+}
+
+// signerFrom is the Signer of the version resp describes.
+func (c *Client) signerFrom(name string, resp *kbv1.GetPublicKeyResponse) (*Signer, error) {
 	pub, err := x509.ParsePKIXPublicKey(resp.GetDer())
 	if err != nil {
 		return nil, fmt.Errorf("client: public key of %s: %w", name, err)

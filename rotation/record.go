@@ -37,6 +37,9 @@ type Version struct {
 	Expired   time.Time `json:"expired,omitzero"`
 	Revoked   time.Time `json:"revoked,omitzero"`
 	Destroyed time.Time `json:"destroyed,omitzero"`
+	// Certificates is a CA-issued chain for the version's key (DER, leaf
+	// first), imported by an admin (ImportCertificate); none until then.
+	Certificates [][]byte `json:"certificates,omitempty"`
 }
 
 // Index returns the index of version n in k.Versions, or -1.

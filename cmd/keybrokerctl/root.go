@@ -27,7 +27,8 @@ It also proves possession of a key for OAuth and mTLS: "req-cnf" prints a
 token request's req_cnf, "dpop" makes a DPoP proof, "shr" a Signed HTTP
 Request, "jws" signs a payload as a JWS, "client-assertion" makes an RFC
 7523 client assertion (private_key_jwt), "csr" and "cert" make a CSR and a
-self-signed certificate, and "attest" proves a TPM key lives in the TPM.
+self-signed certificate, "import-cert" imports the chain a CA issued for a
+CSR, and "attest" proves a TPM key lives in the TPM.
 These commands take --version N or --kid KID to use a version other than
 the active one.
 
@@ -109,7 +110,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.AddCommand(newHealthCmd(a), newKeysCmd(a), newSignCmd(a), newPubkeyCmd(a), newJWKSCmd(a))
 	root.AddCommand(newAuditCmd(a), newBenchCmd(a), newClusterCmd(a))
 	root.AddCommand(newReqCnfCmd(a), newDPoPCmd(a), newSHRCmd(a), newJWSCmd(a), newCSRCmd(a), newCertCmd(a), newAttestCmd(a))
-	root.AddCommand(newClientAssertionCmd(a))
+	root.AddCommand(newClientAssertionCmd(a), newImportCertCmd(a))
 	// Add cobra's own commands now, so that argsAreUsageErrors sees them.
 	root.InitDefaultHelpCmd()
 	root.InitDefaultCompletionCmd()

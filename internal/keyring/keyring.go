@@ -62,6 +62,10 @@ type version struct {
 	store.Version
 	pub crypto.PublicKey
 	jwk pop.JWK
+	// x5t and certExpires describe the imported certificate's leaf ("":
+	// none).
+	x5t         string
+	certExpires time.Time
 }
 
 // Options configures a Keyring.
@@ -161,6 +165,13 @@ func newKey(rec store.Key) (*key, error) {
 		}
 		jwk.Use, jwk.Alg, jwk.Kid = "sig", rec.Alg.String(), sv.Kid
 		v := &version{Version: sv, pub: pub, jwk: jwk}
+		if len(sv.Certificates) > 0 {
+			leaf, err := x509.ParseCertificate(sv.Certificates[0])
+			if err != nil {
+				return nil, fmt.Errorf("version %d: certificate: %w", sv.Version, err)
+			}
+			v.x5t, v.certExpires = pop.X5TS256(sv.Certificates[0]), leaf.NotAfter
+		}
 		k.versions = append(k.versions, v)
 		if sv.State == kms.StateActive {
 			k.active = v
@@ -192,6 +203,9 @@ type VersionInfo struct {
 	// NextState and NextTransition: what the policy does to it next.
 	NextState      kms.State
 	NextTransition time.Time
+	// X5TS256 and CertExpires describe its imported certificate ("": none).
+	X5TS256     string
+	CertExpires time.Time
 }
 
 func (k *key) info() KeyInfo {
@@ -202,7 +216,8 @@ func (k *key) info() KeyInfo {
 	}
 	for _, v := range k.versions {
 		vi := VersionInfo{Version: v.Version.Version, Kid: v.Kid, State: v.State, Created: v.Created,
-			Activated: v.Activated, Retired: v.Retired, Expired: v.Expired, Revoked: v.Revoked, Destroyed: v.Destroyed}
+			Activated: v.Activated, Retired: v.Retired, Expired: v.Expired, Revoked: v.Revoked, Destroyed: v.Destroyed,
+			X5TS256: v.x5t, CertExpires: v.certExpires}
 		if next, at, ok := rotation.VersionNext(k.rec, v.Version); ok {
 			vi.NextState, vi.NextTransition = next, at
 		}
@@ -561,6 +576,9 @@ type SignRequest struct {
 	Hash    crypto.Hash // 0: the algorithm's hash
 	Padding kms.Padding
 	JOSE    bool // ECDSA as r||s instead of DER
+	// csr lets a PENDING version sign: only CertificateRequest sets it,
+	// for a CSR it builds itself (see there).
+	csr bool
 }
 
 // Signature is a signature and the key version that made it.
@@ -582,7 +600,7 @@ func (r *Keyring) Sign(ctx context.Context, tenant string, req SignRequest) (Sig
 	if err != nil {
 		return Signature{}, err
 	}
-	if !v.State.CanSign() {
+	if !v.State.CanSign() && !(req.csr && v.State == kms.StatePending) {
 		return Signature{}, notUsable(req.Name, v)
 	}
 	opts, err := kms.SignerOpts(k.rec.Alg, req.Hash, req.Padding, req.Digest)
@@ -612,6 +630,18 @@ type PublicKey struct {
 	Key     crypto.PublicKey
 	DER     []byte // PKIX
 	JWK     pop.JWK
+	// Chain is the imported certificate chain (DER, leaf first), X5TS256
+	// its leaf's thumbprint and CertExpires its leaf's NotAfter; empty
+	// when none was imported.
+	Chain       [][]byte
+	X5TS256     string
+	CertExpires time.Time
+}
+
+// publicKey describes version v of k.
+func (k *key) publicKey(v *version) PublicKey {
+	return PublicKey{Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg, Key: v.pub, DER: v.PublicKey, JWK: v.jwk,
+		Chain: v.Certificates, X5TS256: v.x5t, CertExpires: v.certExpires}
 }
 
 // PublicKey returns a version's public key, from memory.
@@ -624,7 +654,7 @@ func (r *Keyring) PublicKey(ctx context.Context, tenant, name string, ref Versio
 	if err != nil {
 		return PublicKey{}, err
 	}
-	return PublicKey{Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg, Key: v.pub, DER: v.PublicKey, JWK: v.jwk}, nil
+	return k.publicKey(v), nil
 }
 
 // JWKS returns the tenant's JWK Set: every published version of every key,

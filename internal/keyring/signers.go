@@ -21,6 +21,7 @@ type VersionSigner struct {
 	tenant string
 	name   string
 	pub    PublicKey
+	csr    bool // see SignRequest.csr
 }
 
 // Signer resolves ref now and returns a signer pinned to that version.
@@ -38,10 +39,14 @@ func (s *VersionSigner) Version() uint32          { return s.pub.Version }
 func (s *VersionSigner) Algorithm() kms.Algorithm { return s.pub.Alg }
 func (s *VersionSigner) Public() crypto.PublicKey { return s.pub.Key }
 
+// X5TS256 is the thumbprint of the version's imported certificate ("":
+// none), as of when the signer was made.
+func (s *VersionSigner) X5TS256() string { return s.pub.X5TS256 }
+
 // SignDigest signs a digest with the pinned version. Its errors are
 // *SignError.
 func (s *VersionSigner) SignDigest(ctx context.Context, digest []byte, hash crypto.Hash, pad kms.Padding, jose bool) ([]byte, error) {
-	sig, err := s.r.Sign(ctx, s.tenant, SignRequest{Name: s.name, Ref: VersionRef{Kid: s.pub.Kid}, Digest: digest, Hash: hash, Padding: pad, JOSE: jose})
+	sig, err := s.r.Sign(ctx, s.tenant, SignRequest{Name: s.name, Ref: VersionRef{Kid: s.pub.Kid}, Digest: digest, Hash: hash, Padding: pad, JOSE: jose, csr: s.csr})
 	if err != nil {
 		return nil, &SignError{Err: err}
 	}
@@ -127,5 +132,5 @@ func (r *Keyring) Attest(ctx context.Context, tenant, name string, ref VersionRe
 	if err != nil {
 		return kms.Attestation{}, PublicKey{}, err
 	}
-	return a, PublicKey{Kid: v.Kid, Version: v.Version.Version, Alg: k.rec.Alg, Key: v.pub, DER: v.PublicKey, JWK: v.jwk}, nil
+	return a, k.publicKey(v), nil
 }

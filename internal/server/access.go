@@ -108,16 +108,17 @@ func tenantOf(ctx context.Context) (string, error) {
 // methodRoles says which roles may call each method; a method not listed
 // is refused.
 var methodRoles = map[string]Role{
-	kbv1.KeyBroker_Sign_FullMethodName:             RoleSigner,
-	kbv1.KeyBroker_SignStream_FullMethodName:       RoleSigner,
-	kbv1.KeyBroker_GetKey_FullMethodName:           RoleSigner | RoleAdmin,
-	kbv1.KeyBroker_ListKeys_FullMethodName:         RoleSigner | RoleAdmin,
-	kbv1.KeyBroker_GetPublicKey_FullMethodName:     RoleSigner | RoleAdmin,
-	kbv1.KeyBroker_GetJWKS_FullMethodName:          RoleSigner | RoleAdmin,
-	kbv1.KeyBroker_CreateKey_FullMethodName:        RoleAdmin,
-	kbv1.KeyBroker_RotateKey_FullMethodName:        RoleAdmin,
-	kbv1.KeyBroker_RevokeKeyVersion_FullMethodName: RoleAdmin,
-	kbv1.KeyBroker_UpdatePolicy_FullMethodName:     RoleAdmin,
+	kbv1.KeyBroker_Sign_FullMethodName:              RoleSigner,
+	kbv1.KeyBroker_SignStream_FullMethodName:        RoleSigner,
+	kbv1.KeyBroker_GetKey_FullMethodName:            RoleSigner | RoleAdmin,
+	kbv1.KeyBroker_ListKeys_FullMethodName:          RoleSigner | RoleAdmin,
+	kbv1.KeyBroker_GetPublicKey_FullMethodName:      RoleSigner | RoleAdmin,
+	kbv1.KeyBroker_GetJWKS_FullMethodName:           RoleSigner | RoleAdmin,
+	kbv1.KeyBroker_CreateKey_FullMethodName:         RoleAdmin,
+	kbv1.KeyBroker_RotateKey_FullMethodName:         RoleAdmin,
+	kbv1.KeyBroker_RevokeKeyVersion_FullMethodName:  RoleAdmin,
+	kbv1.KeyBroker_UpdatePolicy_FullMethodName:      RoleAdmin,
+	kbv1.KeyBroker_ImportCertificate_FullMethodName: RoleAdmin,
 
 	kbv1.KeyBroker_GetConfirmation_FullMethodName:             RoleSigner | RoleAdmin,
 	kbv1.KeyBroker_AttestKey_FullMethodName:                   RoleSigner | RoleAdmin,

@@ -35,6 +35,9 @@ func (s *Server) CreateClientAssertion(ctx context.Context, req *kbv1.CreateClie
 	if err != nil {
 		return nil, err
 	}
+	// An AS that registered the version's certificate rather than its
+	// key finds it by x5t#S256 (RFC 7515 §4.1.8).
+	p.X5TS256 = vs.X5TS256()
 	a, jti, err := pop.NewClientAssertion(ctx, vs.JOSE(), p)
 	if err != nil {
 		return nil, inputError("client_id", assertionFields, err)
@@ -45,6 +48,6 @@ func (s *Server) CreateClientAssertion(ctx context.Context, req *kbv1.CreateClie
 	}
 	return &kbv1.CreateClientAssertionResponse{
 		Assertion: a, Kid: vs.Kid(), Version: vs.Version(), Jti: jti,
-		ExpireTime: timestamppb.New(time.Unix(p.Now.Unix(), 0).Add(lifetime)),
+		ExpireTime: timestamppb.New(time.Unix(p.Now.Unix(), 0).Add(lifetime)), X5TS256: p.X5TS256,
 	}, nil
 }

@@ -94,6 +94,7 @@ func (s *Server) GetConfirmation(ctx context.Context, req *kbv1.GetConfirmationR
 	return &kbv1.GetConfirmationResponse{
 		Kid: tp, Version: vs.Version(), Thumbprint: tp, ThumbprintUri: pop.ThumbprintURI(tp), Jkt: tp,
 		ReqCnfJwk: reqCnf, ReqCnfKid: pop.ReqCnfKid(tp, KeyStorageHardware), Jwk: string(jwkJSON),
+		X5TS256: vs.X5TS256(),
 	}, nil
 }
 
@@ -193,8 +194,10 @@ func subject(cn string, dns, uris []string) (pkix.Name, []*url.URL, error) {
 }
 
 // sigAlg is the X.509 signature algorithm for a key: PSS for PS256 keys.
-func sigAlg(vs *keyring.VersionSigner) x509.SignatureAlgorithm {
-	if vs.Algorithm() == kms.PS256 {
+func sigAlg(vs *keyring.VersionSigner) x509.SignatureAlgorithm { return sigAlgFor(vs.Algorithm()) }
+
+func sigAlgFor(alg kms.Algorithm) x509.SignatureAlgorithm {
+	if alg == kms.PS256 {
 		return x509.SHA256WithRSAPSS
 	}
 	return x509.UnknownSignatureAlgorithm // x509 picks from the key
@@ -205,19 +208,26 @@ func (s *Server) CreateCertificateRequest(ctx context.Context, req *kbv1.CreateC
 	if err != nil {
 		return nil, err
 	}
-	vs, err := s.signer(ctx, req)
+	tenant, err := tenantOf(ctx)
 	if err != nil {
 		return nil, err
 	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-		Subject: name, DNSNames: req.GetDnsNames(), URIs: uris, SignatureAlgorithm: sigAlg(vs),
-	}, vs.Crypto(ctx))
+	ref := keyring.VersionRef{Version: req.GetVersion(), Kid: req.GetKid()}
+	pk, err := s.ring.PublicKey(ctx, tenant, req.GetName(), ref)
+	if err != nil {
+		return nil, err
+	}
+	// The keyring builds and signs the CSR: a PENDING version may sign
+	// one, so that a CA can issue its certificate before it is ACTIVE.
+	der, pk, err := s.ring.CertificateRequest(ctx, tenant, req.GetName(), keyring.VersionRef{Kid: pk.Kid}, &x509.CertificateRequest{
+		Subject: name, DNSNames: req.GetDnsNames(), URIs: uris, SignatureAlgorithm: sigAlgFor(pk.Alg),
+	})
 	if err != nil {
 		return nil, inputError("dns_names", nil, err)
 	}
 	return &kbv1.CreateCertificateRequestResponse{
 		CsrDer: der, CsrPem: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})),
-		Kid: vs.Kid(), Version: vs.Version(),
+		Kid: pk.Kid, Version: pk.Version,
 	}, nil
 }
 

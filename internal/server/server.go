@@ -165,10 +165,11 @@ func (s *Server) handle(ctx context.Context, reqID string, req any, malformed bo
 // even when the record of the outcome cannot be written: a change is never
 // made without a durable record, and never reported as not made once it is.
 var adminChanges = map[string]bool{
-	kbv1.KeyBroker_CreateKey_FullMethodName:        true,
-	kbv1.KeyBroker_RotateKey_FullMethodName:        true,
-	kbv1.KeyBroker_RevokeKeyVersion_FullMethodName: true,
-	kbv1.KeyBroker_UpdatePolicy_FullMethodName:     true,
+	kbv1.KeyBroker_CreateKey_FullMethodName:         true,
+	kbv1.KeyBroker_RotateKey_FullMethodName:         true,
+	kbv1.KeyBroker_RevokeKeyVersion_FullMethodName:  true,
+	kbv1.KeyBroker_UpdatePolicy_FullMethodName:      true,
+	kbv1.KeyBroker_ImportCertificate_FullMethodName: true,
 }
 
 // intentCode is the Code of an admin change's intent record.
@@ -329,6 +330,10 @@ func (s *Server) GetPublicKey(ctx context.Context, req *kbv1.GetPublicKeyRequest
 		Der:        pk.DER,
 		Jwk:        string(jwk),
 		Thumbprint: pk.Kid,
+		// The chain is public: it goes to every TLS server the client
+		// authenticates to.
+		CertificateChain: pk.Chain,
+		X5TS256:          pk.X5TS256,
 	}, nil
 }
 
@@ -445,17 +450,19 @@ func keyToProto(k keyring.KeyInfo) *kbv1.Key {
 	}
 	for _, v := range k.Versions {
 		pk.Versions = append(pk.Versions, &kbv1.KeyVersion{
-			Version:            v.Version,
-			Kid:                v.Kid,
-			State:              stateToProto(v.State),
-			CreateTime:         ts(v.Created),
-			ActivateTime:       ts(v.Activated),
-			RetireTime:         ts(v.Retired),
-			ExpireTime:         ts(v.Expired),
-			RevokeTime:         ts(v.Revoked),
-			DestroyTime:        ts(v.Destroyed),
-			NextState:          stateToProto(v.NextState),
-			NextTransitionTime: ts(v.NextTransition),
+			Version:               v.Version,
+			Kid:                   v.Kid,
+			State:                 stateToProto(v.State),
+			CreateTime:            ts(v.Created),
+			ActivateTime:          ts(v.Activated),
+			RetireTime:            ts(v.Retired),
+			ExpireTime:            ts(v.Expired),
+			RevokeTime:            ts(v.Revoked),
+			DestroyTime:           ts(v.Destroyed),
+			NextState:             stateToProto(v.NextState),
+			NextTransitionTime:    ts(v.NextTransition),
+			X5TS256:               v.X5TS256,
+			CertificateExpireTime: ts(v.CertExpires),
 		})
 	}
 	return pk

@@ -192,6 +192,7 @@ func TestAttackMatrix(t *testing.T) {
 	}
 
 	d32 := make([]byte, 32)
+	probeCert := selfSigned(t)
 	spoofMD := []metadata.MD{
 		nil,
 		metadata.Pairs("x-tenant", "TENANT"),
@@ -221,6 +222,15 @@ func TestAttackMatrix(t *testing.T) {
 			}},
 			{"UpdatePolicy", func(ctx context.Context, c kbv1.KeyBrokerClient) (proto.Message, error) {
 				return c.UpdatePolicy(ctx, &kbv1.UpdatePolicyRequest{Name: name, Policy: &kbv1.RotationPolicy{}})
+			}},
+			{"CreateClientAssertion", func(ctx context.Context, c kbv1.KeyBrokerClient) (proto.Message, error) {
+				kid, v := ref("", 0)
+				return c.CreateClientAssertion(ctx, &kbv1.CreateClientAssertionRequest{Name: name, Kid: kid, Version: v, ClientId: "c", Audience: "https://as.example/t"})
+			}},
+			// A well-formed chain, so that the key is looked up.
+			{"ImportCertificate", func(ctx context.Context, c kbv1.KeyBrokerClient) (proto.Message, error) {
+				kid, v := ref("", 0)
+				return c.ImportCertificate(ctx, &kbv1.ImportCertificateRequest{Name: name, Kid: kid, Version: v, CertificateChain: [][]byte{probeCert}})
 			}},
 		}
 	}
@@ -257,7 +267,8 @@ func TestAttackMatrix(t *testing.T) {
 		versioned := func(ps []probe) []probe {
 			var out []probe
 			for _, p := range ps {
-				if p.name == "Sign" || p.name == "GetPublicKey" || p.name == "RevokeKeyVersion" {
+				switch p.name {
+				case "Sign", "GetPublicKey", "RevokeKeyVersion", "CreateClientAssertion", "ImportCertificate":
 					out = append(out, p)
 				}
 			}

@@ -138,6 +138,15 @@ func TestRecordFormat(t *testing.T) {
 		if got := string(v["public_key"]); got != wantPub {
 			t.Errorf("version %d public_key: got %s, want %s", i, got, wantPub)
 		}
+		// A version's certificate chain: base64 DER, leaf first; absent
+		// when there is none.
+		var wantCerts string
+		if certs := k.Versions[i].Certificates; len(certs) > 0 {
+			wantCerts = `["` + base64.StdEncoding.EncodeToString(certs[0]) + `","` + base64.StdEncoding.EncodeToString(certs[1]) + `"]`
+		}
+		if got := string(v["certificates"]); got != wantCerts {
+			t.Errorf("version %d certificates: got %s, want %s", i, got, wantCerts)
+		}
 	}
 }
 

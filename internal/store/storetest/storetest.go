@@ -57,6 +57,8 @@ func TestKey(tenant, name string) store.Key {
 				Handle:    kms.Handle{0x00, 0x01, 0xfe, 0xff, 0x10},
 				PublicKey: []byte{0x30, 0x82, 0x01, 0x22, 0x00, 0xff},
 				Created:   T0,
+				// Opaque to the store: the keyring checks chains.
+				Certificates: [][]byte{{0x30, 0x82, 0x00, 0xff}, {0x30, 0x01, 0x00}},
 			},
 			{
 				Version:   2,

@@ -318,8 +318,11 @@ type KeyVersion struct {
 	// (unset for DESTROYED versions).
 	NextState          KeyState               `protobuf:"varint,10,opt,name=next_state,json=nextState,proto3,enum=keybroker.v1.KeyState" json:"next_state,omitempty"`
 	NextTransitionTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=next_transition_time,json=nextTransitionTime,proto3" json:"next_transition_time,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The imported certificate's x5t#S256 and expiry (unset: none imported).
+	X5TS256               string                 `protobuf:"bytes,12,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
+	CertificateExpireTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=certificate_expire_time,json=certificateExpireTime,proto3" json:"certificate_expire_time,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *KeyVersion) Reset() {
@@ -425,6 +428,20 @@ func (x *KeyVersion) GetNextState() KeyState {
 func (x *KeyVersion) GetNextTransitionTime() *timestamppb.Timestamp {
 	if x != nil {
 		return x.NextTransitionTime
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
+	}
+	return ""
+}
+
+func (x *KeyVersion) GetCertificateExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CertificateExpireTime
 	}
 	return nil
 }
@@ -1389,9 +1406,13 @@ type GetPublicKeyResponse struct {
 	// Public JWK (JSON) with "kid", "alg" and "use":"sig".
 	Jwk string `protobuf:"bytes,6,opt,name=jwk,proto3" json:"jwk,omitempty"`
 	// RFC 7638 thumbprint (equals kid).
-	Thumbprint    string `protobuf:"bytes,7,opt,name=thumbprint,proto3" json:"thumbprint,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Thumbprint string `protobuf:"bytes,7,opt,name=thumbprint,proto3" json:"thumbprint,omitempty"`
+	// The version's imported certificate chain (DER, leaf first) and the
+	// leaf's x5t#S256; empty when none was imported.
+	CertificateChain [][]byte `protobuf:"bytes,8,rep,name=certificate_chain,json=certificateChain,proto3" json:"certificate_chain,omitempty"`
+	X5TS256          string   `protobuf:"bytes,9,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *GetPublicKeyResponse) Reset() {
@@ -1469,6 +1490,20 @@ func (x *GetPublicKeyResponse) GetJwk() string {
 func (x *GetPublicKeyResponse) GetThumbprint() string {
 	if x != nil {
 		return x.Thumbprint
+	}
+	return ""
+}
+
+func (x *GetPublicKeyResponse) GetCertificateChain() [][]byte {
+	if x != nil {
+		return x.CertificateChain
+	}
+	return nil
+}
+
+func (x *GetPublicKeyResponse) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
 	}
 	return ""
 }
@@ -1939,7 +1974,10 @@ type GetConfirmationResponse struct {
 	// ("uhw": the key is held in hardware).
 	ReqCnfKid string `protobuf:"bytes,7,opt,name=req_cnf_kid,json=reqCnfKid,proto3" json:"req_cnf_kid,omitempty"`
 	// The public JWK (JSON).
-	Jwk           string `protobuf:"bytes,8,opt,name=jwk,proto3" json:"jwk,omitempty"`
+	Jwk string `protobuf:"bytes,8,opt,name=jwk,proto3" json:"jwk,omitempty"`
+	// RFC 8705 "cnf" of a certificate-bound token: base64url(SHA-256) of the
+	// version's imported certificate (ImportCertificate); empty when none.
+	X5TS256       string `protobuf:"bytes,9,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2026,6 +2064,13 @@ func (x *GetConfirmationResponse) GetReqCnfKid() string {
 func (x *GetConfirmationResponse) GetJwk() string {
 	if x != nil {
 		return x.Jwk
+	}
+	return ""
+}
+
+func (x *GetConfirmationResponse) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
 	}
 	return ""
 }
@@ -3107,8 +3152,11 @@ type CreateClientAssertionResponse struct {
 	Kid       string `protobuf:"bytes,2,opt,name=kid,proto3" json:"kid,omitempty"`
 	Version   uint32 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
 	// The assertion's "jti" and "exp".
-	Jti           string                 `protobuf:"bytes,4,opt,name=jti,proto3" json:"jti,omitempty"`
-	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	Jti        string                 `protobuf:"bytes,4,opt,name=jti,proto3" json:"jti,omitempty"`
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The header's "x5t#S256": set when the version has an imported
+	// certificate.
+	X5TS256       string `protobuf:"bytes,6,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3178,6 +3226,156 @@ func (x *CreateClientAssertionResponse) GetExpireTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *CreateClientAssertionResponse) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
+	}
+	return ""
+}
+
+type ImportCertificateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The version: at most one of version and kid; neither means the
+	// version whose public key the leaf certifies.
+	Version uint32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Kid     string `protobuf:"bytes,3,opt,name=kid,proto3" json:"kid,omitempty"`
+	// DER X.509 certificates, leaf first, each followed by its issuer (the
+	// root may be left out): at most 8, each at most 16 KiB. The leaf's
+	// public key must be the version's, and no certificate may have expired.
+	CertificateChain [][]byte `protobuf:"bytes,4,rep,name=certificate_chain,json=certificateChain,proto3" json:"certificate_chain,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ImportCertificateRequest) Reset() {
+	*x = ImportCertificateRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportCertificateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportCertificateRequest) ProtoMessage() {}
+
+func (x *ImportCertificateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportCertificateRequest.ProtoReflect.Descriptor instead.
+func (*ImportCertificateRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ImportCertificateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ImportCertificateRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ImportCertificateRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *ImportCertificateRequest) GetCertificateChain() [][]byte {
+	if x != nil {
+		return x.CertificateChain
+	}
+	return nil
+}
+
+type ImportCertificateResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Kid     string                 `protobuf:"bytes,1,opt,name=kid,proto3" json:"kid,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// base64url(SHA-256(leaf DER)): the cnf "x5t#S256" of tokens bound to it.
+	X5TS256 string `protobuf:"bytes,3,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
+	// The leaf's NotAfter.
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportCertificateResponse) Reset() {
+	*x = ImportCertificateResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportCertificateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportCertificateResponse) ProtoMessage() {}
+
+func (x *ImportCertificateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportCertificateResponse.ProtoReflect.Descriptor instead.
+func (*ImportCertificateResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ImportCertificateResponse) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *ImportCertificateResponse) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ImportCertificateResponse) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
+	}
+	return ""
+}
+
+func (x *ImportCertificateResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
 type GetClusterStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -3186,7 +3384,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3198,7 +3396,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[40]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3211,7 +3409,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{40}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{42}
 }
 
 type GetClusterStatusResponse struct {
@@ -3235,7 +3433,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[41]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3247,7 +3445,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[41]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3260,7 +3458,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{41}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *GetClusterStatusResponse) GetReplica() string {
@@ -3315,7 +3513,7 @@ type EtcdEndpoint struct {
 
 func (x *EtcdEndpoint) Reset() {
 	*x = EtcdEndpoint{}
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[42]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3327,7 +3525,7 @@ func (x *EtcdEndpoint) String() string {
 func (*EtcdEndpoint) ProtoMessage() {}
 
 func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_keybroker_v1_keybroker_proto_msgTypes[42]
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3340,7 +3538,7 @@ func (x *EtcdEndpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdEndpoint.ProtoReflect.Descriptor instead.
 func (*EtcdEndpoint) Descriptor() ([]byte, []int) {
-	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{42}
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *EtcdEndpoint) GetEndpoint() string {
@@ -3361,7 +3559,7 @@ var File_keybroker_v1_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckeybroker/v1/keybroker.proto\x12\fkeybroker.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x04\n" +
+	"\x1ckeybroker/v1/keybroker.proto\x12\fkeybroker.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x05\n" +
 	"\n" +
 	"KeyVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x10\n" +
@@ -3380,7 +3578,9 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\n" +
 	"next_state\x18\n" +
 	" \x01(\x0e2\x16.keybroker.v1.KeyStateR\tnextState\x12L\n" +
-	"\x14next_transition_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x12nextTransitionTime\"\x96\x02\n" +
+	"\x14next_transition_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x12nextTransitionTime\x12\x19\n" +
+	"\bx5t_s256\x18\f \x01(\tR\ax5tS256\x12R\n" +
+	"\x17certificate_expire_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\x15certificateExpireTime\"\x96\x02\n" +
 	"\x0eRotationPolicy\x12B\n" +
 	"\x0frotation_period\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0erotationPeriod\x123\n" +
 	"\aoverlap\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\aoverlap\x12K\n" +
@@ -3448,7 +3648,7 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x13GetPublicKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
-	"\x03kid\x18\x03 \x01(\tR\x03kid\"\xcf\x01\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\"\x97\x02\n" +
 	"\x14GetPublicKeyResponse\x12\x10\n" +
 	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x125\n" +
@@ -3458,7 +3658,9 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x03jwk\x18\x06 \x01(\tR\x03jwk\x12\x1e\n" +
 	"\n" +
 	"thumbprint\x18\a \x01(\tR\n" +
-	"thumbprint\"\x10\n" +
+	"thumbprint\x12+\n" +
+	"\x11certificate_chain\x18\b \x03(\fR\x10certificateChain\x12\x19\n" +
+	"\bx5t_s256\x18\t \x01(\tR\ax5tS256\"\x10\n" +
 	"\x0eGetJWKSRequest\"%\n" +
 	"\x0fGetJWKSResponse\x12\x12\n" +
 	"\x04jwks\x18\x01 \x01(\tR\x04jwks\"R\n" +
@@ -3482,7 +3684,7 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x16GetConfirmationRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
-	"\x03kid\x18\x03 \x01(\tR\x03kid\"\xf0\x01\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\"\x8b\x02\n" +
 	"\x17GetConfirmationResponse\x12\x10\n" +
 	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x1e\n" +
@@ -3493,7 +3695,8 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x03jkt\x18\x05 \x01(\tR\x03jkt\x12\x1e\n" +
 	"\vreq_cnf_jwk\x18\x06 \x01(\tR\treqCnfJwk\x12\x1e\n" +
 	"\vreq_cnf_kid\x18\a \x01(\tR\treqCnfKid\x12\x10\n" +
-	"\x03jwk\x18\b \x01(\tR\x03jwk\"\x8b\x01\n" +
+	"\x03jwk\x18\b \x01(\tR\x03jwk\x12\x19\n" +
+	"\bx5t_s256\x18\t \x01(\tR\ax5tS256\"\x8b\x01\n" +
 	"\x0eSignJWSRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
@@ -3586,13 +3789,25 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\baudience\x18\x05 \x01(\tR\baudience\x125\n" +
 	"\blifetime\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\blifetime\x12\x1d\n" +
 	"\n" +
-	"not_before\x18\a \x01(\bR\tnotBefore\"\xb8\x01\n" +
+	"not_before\x18\a \x01(\bR\tnotBefore\"\xd3\x01\n" +
 	"\x1dCreateClientAssertionResponse\x12\x1c\n" +
 	"\tassertion\x18\x01 \x01(\tR\tassertion\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\rR\aversion\x12\x10\n" +
 	"\x03jti\x18\x04 \x01(\tR\x03jti\x12;\n" +
 	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x19\n" +
+	"\bx5t_s256\x18\x06 \x01(\tR\ax5tS256\"\x87\x01\n" +
+	"\x18ImportCertificateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\x03 \x01(\tR\x03kid\x12+\n" +
+	"\x11certificate_chain\x18\x04 \x03(\fR\x10certificateChain\"\x9f\x01\n" +
+	"\x19ImportCertificateResponse\x12\x10\n" +
+	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x19\n" +
+	"\bx5t_s256\x18\x03 \x01(\tR\ax5tS256\x12;\n" +
+	"\vexpire_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\"\x19\n" +
 	"\x17GetClusterStatusRequest\"\xfb\x01\n" +
 	"\x18GetClusterStatusResponse\x12\x18\n" +
@@ -3632,7 +3847,7 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xc7\r\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xad\x0e\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
@@ -3652,7 +3867,8 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x18CreateCertificateRequest\x12-.keybroker.v1.CreateCertificateRequestRequest\x1a..keybroker.v1.CreateCertificateRequestResponse\x12\x82\x01\n" +
 	"\x1bCreateSelfSignedCertificate\x120.keybroker.v1.CreateSelfSignedCertificateRequest\x1a1.keybroker.v1.CreateSelfSignedCertificateResponse\x12L\n" +
 	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponse\x12p\n" +
-	"\x15CreateClientAssertion\x12*.keybroker.v1.CreateClientAssertionRequest\x1a+.keybroker.v1.CreateClientAssertionResponse\x12a\n" +
+	"\x15CreateClientAssertion\x12*.keybroker.v1.CreateClientAssertionRequest\x1a+.keybroker.v1.CreateClientAssertionResponse\x12d\n" +
+	"\x11ImportCertificate\x12&.keybroker.v1.ImportCertificateRequest\x1a'.keybroker.v1.ImportCertificateResponse\x12a\n" +
 	"\x10GetClusterStatus\x12%.keybroker.v1.GetClusterStatusRequest\x1a&.keybroker.v1.GetClusterStatusResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
 
 var (
@@ -3668,7 +3884,7 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 }
 
 var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(Algorithm)(0),                              // 0: keybroker.v1.Algorithm
 	(KeyState)(0),                               // 1: keybroker.v1.KeyState
@@ -3715,100 +3931,106 @@ var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(*AttestKeyResponse)(nil),                   // 42: keybroker.v1.AttestKeyResponse
 	(*CreateClientAssertionRequest)(nil),        // 43: keybroker.v1.CreateClientAssertionRequest
 	(*CreateClientAssertionResponse)(nil),       // 44: keybroker.v1.CreateClientAssertionResponse
-	(*GetClusterStatusRequest)(nil),             // 45: keybroker.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),            // 46: keybroker.v1.GetClusterStatusResponse
-	(*EtcdEndpoint)(nil),                        // 47: keybroker.v1.EtcdEndpoint
-	nil,                                         // 48: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),               // 49: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                 // 50: google.protobuf.Duration
-	(*anypb.Any)(nil),                           // 51: google.protobuf.Any
+	(*ImportCertificateRequest)(nil),            // 45: keybroker.v1.ImportCertificateRequest
+	(*ImportCertificateResponse)(nil),           // 46: keybroker.v1.ImportCertificateResponse
+	(*GetClusterStatusRequest)(nil),             // 47: keybroker.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),            // 48: keybroker.v1.GetClusterStatusResponse
+	(*EtcdEndpoint)(nil),                        // 49: keybroker.v1.EtcdEndpoint
+	nil,                                         // 50: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),               // 51: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                 // 52: google.protobuf.Duration
+	(*anypb.Any)(nil),                           // 53: google.protobuf.Any
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	49, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	49, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	49, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	49, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
-	49, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
-	49, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	51, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	51, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	51, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	51, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	51, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	51, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
-	49, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
-	50, // 9: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
-	50, // 10: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
-	50, // 11: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
-	50, // 12: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
-	0,  // 13: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	49, // 14: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
-	5,  // 15: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
-	6,  // 16: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
-	49, // 17: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
-	0,  // 18: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
-	6,  // 19: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
-	7,  // 20: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 21: keybroker.v1.GetKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 22: keybroker.v1.ListKeysResponse.keys:type_name -> keybroker.v1.Key
-	2,  // 23: keybroker.v1.SignRequest.hash:type_name -> keybroker.v1.HashAlgorithm
-	3,  // 24: keybroker.v1.SignRequest.padding:type_name -> keybroker.v1.RSAPadding
-	4,  // 25: keybroker.v1.SignRequest.format:type_name -> keybroker.v1.SignatureFormat
-	0,  // 26: keybroker.v1.SignResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	14, // 27: keybroker.v1.SignStreamRequest.request:type_name -> keybroker.v1.SignRequest
-	15, // 28: keybroker.v1.SignStreamResponse.response:type_name -> keybroker.v1.SignResponse
-	18, // 29: keybroker.v1.SignStreamResponse.error:type_name -> keybroker.v1.Status
-	51, // 30: keybroker.v1.Status.details:type_name -> google.protobuf.Any
-	0,  // 31: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	7,  // 32: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 33: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
-	6,  // 34: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
-	7,  // 35: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
-	48, // 36: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	50, // 37: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
-	50, // 38: keybroker.v1.CreateClientAssertionRequest.lifetime:type_name -> google.protobuf.Duration
-	49, // 39: keybroker.v1.CreateClientAssertionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	50, // 40: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
-	47, // 41: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
-	8,  // 42: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	10, // 43: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	12, // 44: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	14, // 45: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	16, // 46: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
-	19, // 47: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	21, // 48: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	23, // 49: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
-	25, // 50: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
-	27, // 51: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
-	29, // 52: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
-	31, // 53: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
-	33, // 54: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
-	35, // 55: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
-	37, // 56: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
-	39, // 57: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
-	41, // 58: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
-	43, // 59: keybroker.v1.KeyBroker.CreateClientAssertion:input_type -> keybroker.v1.CreateClientAssertionRequest
-	45, // 60: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
-	9,  // 61: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	11, // 62: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	13, // 63: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	15, // 64: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	17, // 65: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
-	20, // 66: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	22, // 67: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	24, // 68: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
-	26, // 69: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
-	28, // 70: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
-	30, // 71: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
-	32, // 72: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
-	34, // 73: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
-	36, // 74: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
-	38, // 75: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
-	40, // 76: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
-	42, // 77: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
-	44, // 78: keybroker.v1.KeyBroker.CreateClientAssertion:output_type -> keybroker.v1.CreateClientAssertionResponse
-	46, // 79: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
-	61, // [61:80] is the sub-list for method output_type
-	42, // [42:61] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	51, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	51, // 9: keybroker.v1.KeyVersion.certificate_expire_time:type_name -> google.protobuf.Timestamp
+	52, // 10: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	52, // 11: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	52, // 12: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	52, // 13: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	0,  // 14: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
+	51, // 15: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	5,  // 16: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
+	6,  // 17: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
+	51, // 18: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	0,  // 19: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
+	6,  // 20: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	7,  // 21: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 22: keybroker.v1.GetKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 23: keybroker.v1.ListKeysResponse.keys:type_name -> keybroker.v1.Key
+	2,  // 24: keybroker.v1.SignRequest.hash:type_name -> keybroker.v1.HashAlgorithm
+	3,  // 25: keybroker.v1.SignRequest.padding:type_name -> keybroker.v1.RSAPadding
+	4,  // 26: keybroker.v1.SignRequest.format:type_name -> keybroker.v1.SignatureFormat
+	0,  // 27: keybroker.v1.SignResponse.algorithm:type_name -> keybroker.v1.Algorithm
+	14, // 28: keybroker.v1.SignStreamRequest.request:type_name -> keybroker.v1.SignRequest
+	15, // 29: keybroker.v1.SignStreamResponse.response:type_name -> keybroker.v1.SignResponse
+	18, // 30: keybroker.v1.SignStreamResponse.error:type_name -> keybroker.v1.Status
+	53, // 31: keybroker.v1.Status.details:type_name -> google.protobuf.Any
+	0,  // 32: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
+	7,  // 33: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
+	7,  // 34: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
+	6,  // 35: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	7,  // 36: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
+	50, // 37: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	52, // 38: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
+	52, // 39: keybroker.v1.CreateClientAssertionRequest.lifetime:type_name -> google.protobuf.Duration
+	51, // 40: keybroker.v1.CreateClientAssertionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	51, // 41: keybroker.v1.ImportCertificateResponse.expire_time:type_name -> google.protobuf.Timestamp
+	52, // 42: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
+	49, // 43: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
+	8,  // 44: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	10, // 45: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	12, // 46: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	14, // 47: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	16, // 48: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
+	19, // 49: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	21, // 50: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	23, // 51: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	25, // 52: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	27, // 53: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	29, // 54: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
+	31, // 55: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
+	33, // 56: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
+	35, // 57: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
+	37, // 58: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
+	39, // 59: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
+	41, // 60: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
+	43, // 61: keybroker.v1.KeyBroker.CreateClientAssertion:input_type -> keybroker.v1.CreateClientAssertionRequest
+	45, // 62: keybroker.v1.KeyBroker.ImportCertificate:input_type -> keybroker.v1.ImportCertificateRequest
+	47, // 63: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
+	9,  // 64: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	11, // 65: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	13, // 66: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	15, // 67: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	17, // 68: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
+	20, // 69: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	22, // 70: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	24, // 71: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	26, // 72: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	28, // 73: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	30, // 74: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
+	32, // 75: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
+	34, // 76: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
+	36, // 77: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
+	38, // 78: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
+	40, // 79: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
+	42, // 80: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
+	44, // 81: keybroker.v1.KeyBroker.CreateClientAssertion:output_type -> keybroker.v1.CreateClientAssertionResponse
+	46, // 82: keybroker.v1.KeyBroker.ImportCertificate:output_type -> keybroker.v1.ImportCertificateResponse
+	48, // 83: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
+	64, // [64:84] is the sub-list for method output_type
+	44, // [44:64] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -3826,7 +4048,7 @@ func file_keybroker_v1_keybroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   44,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -42,6 +42,7 @@ const (
 	KeyBroker_CreateSelfSignedCertificate_FullMethodName = "/keybroker.v1.KeyBroker/CreateSelfSignedCertificate"
 	KeyBroker_AttestKey_FullMethodName                   = "/keybroker.v1.KeyBroker/AttestKey"
 	KeyBroker_CreateClientAssertion_FullMethodName       = "/keybroker.v1.KeyBroker/CreateClientAssertion"
+	KeyBroker_ImportCertificate_FullMethodName           = "/keybroker.v1.KeyBroker/ImportCertificate"
 	KeyBroker_GetClusterStatus_FullMethodName            = "/keybroker.v1.KeyBroker/GetClusterStatus"
 )
 
@@ -101,6 +102,11 @@ type KeyBrokerClient interface {
 	// (private_key_jwt): a JWT with iss = sub = the client id, aud, a random
 	// jti, iat and exp, signed by the ACTIVE version (or the one named).
 	CreateClientAssertion(ctx context.Context, in *CreateClientAssertionRequest, opts ...grpc.CallOption) (*CreateClientAssertionResponse, error)
+	// ImportCertificate stores a CA-issued certificate chain with a key
+	// version (admins only): the certificate its CSR (CreateCertificateRequest)
+	// got, for mTLS clients (RFC 8705) and the "x5t#S256" of client
+	// assertions. It replaces the version's chain, if it had one.
+	ImportCertificate(ctx context.Context, in *ImportCertificateRequest, opts ...grpc.CallOption) (*ImportCertificateResponse, error)
 	// GetClusterStatus describes the replicas that share this daemon's etcd
 	// store (admins only). FAILED_PRECONDITION on a single daemon (store
 	// backend bbolt).
@@ -298,6 +304,16 @@ func (c *keyBrokerClient) CreateClientAssertion(ctx context.Context, in *CreateC
 	return out, nil
 }
 
+func (c *keyBrokerClient) ImportCertificate(ctx context.Context, in *ImportCertificateRequest, opts ...grpc.CallOption) (*ImportCertificateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ImportCertificateResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_ImportCertificate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *keyBrokerClient) GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetClusterStatusResponse)
@@ -364,6 +380,11 @@ type KeyBrokerServer interface {
 	// (private_key_jwt): a JWT with iss = sub = the client id, aud, a random
 	// jti, iat and exp, signed by the ACTIVE version (or the one named).
 	CreateClientAssertion(context.Context, *CreateClientAssertionRequest) (*CreateClientAssertionResponse, error)
+	// ImportCertificate stores a CA-issued certificate chain with a key
+	// version (admins only): the certificate its CSR (CreateCertificateRequest)
+	// got, for mTLS clients (RFC 8705) and the "x5t#S256" of client
+	// assertions. It replaces the version's chain, if it had one.
+	ImportCertificate(context.Context, *ImportCertificateRequest) (*ImportCertificateResponse, error)
 	// GetClusterStatus describes the replicas that share this daemon's etcd
 	// store (admins only). FAILED_PRECONDITION on a single daemon (store
 	// backend bbolt).
@@ -431,6 +452,9 @@ func (UnimplementedKeyBrokerServer) AttestKey(context.Context, *AttestKeyRequest
 }
 func (UnimplementedKeyBrokerServer) CreateClientAssertion(context.Context, *CreateClientAssertionRequest) (*CreateClientAssertionResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CreateClientAssertion not implemented")
+}
+func (UnimplementedKeyBrokerServer) ImportCertificate(context.Context, *ImportCertificateRequest) (*ImportCertificateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ImportCertificate not implemented")
 }
 func (UnimplementedKeyBrokerServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetClusterStatus not implemented")
@@ -769,6 +793,24 @@ func _KeyBroker_CreateClientAssertion_Handler(srv interface{}, ctx context.Conte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_ImportCertificate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ImportCertificateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).ImportCertificate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_ImportCertificate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).ImportCertificate(ctx, req.(*ImportCertificateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _KeyBroker_GetClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetClusterStatusRequest)
 	if err := dec(in); err != nil {
@@ -861,6 +903,10 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CreateClientAssertion",
 			Handler:    _KeyBroker_CreateClientAssertion_Handler,
+		},
+		{
+			MethodName: "ImportCertificate",
+			Handler:    _KeyBroker_ImportCertificate_Handler,
 		},
 		{
 			MethodName: "GetClusterStatus",
