@@ -40,6 +40,11 @@ npm_deps() {
 	fi
 	command -v npm >/dev/null 2>&1 || die "npm not found: install nodejs and npm (or run $0 as root)"
 	echo "deps: npm ci in test/oidc-provider"
+	# npm trusts node's built-in CA list only; add the system's, where a
+	# proxy's or a site's own CA is installed.
+	if [[ -z ${NODE_EXTRA_CA_CERTS:-} && -r /etc/ssl/certs/ca-certificates.crt ]]; then
+		export NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt
+	fi
 	for try in 1 2 3; do
 		if (cd "$dir" && npm ci --no-audit --no-fund); then
 			echo "$sum" >"$stamp"
