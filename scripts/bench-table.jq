@@ -29,6 +29,8 @@ def target:
   elif .label == "etcd store Sign" then
     ((.etcd_ops_per_sec / .bbolt_ops_per_sec) as $r
      | "etcd \(.etcd_ops_per_sec | n0)/s vs bbolt \(.bbolt_ops_per_sec | n0)/s (2 rounds each): \($r | n2) (within 5 %: \(yes($r >= 0.95)))")
+  elif .label == "JWKS over HTTPS" then
+    "≥ 20,000/s: \(yes(.daemon.ops_per_sec >= 20000)); a handler that only writes the bytes: \(.floor_ops_per_sec | n0)/s"
   elif .label == "GetJWKS" then
     "≥ 20,000/s: " + yes(.daemon.ops_per_sec >= 20000)
   elif .ready_s != null then

@@ -8,7 +8,9 @@
 #     the same over SignStream (bench --stream) at 4 and 16 clients;
 #   swtpm ES256 Sign at 1 and 4 clients (the daemon on one swtpm, the
 #     in-process baseline on a second one: a TPM serves one connection);
-#   GetJWKS at 16 clients;
+#   GetJWKS at 16 clients; the JWK Set over HTTPS at 16 clients (the jwks
+#     listener's handler behind TLS 1.3 on loopback, clients in the same
+#     Go benchmark, against a handler that only writes the same bytes);
 #   the peer: SoftHSM2 ES256 and RS256 at 4 and 16 clients signed
 #     in-process over p11-kit remoting (p11-kit-client.so to `p11-kit
 #     server`), against the daemon in the same command, unary and stream;
@@ -162,6 +164,9 @@ PY
 record "audit group commit (Sign rows)" "$batches"
 say "GetJWKS, 16 clients"
 record "GetJWKS" "$("$ctl" "${p11[@]}" -o json bench --rpc jwks -c 16 -d "$dur")"
+say "JWKS over HTTPS, 16 clients (go test -bench)"
+go test -run '^$' -bench 'BenchmarkJWKSHTTPS/.*/200$' -benchtime "$dur" ./internal/jwkshttp >"$work/jwkshttp.txt"
+record "JWKS over HTTPS" "$(awk '/req\/s/ {split($1, n, "/"); r[n[2]] = $(NF-1)} END {printf "{\"daemon\":{\"concurrency\":16,\"ops_per_sec\":%s,\"errors\":0},\"floor_ops_per_sec\":%s}", r["handler"], r["baseline"]}' "$work/jwkshttp.txt")"
 say "gRPC floor (health Check), 16 clients"
 record "gRPC floor: health Check" "$("$ctl" "${p11[@]}" -o json bench --rpc health -c 16 -d "$dur")"
 single=$(jq -s 'map(select(.label == "SoftHSM2 Sign" and .daemon.algorithm == "ES256" and .daemon.concurrency == 16))[0].daemon.ops_per_sec' "$results")
