@@ -3,10 +3,10 @@ package server
 import (
 	"crypto"
 	"crypto/ecdsa"
-	"errors"
-	"io"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"testing"
 
