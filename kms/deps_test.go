@@ -46,7 +46,7 @@ func TestImportRules(t *testing.T) {
 	}
 	// A test may start a whole daemon (internal/testdaemon) to test a
 	// client against.
-	testHelpers := map[string]bool{"kms/kmstest": true, "softhsm/softhsmtest": true, "softhsm/p11kittest": true, "tpm/swtpmtest": true, "softhsm": true, "internal/testdaemon": true}
+	testHelpers := map[string]bool{"kms/kmstest": true, "softhsm/softhsmtest": true, "softhsm/p11kittest": true, "tpm/swtpmtest": true, "softhsm": true, "internal/testdaemon": true, "internal/testpki": true}
 	wiring := []string{"cmd/", "scripts/", "examples/", "internal/", "docs", "deploy"}
 	fset := token.NewFileSet()
 	seen := map[string]bool{}
