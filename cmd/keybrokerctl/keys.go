@@ -32,7 +32,7 @@ func newKeysCmd(a *app) *cobra.Command {
 		RunE:  showHelp,
 	}
 	cmd.AddCommand(newKeysCreateCmd(a), newKeysListCmd(a), newKeysGetCmd(a),
-		newKeysRotateCmd(a), newKeysRevokeCmd(a), newKeysPolicyCmd(a), newKeysTimelineCmd(a))
+		newKeysRotateCmd(a), newKeysRevokeCmd(a), newKeysPolicyCmd(a), newKeysTimelineCmd(a), newKeysWatchCmd(a))
 	return cmd
 }
 

@@ -220,6 +220,8 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 	}
 	svc := server.New(svcOpts)
 	d.svc = svc
+	d.metrics.Registry().MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "keybroker_watch_cut_off_total",
+		Help: "WatchKeys streams ended RESOURCE_EXHAUSTED for falling too far behind."}, func() float64 { return float64(svc.WatchesCutOff()) }))
 	d.health = health.NewServer()
 	newServer := func(creds credentials.TransportCredentials) *grpc.Server {
 		g := grpc.NewServer(append(svc.ServerOptions(),

@@ -44,7 +44,9 @@ type Keyring struct {
 	creating map[keyID]bool        // names being generated right now
 	jwks     map[string][]byte     // per tenant, built on demand
 	rotating map[flightKey]*flight // RotateKey calls in progress
-	ops      sync.Map              // keyID → *sync.Mutex: one writer per key
+	// listeners are told of every change install makes (events.go).
+	listeners map[*listener]struct{}
+	ops       sync.Map // keyID → *sync.Mutex: one writer per key
 
 	stats stats
 }
@@ -103,6 +105,7 @@ func New(o Options) (*Keyring, error) {
 		creating:    make(map[keyID]bool),
 		jwks:        make(map[string][]byte),
 		rotating:    make(map[flightKey]*flight),
+		listeners:   make(map[*listener]struct{}),
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -382,7 +385,11 @@ func (r *Keyring) record(ctx context.Context, rec store.Key, nv *store.Version, 
 }
 
 // install publishes snapshot k, unless the one in memory is newer (a
-// change seen through the store's watch can arrive after the writer's own).
+// change seen through the store's watch can arrive after the writer's own),
+// and tells the listeners what changed. Every path that changes a key in
+// memory comes through here, so events derive from one comparison: the
+// same record arriving twice (the writer's own, then the watch's) changes
+// nothing the second time.
 func (r *Keyring) install(k *key) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -398,6 +405,7 @@ func (r *Keyring) install(k *key) {
 	}
 	r.keys[id] = k
 	delete(r.jwks, k.rec.Tenant)
+	r.publishLocked(cur, k)
 }
 
 // Apply publishes a record read from the store (another replica's change,

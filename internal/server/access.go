@@ -130,6 +130,13 @@ var methodRoles = map[string]Role{
 	kbv1.KeyBroker_CreateClientAssertion_FullMethodName:       RoleSigner,
 
 	kbv1.KeyBroker_GetClusterStatus_FullMethodName: RoleAdmin,
+	kbv1.KeyBroker_WatchKeys_FullMethodName:        RoleSigner | RoleAdmin,
+}
+
+// has reports whether tenant's callers have role.
+func (a *Access) has(tenant string, role Role) bool {
+	ta := a.tenants[tenant]
+	return ta != nil && ta.roles&role != 0
 }
 
 // authorize authenticates the peer of ctx and checks its tenant may call

@@ -69,6 +69,9 @@ type Options struct {
 	// CallTimeout bounds each SignStream message as the daemon bounds a
 	// unary call (0: only the stream's context).
 	CallTimeout time.Duration
+	// WatchBuffer is how many events a WatchKeys stream may fall behind
+	// before it is cut off (0: DefaultWatchBuffer).
+	WatchBuffer int
 }
 
 // Server implements kbv1.KeyBrokerServer.
@@ -82,7 +85,9 @@ type Server struct {
 	log      *slog.Logger
 
 	callTimeout time.Duration
-	malformed   sync.Map // requests that did not decode (malformedCodec)
+	watchBuffer int
+	watchCutOff atomic.Int64 // WatchKeys streams ended for falling behind
+	malformed   sync.Map     // requests that did not decode (malformedCodec)
 }
 
 // New returns the service.
@@ -90,7 +95,11 @@ func New(o Options) *Server {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, cluster: o.Cluster, log: o.Log, callTimeout: o.CallTimeout}
+	if o.WatchBuffer <= 0 {
+		o.WatchBuffer = DefaultWatchBuffer
+	}
+	s := &Server{ring: o.Ring, audit: o.Audit, observer: o.Observer, cluster: o.Cluster, log: o.Log, callTimeout: o.CallTimeout,
+		watchBuffer: o.WatchBuffer}
 	s.access.Store(o.Access)
 	return s
 }

@@ -43,6 +43,8 @@ const (
 	ReasonMalformed        = "MALFORMED_REQUEST"
 	ReasonNotACluster      = "NOT_A_CLUSTER"
 	ReasonReplicaStale     = cluster.ReasonStale
+	ReasonWatchBehind      = "WATCH_FELL_BEHIND"
+	ReasonWatchEnded       = "WATCH_ENDED"
 )
 
 // The answers the server gives before or around a handler — denials, a
@@ -58,6 +60,11 @@ var (
 	errInternal         = denial(codes.Internal, ReasonInternal, "internal error")
 	errSignQuotaExhaust = denial(codes.ResourceExhausted, ReasonSignQuota, "signing quota exceeded")
 	errAuditUnavailable = retryable(codes.Unavailable, ReasonAuditDown, "audit log unavailable, retry later", RetryDelay)
+	// A WatchKeys stream that fell WatchBuffer events behind, or whose
+	// daemon is stopping: the client watches again and starts from the new
+	// snapshot.
+	errWatchBehind = retryable(codes.ResourceExhausted, ReasonWatchBehind, "key watch fell too far behind; watch again for a fresh snapshot", 0)
+	errWatchEnded  = retryable(codes.Unavailable, ReasonWatchEnded, "key watch ended (daemon stopping or call cancelled); watch again", RetryDelay)
 )
 
 // denial is a status error with an ErrorInfo reason.

@@ -301,6 +301,81 @@ func (SignatureFormat) EnumDescriptor() ([]byte, []int) {
 	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{4}
 }
 
+// KeyEventType is what happened; a version's events are named by the
+// state it entered.
+type KeyEventType int32
+
+const (
+	KeyEventType_KEY_EVENT_TYPE_UNSPECIFIED KeyEventType = 0
+	KeyEventType_KEY_EVENT_TYPE_PENDING     KeyEventType = 1
+	KeyEventType_KEY_EVENT_TYPE_ACTIVE      KeyEventType = 2
+	KeyEventType_KEY_EVENT_TYPE_RETIRED     KeyEventType = 3
+	KeyEventType_KEY_EVENT_TYPE_EXPIRED     KeyEventType = 4
+	KeyEventType_KEY_EVENT_TYPE_REVOKED     KeyEventType = 5
+	KeyEventType_KEY_EVENT_TYPE_DESTROYED   KeyEventType = 6
+	// The key's rotation policy changed (policy is set; no version).
+	KeyEventType_KEY_EVENT_TYPE_POLICY KeyEventType = 7
+	// A version's certificate chain was imported or replaced.
+	KeyEventType_KEY_EVENT_TYPE_CERTIFICATE KeyEventType = 8
+	// Every snapshot event has been sent; changes follow.
+	KeyEventType_KEY_EVENT_TYPE_SNAPSHOT_COMPLETE KeyEventType = 9
+)
+
+// Enum value maps for KeyEventType.
+var (
+	KeyEventType_name = map[int32]string{
+		0: "KEY_EVENT_TYPE_UNSPECIFIED",
+		1: "KEY_EVENT_TYPE_PENDING",
+		2: "KEY_EVENT_TYPE_ACTIVE",
+		3: "KEY_EVENT_TYPE_RETIRED",
+		4: "KEY_EVENT_TYPE_EXPIRED",
+		5: "KEY_EVENT_TYPE_REVOKED",
+		6: "KEY_EVENT_TYPE_DESTROYED",
+		7: "KEY_EVENT_TYPE_POLICY",
+		8: "KEY_EVENT_TYPE_CERTIFICATE",
+		9: "KEY_EVENT_TYPE_SNAPSHOT_COMPLETE",
+	}
+	KeyEventType_value = map[string]int32{
+		"KEY_EVENT_TYPE_UNSPECIFIED":       0,
+		"KEY_EVENT_TYPE_PENDING":           1,
+		"KEY_EVENT_TYPE_ACTIVE":            2,
+		"KEY_EVENT_TYPE_RETIRED":           3,
+		"KEY_EVENT_TYPE_EXPIRED":           4,
+		"KEY_EVENT_TYPE_REVOKED":           5,
+		"KEY_EVENT_TYPE_DESTROYED":         6,
+		"KEY_EVENT_TYPE_POLICY":            7,
+		"KEY_EVENT_TYPE_CERTIFICATE":       8,
+		"KEY_EVENT_TYPE_SNAPSHOT_COMPLETE": 9,
+	}
+)
+
+func (x KeyEventType) Enum() *KeyEventType {
+	p := new(KeyEventType)
+	*p = x
+	return p
+}
+
+func (x KeyEventType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (KeyEventType) Descriptor() protoreflect.EnumDescriptor {
+	return file_keybroker_v1_keybroker_proto_enumTypes[5].Descriptor()
+}
+
+func (KeyEventType) Type() protoreflect.EnumType {
+	return &file_keybroker_v1_keybroker_proto_enumTypes[5]
+}
+
+func (x KeyEventType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use KeyEventType.Descriptor instead.
+func (KeyEventType) EnumDescriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{5}
+}
+
 type KeyVersion struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Version uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -3555,6 +3630,274 @@ func (x *EtcdEndpoint) GetHealthy() bool {
 	return false
 }
 
+type WatchKeysRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this key's events; empty: every key of the tenant (also keys
+	// created later). A name that does not exist (yet) is not an error.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// include_csr: every PENDING event carries a PKCS#10 request for the
+	// version (subject CN = the key's name), which a CA can issue from
+	// before the version signs. Each costs a hardware signature, charged to
+	// the signing quota, and an audit record; the request needs the signer
+	// role like CreateCertificateRequest.
+	IncludeCsr    bool `protobuf:"varint,2,opt,name=include_csr,json=includeCsr,proto3" json:"include_csr,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchKeysRequest) Reset() {
+	*x = WatchKeysRequest{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchKeysRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchKeysRequest) ProtoMessage() {}
+
+func (x *WatchKeysRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchKeysRequest.ProtoReflect.Descriptor instead.
+func (*WatchKeysRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *WatchKeysRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *WatchKeysRequest) GetIncludeCsr() bool {
+	if x != nil {
+		return x.IncludeCsr
+	}
+	return false
+}
+
+type KeyEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Type  KeyEventType           `protobuf:"varint,1,opt,name=type,proto3,enum=keybroker.v1.KeyEventType" json:"type,omitempty"`
+	// snapshot: the version as it was when the watch started, not a change.
+	Snapshot  bool      `protobuf:"varint,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Tenant    string    `protobuf:"bytes,3,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Name      string    `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
+	Algorithm Algorithm `protobuf:"varint,5,opt,name=algorithm,proto3,enum=keybroker.v1.Algorithm" json:"algorithm,omitempty"`
+	Version   uint32    `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	Kid       string    `protobuf:"bytes,7,opt,name=kid,proto3" json:"kid,omitempty"`
+	State     KeyState  `protobuf:"varint,8,opt,name=state,proto3,enum=keybroker.v1.KeyState" json:"state,omitempty"`
+	// When the version entered its state; for POLICY and CERTIFICATE
+	// events, when this daemon saw the change.
+	Time *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=time,proto3" json:"time,omitempty"`
+	// The version's public JWK (RFC 7517), as JSON; kid is its RFC 7638
+	// thumbprint.
+	Jwk string `protobuf:"bytes,10,opt,name=jwk,proto3" json:"jwk,omitempty"`
+	// The imported certificate's x5t#S256 and expiry (unset: none).
+	X5TS256               string                 `protobuf:"bytes,11,opt,name=x5t_s256,json=x5tS256,proto3" json:"x5t_s256,omitempty"`
+	CertificateExpireTime *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=certificate_expire_time,json=certificateExpireTime,proto3" json:"certificate_expire_time,omitempty"`
+	// The key's policy (every event; what changed in a POLICY event).
+	Policy *RotationPolicy `protobuf:"bytes,13,opt,name=policy,proto3" json:"policy,omitempty"`
+	// PENDING events of a watch with include_csr: the version's CSR (DER),
+	// or why none could be made.
+	CsrDer        []byte `protobuf:"bytes,14,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
+	CsrError      string `protobuf:"bytes,15,opt,name=csr_error,json=csrError,proto3" json:"csr_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyEvent) Reset() {
+	*x = KeyEvent{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyEvent) ProtoMessage() {}
+
+func (x *KeyEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyEvent.ProtoReflect.Descriptor instead.
+func (*KeyEvent) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *KeyEvent) GetType() KeyEventType {
+	if x != nil {
+		return x.Type
+	}
+	return KeyEventType_KEY_EVENT_TYPE_UNSPECIFIED
+}
+
+func (x *KeyEvent) GetSnapshot() bool {
+	if x != nil {
+		return x.Snapshot
+	}
+	return false
+}
+
+func (x *KeyEvent) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *KeyEvent) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *KeyEvent) GetAlgorithm() Algorithm {
+	if x != nil {
+		return x.Algorithm
+	}
+	return Algorithm_ALGORITHM_UNSPECIFIED
+}
+
+func (x *KeyEvent) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *KeyEvent) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *KeyEvent) GetState() KeyState {
+	if x != nil {
+		return x.State
+	}
+	return KeyState_KEY_STATE_UNSPECIFIED
+}
+
+func (x *KeyEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *KeyEvent) GetJwk() string {
+	if x != nil {
+		return x.Jwk
+	}
+	return ""
+}
+
+func (x *KeyEvent) GetX5TS256() string {
+	if x != nil {
+		return x.X5TS256
+	}
+	return ""
+}
+
+func (x *KeyEvent) GetCertificateExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CertificateExpireTime
+	}
+	return nil
+}
+
+func (x *KeyEvent) GetPolicy() *RotationPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *KeyEvent) GetCsrDer() []byte {
+	if x != nil {
+		return x.CsrDer
+	}
+	return nil
+}
+
+func (x *KeyEvent) GetCsrError() string {
+	if x != nil {
+		return x.CsrError
+	}
+	return ""
+}
+
+type WatchKeysResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Event         *KeyEvent              `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchKeysResponse) Reset() {
+	*x = WatchKeysResponse{}
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchKeysResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchKeysResponse) ProtoMessage() {}
+
+func (x *WatchKeysResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_v1_keybroker_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchKeysResponse.ProtoReflect.Descriptor instead.
+func (*WatchKeysResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_v1_keybroker_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *WatchKeysResponse) GetEvent() *KeyEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
 var File_keybroker_v1_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_v1_keybroker_proto_rawDesc = "" +
@@ -3819,7 +4162,30 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\tendpoints\x18\x06 \x03(\v2\x1a.keybroker.v1.EtcdEndpointR\tendpoints\"D\n" +
 	"\fEtcdEndpoint\x12\x1a\n" +
 	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x18\n" +
-	"\ahealthy\x18\x02 \x01(\bR\ahealthy*z\n" +
+	"\ahealthy\x18\x02 \x01(\bR\ahealthy\"G\n" +
+	"\x10WatchKeysRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\vinclude_csr\x18\x02 \x01(\bR\n" +
+	"includeCsr\"\xb0\x04\n" +
+	"\bKeyEvent\x12.\n" +
+	"\x04type\x18\x01 \x01(\x0e2\x1a.keybroker.v1.KeyEventTypeR\x04type\x12\x1a\n" +
+	"\bsnapshot\x18\x02 \x01(\bR\bsnapshot\x12\x16\n" +
+	"\x06tenant\x18\x03 \x01(\tR\x06tenant\x12\x12\n" +
+	"\x04name\x18\x04 \x01(\tR\x04name\x125\n" +
+	"\talgorithm\x18\x05 \x01(\x0e2\x17.keybroker.v1.AlgorithmR\talgorithm\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\rR\aversion\x12\x10\n" +
+	"\x03kid\x18\a \x01(\tR\x03kid\x12,\n" +
+	"\x05state\x18\b \x01(\x0e2\x16.keybroker.v1.KeyStateR\x05state\x12.\n" +
+	"\x04time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x10\n" +
+	"\x03jwk\x18\n" +
+	" \x01(\tR\x03jwk\x12\x19\n" +
+	"\bx5t_s256\x18\v \x01(\tR\ax5tS256\x12R\n" +
+	"\x17certificate_expire_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\x15certificateExpireTime\x124\n" +
+	"\x06policy\x18\r \x01(\v2\x1c.keybroker.v1.RotationPolicyR\x06policy\x12\x17\n" +
+	"\acsr_der\x18\x0e \x01(\fR\x06csrDer\x12\x1b\n" +
+	"\tcsr_error\x18\x0f \x01(\tR\bcsrError\"A\n" +
+	"\x11WatchKeysResponse\x12,\n" +
+	"\x05event\x18\x01 \x01(\v2\x16.keybroker.v1.KeyEventR\x05event*z\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fALGORITHM_ES256\x10\x01\x12\x13\n" +
@@ -3847,7 +4213,18 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x0fSignatureFormat\x12 \n" +
 	"\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SIGNATURE_FORMAT_DER\x10\x01\x12\x19\n" +
-	"\x15SIGNATURE_FORMAT_JOSE\x10\x022\xad\x0e\n" +
+	"\x15SIGNATURE_FORMAT_JOSE\x10\x02*\xb8\x02\n" +
+	"\fKeyEventType\x12\x1e\n" +
+	"\x1aKEY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16KEY_EVENT_TYPE_PENDING\x10\x01\x12\x19\n" +
+	"\x15KEY_EVENT_TYPE_ACTIVE\x10\x02\x12\x1a\n" +
+	"\x16KEY_EVENT_TYPE_RETIRED\x10\x03\x12\x1a\n" +
+	"\x16KEY_EVENT_TYPE_EXPIRED\x10\x04\x12\x1a\n" +
+	"\x16KEY_EVENT_TYPE_REVOKED\x10\x05\x12\x1c\n" +
+	"\x18KEY_EVENT_TYPE_DESTROYED\x10\x06\x12\x19\n" +
+	"\x15KEY_EVENT_TYPE_POLICY\x10\a\x12\x1e\n" +
+	"\x1aKEY_EVENT_TYPE_CERTIFICATE\x10\b\x12$\n" +
+	" KEY_EVENT_TYPE_SNAPSHOT_COMPLETE\x10\t2\xfd\x0e\n" +
 	"\tKeyBroker\x12L\n" +
 	"\tCreateKey\x12\x1e.keybroker.v1.CreateKeyRequest\x1a\x1f.keybroker.v1.CreateKeyResponse\x12C\n" +
 	"\x06GetKey\x12\x1b.keybroker.v1.GetKeyRequest\x1a\x1c.keybroker.v1.GetKeyResponse\x12I\n" +
@@ -3868,7 +4245,8 @@ const file_keybroker_v1_keybroker_proto_rawDesc = "" +
 	"\x1bCreateSelfSignedCertificate\x120.keybroker.v1.CreateSelfSignedCertificateRequest\x1a1.keybroker.v1.CreateSelfSignedCertificateResponse\x12L\n" +
 	"\tAttestKey\x12\x1e.keybroker.v1.AttestKeyRequest\x1a\x1f.keybroker.v1.AttestKeyResponse\x12p\n" +
 	"\x15CreateClientAssertion\x12*.keybroker.v1.CreateClientAssertionRequest\x1a+.keybroker.v1.CreateClientAssertionResponse\x12d\n" +
-	"\x11ImportCertificate\x12&.keybroker.v1.ImportCertificateRequest\x1a'.keybroker.v1.ImportCertificateResponse\x12a\n" +
+	"\x11ImportCertificate\x12&.keybroker.v1.ImportCertificateRequest\x1a'.keybroker.v1.ImportCertificateResponse\x12N\n" +
+	"\tWatchKeys\x12\x1e.keybroker.v1.WatchKeysRequest\x1a\x1f.keybroker.v1.WatchKeysResponse0\x01\x12a\n" +
 	"\x10GetClusterStatus\x12%.keybroker.v1.GetClusterStatusRequest\x1a&.keybroker.v1.GetClusterStatusResponseBCZAgithub.com/keybroker/keybroker/api/proto/keybroker/v1;keybrokerv1b\x06proto3"
 
 var (
@@ -3883,154 +4261,167 @@ func file_keybroker_v1_keybroker_proto_rawDescGZIP() []byte {
 	return file_keybroker_v1_keybroker_proto_rawDescData
 }
 
-var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_keybroker_v1_keybroker_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_keybroker_v1_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_keybroker_v1_keybroker_proto_goTypes = []any{
 	(Algorithm)(0),                              // 0: keybroker.v1.Algorithm
 	(KeyState)(0),                               // 1: keybroker.v1.KeyState
 	(HashAlgorithm)(0),                          // 2: keybroker.v1.HashAlgorithm
 	(RSAPadding)(0),                             // 3: keybroker.v1.RSAPadding
 	(SignatureFormat)(0),                        // 4: keybroker.v1.SignatureFormat
-	(*KeyVersion)(nil),                          // 5: keybroker.v1.KeyVersion
-	(*RotationPolicy)(nil),                      // 6: keybroker.v1.RotationPolicy
-	(*Key)(nil),                                 // 7: keybroker.v1.Key
-	(*CreateKeyRequest)(nil),                    // 8: keybroker.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),                   // 9: keybroker.v1.CreateKeyResponse
-	(*GetKeyRequest)(nil),                       // 10: keybroker.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),                      // 11: keybroker.v1.GetKeyResponse
-	(*ListKeysRequest)(nil),                     // 12: keybroker.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),                    // 13: keybroker.v1.ListKeysResponse
-	(*SignRequest)(nil),                         // 14: keybroker.v1.SignRequest
-	(*SignResponse)(nil),                        // 15: keybroker.v1.SignResponse
-	(*SignStreamRequest)(nil),                   // 16: keybroker.v1.SignStreamRequest
-	(*SignStreamResponse)(nil),                  // 17: keybroker.v1.SignStreamResponse
-	(*Status)(nil),                              // 18: keybroker.v1.Status
-	(*GetPublicKeyRequest)(nil),                 // 19: keybroker.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),                // 20: keybroker.v1.GetPublicKeyResponse
-	(*GetJWKSRequest)(nil),                      // 21: keybroker.v1.GetJWKSRequest
-	(*GetJWKSResponse)(nil),                     // 22: keybroker.v1.GetJWKSResponse
-	(*RotateKeyRequest)(nil),                    // 23: keybroker.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),                   // 24: keybroker.v1.RotateKeyResponse
-	(*RevokeKeyVersionRequest)(nil),             // 25: keybroker.v1.RevokeKeyVersionRequest
-	(*RevokeKeyVersionResponse)(nil),            // 26: keybroker.v1.RevokeKeyVersionResponse
-	(*UpdatePolicyRequest)(nil),                 // 27: keybroker.v1.UpdatePolicyRequest
-	(*UpdatePolicyResponse)(nil),                // 28: keybroker.v1.UpdatePolicyResponse
-	(*GetConfirmationRequest)(nil),              // 29: keybroker.v1.GetConfirmationRequest
-	(*GetConfirmationResponse)(nil),             // 30: keybroker.v1.GetConfirmationResponse
-	(*SignJWSRequest)(nil),                      // 31: keybroker.v1.SignJWSRequest
-	(*SignJWSResponse)(nil),                     // 32: keybroker.v1.SignJWSResponse
-	(*CreateDPoPProofRequest)(nil),              // 33: keybroker.v1.CreateDPoPProofRequest
-	(*CreateDPoPProofResponse)(nil),             // 34: keybroker.v1.CreateDPoPProofResponse
-	(*CreateSignedHttpRequestRequest)(nil),      // 35: keybroker.v1.CreateSignedHttpRequestRequest
-	(*CreateSignedHttpRequestResponse)(nil),     // 36: keybroker.v1.CreateSignedHttpRequestResponse
-	(*CreateCertificateRequestRequest)(nil),     // 37: keybroker.v1.CreateCertificateRequestRequest
-	(*CreateCertificateRequestResponse)(nil),    // 38: keybroker.v1.CreateCertificateRequestResponse
-	(*CreateSelfSignedCertificateRequest)(nil),  // 39: keybroker.v1.CreateSelfSignedCertificateRequest
-	(*CreateSelfSignedCertificateResponse)(nil), // 40: keybroker.v1.CreateSelfSignedCertificateResponse
-	(*AttestKeyRequest)(nil),                    // 41: keybroker.v1.AttestKeyRequest
-	(*AttestKeyResponse)(nil),                   // 42: keybroker.v1.AttestKeyResponse
-	(*CreateClientAssertionRequest)(nil),        // 43: keybroker.v1.CreateClientAssertionRequest
-	(*CreateClientAssertionResponse)(nil),       // 44: keybroker.v1.CreateClientAssertionResponse
-	(*ImportCertificateRequest)(nil),            // 45: keybroker.v1.ImportCertificateRequest
-	(*ImportCertificateResponse)(nil),           // 46: keybroker.v1.ImportCertificateResponse
-	(*GetClusterStatusRequest)(nil),             // 47: keybroker.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),            // 48: keybroker.v1.GetClusterStatusResponse
-	(*EtcdEndpoint)(nil),                        // 49: keybroker.v1.EtcdEndpoint
-	nil,                                         // 50: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),               // 51: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),                 // 52: google.protobuf.Duration
-	(*anypb.Any)(nil),                           // 53: google.protobuf.Any
+	(KeyEventType)(0),                           // 5: keybroker.v1.KeyEventType
+	(*KeyVersion)(nil),                          // 6: keybroker.v1.KeyVersion
+	(*RotationPolicy)(nil),                      // 7: keybroker.v1.RotationPolicy
+	(*Key)(nil),                                 // 8: keybroker.v1.Key
+	(*CreateKeyRequest)(nil),                    // 9: keybroker.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),                   // 10: keybroker.v1.CreateKeyResponse
+	(*GetKeyRequest)(nil),                       // 11: keybroker.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),                      // 12: keybroker.v1.GetKeyResponse
+	(*ListKeysRequest)(nil),                     // 13: keybroker.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                    // 14: keybroker.v1.ListKeysResponse
+	(*SignRequest)(nil),                         // 15: keybroker.v1.SignRequest
+	(*SignResponse)(nil),                        // 16: keybroker.v1.SignResponse
+	(*SignStreamRequest)(nil),                   // 17: keybroker.v1.SignStreamRequest
+	(*SignStreamResponse)(nil),                  // 18: keybroker.v1.SignStreamResponse
+	(*Status)(nil),                              // 19: keybroker.v1.Status
+	(*GetPublicKeyRequest)(nil),                 // 20: keybroker.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),                // 21: keybroker.v1.GetPublicKeyResponse
+	(*GetJWKSRequest)(nil),                      // 22: keybroker.v1.GetJWKSRequest
+	(*GetJWKSResponse)(nil),                     // 23: keybroker.v1.GetJWKSResponse
+	(*RotateKeyRequest)(nil),                    // 24: keybroker.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),                   // 25: keybroker.v1.RotateKeyResponse
+	(*RevokeKeyVersionRequest)(nil),             // 26: keybroker.v1.RevokeKeyVersionRequest
+	(*RevokeKeyVersionResponse)(nil),            // 27: keybroker.v1.RevokeKeyVersionResponse
+	(*UpdatePolicyRequest)(nil),                 // 28: keybroker.v1.UpdatePolicyRequest
+	(*UpdatePolicyResponse)(nil),                // 29: keybroker.v1.UpdatePolicyResponse
+	(*GetConfirmationRequest)(nil),              // 30: keybroker.v1.GetConfirmationRequest
+	(*GetConfirmationResponse)(nil),             // 31: keybroker.v1.GetConfirmationResponse
+	(*SignJWSRequest)(nil),                      // 32: keybroker.v1.SignJWSRequest
+	(*SignJWSResponse)(nil),                     // 33: keybroker.v1.SignJWSResponse
+	(*CreateDPoPProofRequest)(nil),              // 34: keybroker.v1.CreateDPoPProofRequest
+	(*CreateDPoPProofResponse)(nil),             // 35: keybroker.v1.CreateDPoPProofResponse
+	(*CreateSignedHttpRequestRequest)(nil),      // 36: keybroker.v1.CreateSignedHttpRequestRequest
+	(*CreateSignedHttpRequestResponse)(nil),     // 37: keybroker.v1.CreateSignedHttpRequestResponse
+	(*CreateCertificateRequestRequest)(nil),     // 38: keybroker.v1.CreateCertificateRequestRequest
+	(*CreateCertificateRequestResponse)(nil),    // 39: keybroker.v1.CreateCertificateRequestResponse
+	(*CreateSelfSignedCertificateRequest)(nil),  // 40: keybroker.v1.CreateSelfSignedCertificateRequest
+	(*CreateSelfSignedCertificateResponse)(nil), // 41: keybroker.v1.CreateSelfSignedCertificateResponse
+	(*AttestKeyRequest)(nil),                    // 42: keybroker.v1.AttestKeyRequest
+	(*AttestKeyResponse)(nil),                   // 43: keybroker.v1.AttestKeyResponse
+	(*CreateClientAssertionRequest)(nil),        // 44: keybroker.v1.CreateClientAssertionRequest
+	(*CreateClientAssertionResponse)(nil),       // 45: keybroker.v1.CreateClientAssertionResponse
+	(*ImportCertificateRequest)(nil),            // 46: keybroker.v1.ImportCertificateRequest
+	(*ImportCertificateResponse)(nil),           // 47: keybroker.v1.ImportCertificateResponse
+	(*GetClusterStatusRequest)(nil),             // 48: keybroker.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),            // 49: keybroker.v1.GetClusterStatusResponse
+	(*EtcdEndpoint)(nil),                        // 50: keybroker.v1.EtcdEndpoint
+	(*WatchKeysRequest)(nil),                    // 51: keybroker.v1.WatchKeysRequest
+	(*KeyEvent)(nil),                            // 52: keybroker.v1.KeyEvent
+	(*WatchKeysResponse)(nil),                   // 53: keybroker.v1.WatchKeysResponse
+	nil,                                         // 54: keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),               // 55: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),                 // 56: google.protobuf.Duration
+	(*anypb.Any)(nil),                           // 57: google.protobuf.Any
 }
 var file_keybroker_v1_keybroker_proto_depIdxs = []int32{
 	1,  // 0: keybroker.v1.KeyVersion.state:type_name -> keybroker.v1.KeyState
-	51, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
-	51, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
-	51, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
-	51, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
-	51, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
-	51, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
+	55, // 1: keybroker.v1.KeyVersion.create_time:type_name -> google.protobuf.Timestamp
+	55, // 2: keybroker.v1.KeyVersion.activate_time:type_name -> google.protobuf.Timestamp
+	55, // 3: keybroker.v1.KeyVersion.retire_time:type_name -> google.protobuf.Timestamp
+	55, // 4: keybroker.v1.KeyVersion.expire_time:type_name -> google.protobuf.Timestamp
+	55, // 5: keybroker.v1.KeyVersion.revoke_time:type_name -> google.protobuf.Timestamp
+	55, // 6: keybroker.v1.KeyVersion.destroy_time:type_name -> google.protobuf.Timestamp
 	1,  // 7: keybroker.v1.KeyVersion.next_state:type_name -> keybroker.v1.KeyState
-	51, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
-	51, // 9: keybroker.v1.KeyVersion.certificate_expire_time:type_name -> google.protobuf.Timestamp
-	52, // 10: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
-	52, // 11: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
-	52, // 12: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
-	52, // 13: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
+	55, // 8: keybroker.v1.KeyVersion.next_transition_time:type_name -> google.protobuf.Timestamp
+	55, // 9: keybroker.v1.KeyVersion.certificate_expire_time:type_name -> google.protobuf.Timestamp
+	56, // 10: keybroker.v1.RotationPolicy.rotation_period:type_name -> google.protobuf.Duration
+	56, // 11: keybroker.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	56, // 12: keybroker.v1.RotationPolicy.pre_publication_lead:type_name -> google.protobuf.Duration
+	56, // 13: keybroker.v1.RotationPolicy.destroy_delay:type_name -> google.protobuf.Duration
 	0,  // 14: keybroker.v1.Key.algorithm:type_name -> keybroker.v1.Algorithm
-	51, // 15: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
-	5,  // 16: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
-	6,  // 17: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
-	51, // 18: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
+	55, // 15: keybroker.v1.Key.create_time:type_name -> google.protobuf.Timestamp
+	6,  // 16: keybroker.v1.Key.versions:type_name -> keybroker.v1.KeyVersion
+	7,  // 17: keybroker.v1.Key.policy:type_name -> keybroker.v1.RotationPolicy
+	55, // 18: keybroker.v1.Key.next_rotation_time:type_name -> google.protobuf.Timestamp
 	0,  // 19: keybroker.v1.CreateKeyRequest.algorithm:type_name -> keybroker.v1.Algorithm
-	6,  // 20: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
-	7,  // 21: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 22: keybroker.v1.GetKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 23: keybroker.v1.ListKeysResponse.keys:type_name -> keybroker.v1.Key
+	7,  // 20: keybroker.v1.CreateKeyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	8,  // 21: keybroker.v1.CreateKeyResponse.key:type_name -> keybroker.v1.Key
+	8,  // 22: keybroker.v1.GetKeyResponse.key:type_name -> keybroker.v1.Key
+	8,  // 23: keybroker.v1.ListKeysResponse.keys:type_name -> keybroker.v1.Key
 	2,  // 24: keybroker.v1.SignRequest.hash:type_name -> keybroker.v1.HashAlgorithm
 	3,  // 25: keybroker.v1.SignRequest.padding:type_name -> keybroker.v1.RSAPadding
 	4,  // 26: keybroker.v1.SignRequest.format:type_name -> keybroker.v1.SignatureFormat
 	0,  // 27: keybroker.v1.SignResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	14, // 28: keybroker.v1.SignStreamRequest.request:type_name -> keybroker.v1.SignRequest
-	15, // 29: keybroker.v1.SignStreamResponse.response:type_name -> keybroker.v1.SignResponse
-	18, // 30: keybroker.v1.SignStreamResponse.error:type_name -> keybroker.v1.Status
-	53, // 31: keybroker.v1.Status.details:type_name -> google.protobuf.Any
+	15, // 28: keybroker.v1.SignStreamRequest.request:type_name -> keybroker.v1.SignRequest
+	16, // 29: keybroker.v1.SignStreamResponse.response:type_name -> keybroker.v1.SignResponse
+	19, // 30: keybroker.v1.SignStreamResponse.error:type_name -> keybroker.v1.Status
+	57, // 31: keybroker.v1.Status.details:type_name -> google.protobuf.Any
 	0,  // 32: keybroker.v1.GetPublicKeyResponse.algorithm:type_name -> keybroker.v1.Algorithm
-	7,  // 33: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
-	7,  // 34: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
-	6,  // 35: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
-	7,  // 36: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
-	50, // 37: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
-	52, // 38: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
-	52, // 39: keybroker.v1.CreateClientAssertionRequest.lifetime:type_name -> google.protobuf.Duration
-	51, // 40: keybroker.v1.CreateClientAssertionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	51, // 41: keybroker.v1.ImportCertificateResponse.expire_time:type_name -> google.protobuf.Timestamp
-	52, // 42: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
-	49, // 43: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
-	8,  // 44: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
-	10, // 45: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
-	12, // 46: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
-	14, // 47: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
-	16, // 48: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
-	19, // 49: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
-	21, // 50: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
-	23, // 51: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
-	25, // 52: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
-	27, // 53: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
-	29, // 54: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
-	31, // 55: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
-	33, // 56: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
-	35, // 57: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
-	37, // 58: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
-	39, // 59: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
-	41, // 60: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
-	43, // 61: keybroker.v1.KeyBroker.CreateClientAssertion:input_type -> keybroker.v1.CreateClientAssertionRequest
-	45, // 62: keybroker.v1.KeyBroker.ImportCertificate:input_type -> keybroker.v1.ImportCertificateRequest
-	47, // 63: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
-	9,  // 64: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
-	11, // 65: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
-	13, // 66: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
-	15, // 67: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
-	17, // 68: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
-	20, // 69: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
-	22, // 70: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
-	24, // 71: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
-	26, // 72: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
-	28, // 73: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
-	30, // 74: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
-	32, // 75: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
-	34, // 76: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
-	36, // 77: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
-	38, // 78: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
-	40, // 79: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
-	42, // 80: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
-	44, // 81: keybroker.v1.KeyBroker.CreateClientAssertion:output_type -> keybroker.v1.CreateClientAssertionResponse
-	46, // 82: keybroker.v1.KeyBroker.ImportCertificate:output_type -> keybroker.v1.ImportCertificateResponse
-	48, // 83: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
-	64, // [64:84] is the sub-list for method output_type
-	44, // [44:64] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	8,  // 33: keybroker.v1.RotateKeyResponse.key:type_name -> keybroker.v1.Key
+	8,  // 34: keybroker.v1.RevokeKeyVersionResponse.key:type_name -> keybroker.v1.Key
+	7,  // 35: keybroker.v1.UpdatePolicyRequest.policy:type_name -> keybroker.v1.RotationPolicy
+	8,  // 36: keybroker.v1.UpdatePolicyResponse.key:type_name -> keybroker.v1.Key
+	54, // 37: keybroker.v1.CreateSignedHttpRequestRequest.headers:type_name -> keybroker.v1.CreateSignedHttpRequestRequest.HeadersEntry
+	56, // 38: keybroker.v1.CreateSelfSignedCertificateRequest.validity:type_name -> google.protobuf.Duration
+	56, // 39: keybroker.v1.CreateClientAssertionRequest.lifetime:type_name -> google.protobuf.Duration
+	55, // 40: keybroker.v1.CreateClientAssertionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	55, // 41: keybroker.v1.ImportCertificateResponse.expire_time:type_name -> google.protobuf.Timestamp
+	56, // 42: keybroker.v1.GetClusterStatusResponse.last_sync_age:type_name -> google.protobuf.Duration
+	50, // 43: keybroker.v1.GetClusterStatusResponse.endpoints:type_name -> keybroker.v1.EtcdEndpoint
+	5,  // 44: keybroker.v1.KeyEvent.type:type_name -> keybroker.v1.KeyEventType
+	0,  // 45: keybroker.v1.KeyEvent.algorithm:type_name -> keybroker.v1.Algorithm
+	1,  // 46: keybroker.v1.KeyEvent.state:type_name -> keybroker.v1.KeyState
+	55, // 47: keybroker.v1.KeyEvent.time:type_name -> google.protobuf.Timestamp
+	55, // 48: keybroker.v1.KeyEvent.certificate_expire_time:type_name -> google.protobuf.Timestamp
+	7,  // 49: keybroker.v1.KeyEvent.policy:type_name -> keybroker.v1.RotationPolicy
+	52, // 50: keybroker.v1.WatchKeysResponse.event:type_name -> keybroker.v1.KeyEvent
+	9,  // 51: keybroker.v1.KeyBroker.CreateKey:input_type -> keybroker.v1.CreateKeyRequest
+	11, // 52: keybroker.v1.KeyBroker.GetKey:input_type -> keybroker.v1.GetKeyRequest
+	13, // 53: keybroker.v1.KeyBroker.ListKeys:input_type -> keybroker.v1.ListKeysRequest
+	15, // 54: keybroker.v1.KeyBroker.Sign:input_type -> keybroker.v1.SignRequest
+	17, // 55: keybroker.v1.KeyBroker.SignStream:input_type -> keybroker.v1.SignStreamRequest
+	20, // 56: keybroker.v1.KeyBroker.GetPublicKey:input_type -> keybroker.v1.GetPublicKeyRequest
+	22, // 57: keybroker.v1.KeyBroker.GetJWKS:input_type -> keybroker.v1.GetJWKSRequest
+	24, // 58: keybroker.v1.KeyBroker.RotateKey:input_type -> keybroker.v1.RotateKeyRequest
+	26, // 59: keybroker.v1.KeyBroker.RevokeKeyVersion:input_type -> keybroker.v1.RevokeKeyVersionRequest
+	28, // 60: keybroker.v1.KeyBroker.UpdatePolicy:input_type -> keybroker.v1.UpdatePolicyRequest
+	30, // 61: keybroker.v1.KeyBroker.GetConfirmation:input_type -> keybroker.v1.GetConfirmationRequest
+	32, // 62: keybroker.v1.KeyBroker.SignJWS:input_type -> keybroker.v1.SignJWSRequest
+	34, // 63: keybroker.v1.KeyBroker.CreateDPoPProof:input_type -> keybroker.v1.CreateDPoPProofRequest
+	36, // 64: keybroker.v1.KeyBroker.CreateSignedHttpRequest:input_type -> keybroker.v1.CreateSignedHttpRequestRequest
+	38, // 65: keybroker.v1.KeyBroker.CreateCertificateRequest:input_type -> keybroker.v1.CreateCertificateRequestRequest
+	40, // 66: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:input_type -> keybroker.v1.CreateSelfSignedCertificateRequest
+	42, // 67: keybroker.v1.KeyBroker.AttestKey:input_type -> keybroker.v1.AttestKeyRequest
+	44, // 68: keybroker.v1.KeyBroker.CreateClientAssertion:input_type -> keybroker.v1.CreateClientAssertionRequest
+	46, // 69: keybroker.v1.KeyBroker.ImportCertificate:input_type -> keybroker.v1.ImportCertificateRequest
+	51, // 70: keybroker.v1.KeyBroker.WatchKeys:input_type -> keybroker.v1.WatchKeysRequest
+	48, // 71: keybroker.v1.KeyBroker.GetClusterStatus:input_type -> keybroker.v1.GetClusterStatusRequest
+	10, // 72: keybroker.v1.KeyBroker.CreateKey:output_type -> keybroker.v1.CreateKeyResponse
+	12, // 73: keybroker.v1.KeyBroker.GetKey:output_type -> keybroker.v1.GetKeyResponse
+	14, // 74: keybroker.v1.KeyBroker.ListKeys:output_type -> keybroker.v1.ListKeysResponse
+	16, // 75: keybroker.v1.KeyBroker.Sign:output_type -> keybroker.v1.SignResponse
+	18, // 76: keybroker.v1.KeyBroker.SignStream:output_type -> keybroker.v1.SignStreamResponse
+	21, // 77: keybroker.v1.KeyBroker.GetPublicKey:output_type -> keybroker.v1.GetPublicKeyResponse
+	23, // 78: keybroker.v1.KeyBroker.GetJWKS:output_type -> keybroker.v1.GetJWKSResponse
+	25, // 79: keybroker.v1.KeyBroker.RotateKey:output_type -> keybroker.v1.RotateKeyResponse
+	27, // 80: keybroker.v1.KeyBroker.RevokeKeyVersion:output_type -> keybroker.v1.RevokeKeyVersionResponse
+	29, // 81: keybroker.v1.KeyBroker.UpdatePolicy:output_type -> keybroker.v1.UpdatePolicyResponse
+	31, // 82: keybroker.v1.KeyBroker.GetConfirmation:output_type -> keybroker.v1.GetConfirmationResponse
+	33, // 83: keybroker.v1.KeyBroker.SignJWS:output_type -> keybroker.v1.SignJWSResponse
+	35, // 84: keybroker.v1.KeyBroker.CreateDPoPProof:output_type -> keybroker.v1.CreateDPoPProofResponse
+	37, // 85: keybroker.v1.KeyBroker.CreateSignedHttpRequest:output_type -> keybroker.v1.CreateSignedHttpRequestResponse
+	39, // 86: keybroker.v1.KeyBroker.CreateCertificateRequest:output_type -> keybroker.v1.CreateCertificateRequestResponse
+	41, // 87: keybroker.v1.KeyBroker.CreateSelfSignedCertificate:output_type -> keybroker.v1.CreateSelfSignedCertificateResponse
+	43, // 88: keybroker.v1.KeyBroker.AttestKey:output_type -> keybroker.v1.AttestKeyResponse
+	45, // 89: keybroker.v1.KeyBroker.CreateClientAssertion:output_type -> keybroker.v1.CreateClientAssertionResponse
+	47, // 90: keybroker.v1.KeyBroker.ImportCertificate:output_type -> keybroker.v1.ImportCertificateResponse
+	53, // 91: keybroker.v1.KeyBroker.WatchKeys:output_type -> keybroker.v1.WatchKeysResponse
+	49, // 92: keybroker.v1.KeyBroker.GetClusterStatus:output_type -> keybroker.v1.GetClusterStatusResponse
+	72, // [72:93] is the sub-list for method output_type
+	51, // [51:72] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_v1_keybroker_proto_init() }
@@ -4047,8 +4438,8 @@ func file_keybroker_v1_keybroker_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_v1_keybroker_proto_rawDesc), len(file_keybroker_v1_keybroker_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   46,
+			NumEnums:      6,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -43,6 +43,7 @@ const (
 	KeyBroker_AttestKey_FullMethodName                   = "/keybroker.v1.KeyBroker/AttestKey"
 	KeyBroker_CreateClientAssertion_FullMethodName       = "/keybroker.v1.KeyBroker/CreateClientAssertion"
 	KeyBroker_ImportCertificate_FullMethodName           = "/keybroker.v1.KeyBroker/ImportCertificate"
+	KeyBroker_WatchKeys_FullMethodName                   = "/keybroker.v1.KeyBroker/WatchKeys"
 	KeyBroker_GetClusterStatus_FullMethodName            = "/keybroker.v1.KeyBroker/GetClusterStatus"
 )
 
@@ -107,6 +108,13 @@ type KeyBrokerClient interface {
 	// got, for mTLS clients (RFC 8705) and the "x5t#S256" of client
 	// assertions. It replaces the version's chain, if it had one.
 	ImportCertificate(ctx context.Context, in *ImportCertificateRequest, opts ...grpc.CallOption) (*ImportCertificateResponse, error)
+	// WatchKeys streams the caller's tenant's key events: first one event
+	// per existing version (snapshot = true), then a SNAPSHOT_COMPLETE
+	// marker, then every change as this daemon installs it, in order. A
+	// watcher that falls too far behind is cut off with RESOURCE_EXHAUSTED;
+	// the stream ends UNAVAILABLE when the daemon stops. Either way, watch
+	// again: the new snapshot is the state to start from.
+	WatchKeys(ctx context.Context, in *WatchKeysRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchKeysResponse], error)
 	// GetClusterStatus describes the replicas that share this daemon's etcd
 	// store (admins only). FAILED_PRECONDITION on a single daemon (store
 	// backend bbolt).
@@ -314,6 +322,25 @@ func (c *keyBrokerClient) ImportCertificate(ctx context.Context, in *ImportCerti
 	return out, nil
 }
 
+func (c *keyBrokerClient) WatchKeys(ctx context.Context, in *WatchKeysRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchKeysResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KeyBroker_ServiceDesc.Streams[1], KeyBroker_WatchKeys_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchKeysRequest, WatchKeysResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeyBroker_WatchKeysClient = grpc.ServerStreamingClient[WatchKeysResponse]
+
 func (c *keyBrokerClient) GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetClusterStatusResponse)
@@ -385,6 +412,13 @@ type KeyBrokerServer interface {
 	// got, for mTLS clients (RFC 8705) and the "x5t#S256" of client
 	// assertions. It replaces the version's chain, if it had one.
 	ImportCertificate(context.Context, *ImportCertificateRequest) (*ImportCertificateResponse, error)
+	// WatchKeys streams the caller's tenant's key events: first one event
+	// per existing version (snapshot = true), then a SNAPSHOT_COMPLETE
+	// marker, then every change as this daemon installs it, in order. A
+	// watcher that falls too far behind is cut off with RESOURCE_EXHAUSTED;
+	// the stream ends UNAVAILABLE when the daemon stops. Either way, watch
+	// again: the new snapshot is the state to start from.
+	WatchKeys(*WatchKeysRequest, grpc.ServerStreamingServer[WatchKeysResponse]) error
 	// GetClusterStatus describes the replicas that share this daemon's etcd
 	// store (admins only). FAILED_PRECONDITION on a single daemon (store
 	// backend bbolt).
@@ -455,6 +489,9 @@ func (UnimplementedKeyBrokerServer) CreateClientAssertion(context.Context, *Crea
 }
 func (UnimplementedKeyBrokerServer) ImportCertificate(context.Context, *ImportCertificateRequest) (*ImportCertificateResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ImportCertificate not implemented")
+}
+func (UnimplementedKeyBrokerServer) WatchKeys(*WatchKeysRequest, grpc.ServerStreamingServer[WatchKeysResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method WatchKeys not implemented")
 }
 func (UnimplementedKeyBrokerServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetClusterStatus not implemented")
@@ -811,6 +848,17 @@ func _KeyBroker_ImportCertificate_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_WatchKeys_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchKeysRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(KeyBrokerServer).WatchKeys(m, &grpc.GenericServerStream[WatchKeysRequest, WatchKeysResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeyBroker_WatchKeysServer = grpc.ServerStreamingServer[WatchKeysResponse]
+
 func _KeyBroker_GetClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetClusterStatusRequest)
 	if err := dec(in); err != nil {
@@ -919,6 +967,11 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 			Handler:       _KeyBroker_SignStream_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "WatchKeys",
+			Handler:       _KeyBroker_WatchKeys_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "keybroker/v1/keybroker.proto",
