@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -44,7 +45,32 @@ type Config struct {
 	Admin    Admin    `yaml:"admin"`
 	Store    Store    `yaml:"store"`
 	JWKS     JWKS     `yaml:"jwks"`
+	// Hooks run programs on key events (see docs/operations.md "Hooks").
+	Hooks []Hook `yaml:"hooks"`
 }
+
+// Hook runs Exec with Args for every key event named in On, the event as
+// one line of JSON on stdin, until it exits 0 (retried with backoff).
+type Hook struct {
+	On   []string `yaml:"on"`
+	Exec string   `yaml:"exec"`
+	Args []string `yaml:"args"`
+	// Timeout bounds one run; a run still going then is killed (its whole
+	// process group) and counts as a failure. Default DefaultHookTimeout.
+	Timeout time.Duration `yaml:"timeout"`
+}
+
+// HookEvents are the event names a hook's on may list (keyring's
+// EventKind names).
+var HookEvents = []string{"pending", "active", "retired", "expired", "revoked", "destroyed", "policy", "certificate"}
+
+// Bounds of hooks[].timeout, and its default.
+const (
+	DefaultHookTimeout = 30 * time.Second
+	MinHookTimeout     = time.Second
+	MaxHookTimeout     = 10 * time.Minute
+	MaxHooks           = 32
+)
 
 // JWKS is the optional HTTPS listener that publishes the JWK Sets of the
 // tenants with publish_jwks (see docs/operations.md "Publishing JWKS over
@@ -401,6 +427,7 @@ func (c Config) Validate() error {
 	}
 	p = append(p, c.validateStore()...)
 	p = append(p, c.validateJWKS()...)
+	p = append(p, c.validateHooks()...)
 	if c.Admin.Address != "" {
 		if err := checkLoopback(c.Admin.Address); err != nil {
 			add("admin.address: %v", err)
@@ -626,6 +653,7 @@ func (c Config) ReloadCheck(next Config) (problems Problems, restart []string) {
 		{"jwks.address", c.JWKS.Address != next.JWKS.Address},
 		{"jwks.cert_file", c.JWKS.CertFile != next.JWKS.CertFile},
 		{"jwks.key_file", c.JWKS.KeyFile != next.JWKS.KeyFile},
+		{"hooks", !reflect.DeepEqual(c.Hooks, next.Hooks)},
 	}
 	for _, f := range fixed {
 		if f.changed {
@@ -721,6 +749,37 @@ func (c Config) validateStore() Problems {
 	t := s.TLS
 	if (t.CertFile == "") != (t.KeyFile == "") {
 		add("store.tls: cert_file and key_file go together")
+	}
+	return p
+}
+
+func (c Config) validateHooks() Problems {
+	var p Problems
+	add := func(format string, args ...any) { p = append(p, fmt.Sprintf(format, args...)) }
+	if len(c.Hooks) > MaxHooks {
+		add("hooks: got %d, want at most %d", len(c.Hooks), MaxHooks)
+	}
+	for i, h := range c.Hooks {
+		where := fmt.Sprintf("hooks[%d]", i)
+		switch {
+		case h.Exec == "":
+			add("%s.exec: missing; want the absolute path of a program", where)
+		case !filepath.IsAbs(h.Exec) || filepath.Clean(h.Exec) != h.Exec:
+			// Not looked up in PATH, nor relative to a working directory
+			// that systemd chooses.
+			add("%s.exec: got %q, want an absolute, clean path", where, h.Exec)
+		}
+		if len(h.On) == 0 {
+			add("%s.on: none; want some of %s", where, strings.Join(HookEvents, ", "))
+		}
+		for j, e := range h.On {
+			if !slices.Contains(HookEvents, e) {
+				add("%s.on[%d]: got %q, want one of %s", where, j, e, strings.Join(HookEvents, ", "))
+			}
+		}
+		if h.Timeout != 0 && (h.Timeout < MinHookTimeout || h.Timeout > MaxHookTimeout) {
+			add("%s.timeout: got %v, want %v..%v (unset: %v)", where, h.Timeout, MinHookTimeout, MaxHookTimeout, DefaultHookTimeout)
+		}
 	}
 	return p
 }

@@ -102,6 +102,11 @@ jwks:
   cert_file: /etc/kb/jwks.crt
   key_file: /etc/kb/jwks.key
   max_age: 10m
+hooks:
+  - on: [pending, active]
+    exec: /usr/local/bin/push-jwk
+    args: [--app, demo]
+    timeout: 20s
 `
 
 func TestParseFull(t *testing.T) {
@@ -147,7 +152,8 @@ func TestParseFull(t *testing.T) {
 			DialTimeout: 3 * time.Second, RequestTimeout: 4 * time.Second,
 			TLS:     StoreTLS{CAFile: "/etc/kb/etcd-ca.crt", CertFile: "/etc/kb/etcd.crt", KeyFile: "/etc/kb/etcd.key"},
 			Replica: "kb-1", LeaseTTL: 15 * time.Second, MaxStaleness: 20 * time.Second},
-		JWKS: JWKS{Address: "0.0.0.0:443", CertFile: "/etc/kb/jwks.crt", KeyFile: "/etc/kb/jwks.key", MaxAge: 10 * time.Minute},
+		JWKS:  JWKS{Address: "0.0.0.0:443", CertFile: "/etc/kb/jwks.crt", KeyFile: "/etc/kb/jwks.key", MaxAge: 10 * time.Minute},
+		Hooks: []Hook{{On: []string{"pending", "active"}, Exec: "/usr/local/bin/push-jwk", Args: []string{"--app", "demo"}, Timeout: 20 * time.Second}},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
@@ -334,6 +340,21 @@ func TestValidateSingleProblems(t *testing.T) {
 		{"tpm two transports", func(c *Config) { c.Backend, c.TPM.Socket = "tpm", "/run/swtpm.sock" }, "tpm: set exactly one of device, socket and address (got 2)"},
 		{"tpm no transport", func(c *Config) { c.Backend, c.TPM.Device = "tpm", "" }, "tpm: set exactly one of device, socket and address (got 0)"},
 		{"tpm timeout", func(c *Config) { c.Backend, c.TPM.Timeout = "tpm", 0 }, "tpm.timeout:"},
+		{"hook ok", func(c *Config) {
+			c.Hooks = []Hook{{On: []string{"pending", "active"}, Exec: "/usr/local/bin/push", Timeout: 30 * time.Second}}
+		}, ""},
+		{"hook default timeout", func(c *Config) { c.Hooks = []Hook{{On: []string{"revoked"}, Exec: "/bin/true"}} }, ""},
+		{"hook relative exec", func(c *Config) { c.Hooks = []Hook{{On: []string{"pending"}, Exec: "push.sh"}} }, `hooks[0].exec: got "push.sh", want an absolute, clean path`},
+		{"hook unclean exec", func(c *Config) { c.Hooks = []Hook{{On: []string{"pending"}, Exec: "/usr/../bin/x"}} }, "hooks[0].exec: got"},
+		{"hook no exec", func(c *Config) { c.Hooks = []Hook{{On: []string{"pending"}}} }, "hooks[0].exec: missing"},
+		{"hook no events", func(c *Config) { c.Hooks = []Hook{{Exec: "/bin/true"}} }, "hooks[0].on: none"},
+		{"hook unknown event", func(c *Config) {
+			c.Hooks = []Hook{{On: []string{"active"}, Exec: "/bin/true"}, {On: []string{"pending", "rotated"}, Exec: "/bin/true"}}
+		}, `hooks[1].on[1]: got "rotated", want one of pending, active`},
+		{"hook timeout short", func(c *Config) {
+			c.Hooks = []Hook{{On: []string{"pending"}, Exec: "/bin/true", Timeout: time.Millisecond}}
+		}, "hooks[0].timeout: got 1ms, want 1s..10m0s"},
+		{"hook timeout long", func(c *Config) { c.Hooks = []Hook{{On: []string{"pending"}, Exec: "/bin/true", Timeout: time.Hour}} }, "hooks[0].timeout: got 1h0m0s"},
 		{"tpm with a tenant token", func(c *Config) {
 			c.Backend = "tpm"
 			c.Tenants = []Tenant{{Name: "a", Identities: Identities{UIDs: []uint32{7}}, Roles: []string{RoleSigner}, PKCS11: &TenantToken{TokenLabel: "x", PINFile: "/p"}}}

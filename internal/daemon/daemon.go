@@ -85,6 +85,7 @@ type Daemon struct {
 	endStreams  context.CancelFunc
 	callsEnded  atomic.Bool // false after a stop left calls running: Close leaves the audit log, store and backend open
 	tenantProbe tenantTokens
+	hooksDone   chan struct{} // closed when the hook runner has stopped; nil: no hooks
 }
 
 // Options are the daemon's test seams and optional wiring.
@@ -182,6 +183,9 @@ func New(cfg config.Config, log *slog.Logger, opts ...Options) (d *Daemon, err e
 		}
 		d.tenantProbe.register(d.metrics.Registry(), own)
 	}
+	// Hooks listen before the start's Advance, so that transitions due
+	// while the daemon was down reach them too.
+	d.startHooks(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.CallTimeout)
 	defer cancel()
 	// The shared backend, as the prober: a tenant's own token may come
@@ -329,6 +333,9 @@ func (d *Daemon) Metrics() *metrics.Metrics { return d.metrics }
 func (d *Daemon) Close() {
 	if d.endStreams != nil {
 		d.endStreams()
+	}
+	if d.hooksDone != nil {
+		<-d.hooksDone // a run in progress is killed; its record is written first
 	}
 	if !d.callsEnded.Load() {
 		d.log.Error("calls still running: not closing the audit log, store and backend")

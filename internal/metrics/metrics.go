@@ -47,6 +47,9 @@ type Metrics struct {
 	probeLatency  prometheus.Histogram
 	probeFailures prometheus.Counter
 	auditFailures prometheus.Counter
+	hookAttempts  *prometheus.CounterVec
+	hookFailures  *prometheus.CounterVec
+	hookDropped   *prometheus.CounterVec
 	tenants       atomic.Pointer[map[string]bool]
 	keys          Keys
 }
@@ -84,8 +87,22 @@ func New(keys Keys, tenants []string) *Metrics {
 			Name: "keybroker_audit_write_failures_total",
 			Help: "Audit records not made durable in time (the call was answered UNAVAILABLE).",
 		}),
+		// Hook runs by event name (a fixed set: keyring.EventKinds).
+		hookAttempts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keybroker_hook_attempts_total",
+			Help: "Hook program runs, by event.",
+		}, []string{"event"}),
+		hookFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keybroker_hook_failures_total",
+			Help: "Hook program runs that did not exit 0 within their timeout, by event.",
+		}, []string{"event"}),
+		hookDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keybroker_hook_dropped_total",
+			Help: "Events not delivered to a hook because its queue was full, by event.",
+		}, []string{"event"}),
 	}
 	m.SetTenants(tenants)
+	m.reg.MustRegister(m.hookAttempts, m.hookFailures, m.hookDropped)
 	m.reg.MustRegister(m.rpcs, m.rpcLatency, m.backendUp, m.probeLatency, m.probeFailures, m.auditFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if keys != nil {
@@ -120,6 +137,17 @@ func (m *Metrics) ObserveRPC(method, tenant string, code codes.Code, latency tim
 
 // AuditWriteFailed implements server.Observer.
 func (m *Metrics) AuditWriteFailed() { m.auditFailures.Inc() }
+
+// HookAttempt counts one hook run (hooks.Observer).
+func (m *Metrics) HookAttempt(event string, ok bool) {
+	m.hookAttempts.WithLabelValues(event).Inc()
+	if !ok {
+		m.hookFailures.WithLabelValues(event).Inc()
+	}
+}
+
+// HookDropped counts an event a full hook queue did not take.
+func (m *Metrics) HookDropped(event string) { m.hookDropped.WithLabelValues(event).Inc() }
 
 // ObserveProbe records one backend probe.
 func (m *Metrics) ObserveProbe(latency time.Duration, err error) {

@@ -1,0 +1,138 @@
+package daemon
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/internal/audit"
+	"github.com/keybroker/keybroker/internal/config"
+)
+
+// TestHooksOnRealKeys: on a daemon over SoftHSM2, a hook gets the events it
+// asks for as the JSON keys watch prints (kid and JWK included), a hook
+// that hangs is killed at its timeout and retried without holding up
+// signing, and each run is an audit record.
+func TestHooksOnRealKeys(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "events.jsonl")
+	writer := filepath.Join(dir, "write.sh")
+	hang := filepath.Join(dir, "hang.sh")
+	if err := os.WriteFile(writer, []byte("#!/bin/sh\ncat >> \"$1\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(hang, []byte("#!/bin/sh\nexec sleep 300\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := startDaemon(t, func(c *config.Config) {
+		c.Hooks = []config.Hook{
+			{On: []string{"active", "retired", "revoked"}, Exec: writer, Args: []string{out}},
+			{On: []string{"active"}, Exec: hang, Timeout: time.Second},
+		}
+	}, Options{})
+	ctx := t.Context()
+	created, err := r.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k", Algorithm: kbv1.Algorithm_ALGORITHM_ES256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.client.RotateKey(ctx, &kbv1.RotateKeyRequest{Name: "k"}); err != nil {
+		t.Fatal(err)
+	}
+	// The hanging hook is being killed and retried meanwhile: signing
+	// does not wait for it.
+	if _, err := r.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 32)}); err != nil {
+		t.Fatal(err)
+	}
+	var lines []map[string]any
+	for deadline := time.Now().Add(30 * time.Second); len(lines) < 3; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("hook wrote %d events, want 3", len(lines))
+		}
+		lines = readJSONLines(t, out)
+	}
+	want := []struct {
+		typ     string
+		version float64
+	}{{"KEY_EVENT_TYPE_ACTIVE", 1}, {"KEY_EVENT_TYPE_RETIRED", 1}, {"KEY_EVENT_TYPE_ACTIVE", 2}}
+	for i, w := range want {
+		ev := lines[i]
+		if ev["type"] != w.typ || ev["version"] != w.version || ev["tenant"] != config.DefaultTenant || ev["name"] != "k" {
+			t.Fatalf("event %d: %v, want %s v%v", i, ev, w.typ, w.version)
+		}
+		var jwk map[string]string
+		if err := json.Unmarshal([]byte(ev["jwk"].(string)), &jwk); err != nil || jwk["kid"] != ev["kid"] || jwk["d"] != "" {
+			t.Fatalf("event %d jwk %v (%v)", i, ev["jwk"], err)
+		}
+	}
+	if lines[0]["kid"] != created.GetKey().GetActiveKid() {
+		t.Fatalf("v1 kid %v, want %s", lines[0]["kid"], created.GetKey().GetActiveKid())
+	}
+	// Two runs of the hanging hook killed at 1s each (backoff 1s between).
+	for deadline := time.Now().Add(30 * time.Second); countHookRecords(t, r.cfg.AuditPath(), "TIMEOUT") < 2; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the hanging hook was not killed and retried")
+		}
+	}
+	if n := countHookRecords(t, r.cfg.AuditPath(), "OK"); n != 3 {
+		t.Fatalf("%d OK hook records, want 3", n)
+	}
+	if _, err := r.client.Sign(ctx, &kbv1.SignRequest{Name: "k", Digest: make([]byte, 32)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func readJSONLines(t *testing.T, path string) []map[string]any {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("hook stdin line %q: %v", l, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func countHookRecords(t *testing.T, path, code string) int {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n := 0
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var rec audit.Record
+		if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Method == "hook" && rec.Code == code {
+			n++
+		}
+	}
+	return n
+}
+
+// TestNewRefusesBadHook: a bad hook is a configuration error naming the
+// field.
+func TestNewRefusesBadHook(t *testing.T) {
+	cfg := config.Default()
+	cfg.Hooks = []config.Hook{{On: []string{"pending"}, Exec: "relative/hook.sh"}}
+	_, err := New(cfg, nil)
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "hooks[0].exec") {
+		t.Fatalf("New: %v, want ErrConfig naming hooks[0].exec", err)
+	}
+}
