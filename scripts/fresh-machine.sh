@@ -129,6 +129,15 @@ mkdir -p "$root" "$cache/apt-archives/partial"
 tar -C "$root" -xf "$base"
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 cp /etc/hosts "$root/etc/hosts" 2>/dev/null || true
+# This machine's own CAs (a site's, a TLS-inspecting proxy's), which npm
+# needs to reach its registry (apt uses this machine's settings, go its
+# module cache); kept in /usr/local/share so that a regenerated bundle has them.
+for crt in /usr/local/share/ca-certificates/*.crt; do
+	[[ -f $crt ]] || continue
+	mkdir -p "$root/usr/local/share/ca-certificates"
+	cp "$crt" "$root/usr/local/share/ca-certificates/"
+	cat "$crt" >>"$root/etc/ssl/certs/ca-certificates.crt"
+done
 git clone -q --no-local "$repo" "$root/src"
 say "$(git -C "$root/src" log --oneline -1)"
 
