@@ -37,6 +37,9 @@ func (s *Server) SignStream(stream kbv1.KeyBroker_SignStreamServer) error {
 		wg      sync.WaitGroup
 		slots   = make(chan struct{}, streamInFlight)
 	)
+	// The requests in flight are answered before the stream ends, also
+	// when it ends because the daemon stops (its context): as a graceful
+	// stop lets unary calls finish.
 	defer wg.Wait()
 	send := func(m *kbv1.SignStreamResponse) {
 		sendMu.Lock()
@@ -46,13 +49,18 @@ func (s *Server) SignStream(stream kbv1.KeyBroker_SignStreamServer) error {
 		}
 	}
 	sign := func(ctx context.Context, req any) (any, error) { return s.Sign(ctx, req.(*kbv1.SignRequest)) }
+	msgs, recvErr := receive(ctx, stream)
 	for {
-		msg, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
+		var msg *kbv1.SignStreamRequest
+		select {
+		case msg = <-msgs:
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
 			return err
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
 		}
 		reqID := newRequestID()
 		if s.takeMalformed(msg) {
@@ -67,7 +75,7 @@ func (s *Server) SignStream(stream kbv1.KeyBroker_SignStreamServer) error {
 		}
 		wg.Go(func() {
 			defer func() { <-slots }()
-			mctx, cancel := s.callContext(ctx)
+			mctx, cancel := s.callContext(context.WithoutCancel(ctx))
 			defer cancel()
 			req := msg.GetRequest()
 			if req == nil {
@@ -86,8 +94,30 @@ func (s *Server) SignStream(stream kbv1.KeyBroker_SignStreamServer) error {
 	}
 }
 
+// receive reads the stream from a goroutine of its own, so that the
+// handler can end the stream when its context ends (the daemon stopping)
+// while a Recv waits for the client. The goroutine ends with the stream.
+func receive(ctx context.Context, stream kbv1.KeyBroker_SignStreamServer) (<-chan *kbv1.SignStreamRequest, <-chan error) {
+	msgs, errc := make(chan *kbv1.SignStreamRequest), make(chan error, 1)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				errc <- err
+				return
+			}
+			select {
+			case msgs <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return msgs, errc
+}
+
 // callContext bounds one stream message as a unary call is bounded
-// (limits.call_timeout).
+// (limits.call_timeout); the message's work does not end with the stream.
 func (s *Server) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	if s.callTimeout <= 0 {
 		return context.WithCancel(ctx)
