@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -28,24 +27,14 @@ const assertionLifetime = 5 * time.Minute
 
 // clientAssertion makes an RFC 7523 §3 client assertion — iss = sub =
 // clientID, aud, a fresh jti, iat, exp — signed by version (0: the ACTIVE
-// one) of key name through the SignJWS RPC, which sets alg and kid.
+// one) of key name through keybroker's CreateClientAssertion RPC.
 func clientAssertion(ctx context.Context, c *client.Client, name string, version uint32, clientID, aud string) (string, error) {
-	var jti [16]byte
-	rand.Read(jti[:])
-	now := time.Now()
-	payload, err := json.Marshal(map[string]any{
-		"iss": clientID, "sub": clientID, "aud": aud,
-		"jti": base64.RawURLEncoding.EncodeToString(jti[:]),
-		"iat": now.Unix(), "exp": now.Add(assertionLifetime).Unix(),
-	})
+	resp, err := c.API().CreateClientAssertion(ctx, &kbv1.CreateClientAssertionRequest{
+		Name: name, Version: version, ClientId: clientID, Audience: aud, Lifetime: durationpb.New(assertionLifetime)})
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("CreateClientAssertion %s v%d: %w", name, version, err)
 	}
-	resp, err := c.API().SignJWS(ctx, &kbv1.SignJWSRequest{Name: name, Version: version, Payload: payload})
-	if err != nil {
-		return "", fmt.Errorf("SignJWS %s v%d: %w", name, version, err)
-	}
-	return resp.GetJws(), nil
+	return resp.GetAssertion(), nil
 }
 
 // withAssertion is a client_credentials request authenticated by a
