@@ -27,7 +27,7 @@ func (d *Daemon) startHooks(cfg config.Config) {
 		}
 		hs = append(hs, hk)
 	}
-	o := hooks.Options{Hooks: hs, Encode: server.EventJSON, Audit: d.audit, Observer: d.metrics, Log: d.log.With("component", "hooks")}
+	o := hooks.Options{Hooks: hs, Encode: server.HookEncoder(d.ring, d.audit, d.log.With("component", "hooks")), Audit: d.audit, Observer: d.metrics, Log: d.log.With("component", "hooks")}
 	if d.etcd != nil {
 		o.Leading = func() bool {
 			c := d.cluster.Load()

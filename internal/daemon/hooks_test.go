@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"bufio"
+	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"os"
@@ -10,9 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
+
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/config"
+	"github.com/keybroker/keybroker/pop"
 )
 
 // TestHooksOnRealKeys: on a daemon over SoftHSM2, a hook gets the events it
@@ -134,5 +139,67 @@ func TestNewRefusesBadHook(t *testing.T) {
 	_, err := New(cfg, nil)
 	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "hooks[0].exec") {
 		t.Fatalf("New: %v, want ErrConfig naming hooks[0].exec", err)
+	}
+}
+
+// TestHookPendingEventCarriesCSR: a hook's PENDING event carries the new
+// version's CSR, signed by that version in the HSM (its key's thumbprint
+// is the event's kid), so a CA can issue before the version signs; the
+// CSR's signature is an audit record.
+func TestHookPendingEventCarriesCSR(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "events.jsonl")
+	writer := filepath.Join(dir, "write.sh")
+	if err := os.WriteFile(writer, []byte("#!/bin/sh\ncat >> \"$1\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := startDaemon(t, func(c *config.Config) {
+		c.Rotation.CheckInterval = time.Second
+		c.Hooks = []config.Hook{{On: []string{"pending"}, Exec: writer, Args: []string{out}}}
+	}, Options{})
+	ctx := t.Context()
+	if _, err := r.client.CreateKey(ctx, &kbv1.CreateKeyRequest{Name: "k", Algorithm: kbv1.Algorithm_ALGORITHM_ES256}); err != nil {
+		t.Fatal(err)
+	}
+	// Due at once: version 2 is published one second into a one-hour period.
+	if _, err := r.client.UpdatePolicy(ctx, &kbv1.UpdatePolicyRequest{Name: "k", Policy: &kbv1.RotationPolicy{
+		RotationPeriod: durationpb.New(time.Hour), PrePublicationLead: durationpb.New(time.Hour - time.Second)}}); err != nil {
+		t.Fatal(err)
+	}
+	var lines []map[string]any
+	for deadline := time.Now().Add(30 * time.Second); len(lines) < 1; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no PENDING event reached the hook within 30 s")
+		}
+		lines = readJSONLines(t, out)
+	}
+	ev := lines[0]
+	if ev["type"] != "KEY_EVENT_TYPE_PENDING" || ev["version"] != float64(2) || ev["csrError"] != "" {
+		t.Fatalf("event %v, want PENDING v2 with a CSR", ev)
+	}
+	der, err := base64.StdEncoding.DecodeString(ev["csrDer"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := csr.CheckSignature(); err != nil || csr.Subject.CommonName != "k" {
+		t.Fatalf("CSR: CN %q, signature %v", csr.Subject.CommonName, err)
+	}
+	jwk, err := pop.NewJWK(csr.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tp, _ := jwk.Thumbprint(); tp != ev["kid"] {
+		t.Fatalf("the CSR's key has thumbprint %s, the event's kid is %v", tp, ev["kid"])
+	}
+	b, err := os.ReadFile(r.cfg.AuditPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"note":"CSR for a PENDING version, sent to the hooks with its event"`) {
+		t.Error("no audit record of the hook's CSR")
 	}
 }

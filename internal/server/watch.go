@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
+	"log/slog"
 	"time"
 
 	"google.golang.org/grpc"
@@ -76,7 +77,7 @@ func (s *Server) WatchKeys(req *kbv1.WatchKeysRequest, stream kbv1.KeyBroker_Wat
 	send := func(ev keyring.Event) error {
 		m := eventProto(ev)
 		if ev.Kind == keyring.EventPending && req.GetIncludeCsr() {
-			m.CsrDer, m.CsrError = s.watchCSR(callCx, ev)
+			m.CsrDer, m.CsrError = s.pendingCSR(callCx, ev, kbv1.KeyBroker_WatchKeys_FullMethodName, "CSR for a PENDING version, sent with its WatchKeys event")
 		}
 		return stream.Send(&kbv1.WatchKeysResponse{Event: m})
 	}
@@ -108,23 +109,27 @@ func (s *Server) WatchKeys(req *kbv1.WatchKeysRequest, stream kbv1.KeyBroker_Wat
 // (a metric).
 func (s *Server) WatchesCutOff() int64 { return s.watchCutOff.Load() }
 
-// watchCSR makes the CSR of a PENDING version for a watch with
-// include_csr: a hardware signature, so charged to the signing quota and
-// recorded in the audit log, durable before the CSR is sent. A failure
+// pendingCSR makes the CSR of a PENDING version for a watch with
+// include_csr or a hook: a hardware signature, so charged to the signing
+// quota (a watch's) and recorded in the audit log, durable before the CSR
+// is sent. A failure
 // is sent in the event (csr_error), as a client would see it: the watch
 // goes on.
-func (s *Server) watchCSR(ctx context.Context, ev keyring.Event) ([]byte, string) {
+func (s *Server) pendingCSR(ctx context.Context, ev keyring.Event, method, note string) ([]byte, string) {
 	start := time.Now()
 	caller, _ := callerFrom(ctx)
 	tmpl := &x509.CertificateRequest{Subject: pkix.Name{CommonName: ev.Name}, SignatureAlgorithm: sigAlgFor(ev.Alg)}
 	der, _, err := s.ring.CertificateRequest(ctx, ev.Tenant, ev.Name, keyring.VersionRef{Kid: ev.Kid}, tmpl)
 	err = toStatus(err)
 	if s.audit != nil {
-		rec := auditRecord(newRequestID(), kbv1.KeyBroker_WatchKeys_FullMethodName, caller, nil, nil, status.Code(err), time.Since(start))
+		rec := auditRecord(newRequestID(), method, caller, nil, nil, status.Code(err), time.Since(start))
 		rec.Key, rec.Version, rec.Kid, rec.Alg = ev.Name, ev.Version, ev.Kid, ev.Alg.String()
-		rec.Note = "CSR for a PENDING version, sent with its WatchKeys event"
+		if caller.Tenant == "" {
+			rec.Tenant = ev.Tenant
+		}
+		rec.Note = note
 		if aerr := s.audit.Write(context.WithoutCancel(ctx), rec); aerr != nil {
-			s.log.Error("audit record of a watch's CSR not written; CSR withheld", "err", aerr)
+			s.log.Error("audit record of a pending version's CSR not written; CSR withheld", "method", method, "err", aerr)
 			s.auditWriteFailed()
 			return nil, status.Convert(errAuditUnavailable).Message()
 		}
@@ -165,8 +170,37 @@ func eventProto(ev keyring.Event) *kbv1.KeyEvent {
 // EventJSON is an event in the JSON form keybrokerctl keys watch -o json
 // prints (the proto3 JSON mapping of KeyEvent, every field present, on
 // one line), for the daemon's hooks.
-func EventJSON(ev keyring.Event) ([]byte, error) {
-	b, err := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(eventProto(ev))
+func EventJSON(ev keyring.Event) ([]byte, error) { return eventJSON(eventProto(ev)) }
+
+// hookCSRTimeout bounds the hardware signature of a hook's CSR.
+const hookCSRTimeout = 30 * time.Second
+
+// HookEncoder returns EventJSON for the hooks: a PENDING event also
+// carries the version's CSR (CN = the key name; or why none could be
+// made), so that a CA can issue its certificate before it signs. Each CSR
+// is a hardware signature with its own audit record (method "hook"). It
+// needs only the keyring and the audit log, so hooks can start before the
+// service does.
+func HookEncoder(ring *keyring.Keyring, a Auditor, log *slog.Logger) func(keyring.Event) ([]byte, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{ring: ring, audit: a, log: log}
+	return s.hookEventJSON
+}
+
+func (s *Server) hookEventJSON(ev keyring.Event) ([]byte, error) {
+	m := eventProto(ev)
+	if ev.Kind == keyring.EventPending {
+		ctx, cancel := context.WithTimeout(context.Background(), hookCSRTimeout)
+		defer cancel()
+		m.CsrDer, m.CsrError = s.pendingCSR(ctx, ev, "hook", "CSR for a PENDING version, sent to the hooks with its event")
+	}
+	return eventJSON(m)
+}
+
+func eventJSON(m *kbv1.KeyEvent) ([]byte, error) {
+	b, err := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
