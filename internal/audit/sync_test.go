@@ -111,3 +111,62 @@ func TestChainLineMatchesEncodeLine(t *testing.T) {
 		}
 	}
 }
+
+// TestQueuedRecordsShareSyncs: with every Write's batch synced (no
+// SyncInterval), a batch of queued records alone is written at once but
+// not synced on its own: the next Write's sync, or queuedSyncEvery,
+// covers it, so a flood of public reads does not make an fsync per batch.
+func TestQueuedRecordsShareSyncs(t *testing.T) {
+	sink, _ := newCountingSink(t)
+	l := openLog(t, "", Options{Sink: sink})
+	ctx := context.Background()
+	if err := l.Write(ctx, Record{RequestID: "r", Method: "/m", Code: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	before := sink.syncs.Load()
+	start := time.Now()
+	for i := range 200 {
+		if err := l.Queue(Record{RequestID: "q", Method: "/read", Code: "OK", Key: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Microsecond) // many small batches
+	}
+	for deadline := time.Now().Add(5 * time.Second); l.Head().Seq != 201; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("queued records not written: head %+v", l.Head())
+		}
+	}
+	elapsed := time.Since(start)
+	if max := int64(elapsed/queuedSyncEvery) + 2; sink.syncs.Load()-before > max {
+		t.Errorf("%d syncs for 200 queued records in %v, want at most %d", sink.syncs.Load()-before, elapsed, max)
+	}
+	// A Write is synced at once, the queued records before it with it.
+	before = sink.syncs.Load()
+	if err := l.Write(ctx, Record{RequestID: "r", Method: "/m", Code: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	if sink.syncs.Load() <= before {
+		t.Error("a Write returned before a sync")
+	}
+	l.mu.Lock()
+	synced := l.synced
+	l.mu.Unlock()
+	if synced.Seq != 202 {
+		t.Errorf("synced head %+v after the Write, want seq 202", synced)
+	}
+	// Queued records alone are synced within about queuedSyncEvery.
+	if err := l.Queue(Record{RequestID: "q", Method: "/read", Code: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * queuedSyncEvery); ; time.Sleep(5 * time.Millisecond) {
+		l.mu.Lock()
+		synced = l.synced
+		l.mu.Unlock()
+		if synced.Seq == 203 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a queued record not synced within %v: synced head %+v", 20*queuedSyncEvery, synced)
+		}
+	}
+}
