@@ -102,6 +102,47 @@ type JWK struct {
 	E   string `json:"e,omitempty"`
 }
 
+// PublishedJWK is a JWK as a published JWK Set carries it: with the key's
+// certificate chain when it has one (RFC 7517 §4.7 x5c, standard base64
+// DER, leaf first; §4.9 x5t#S256), so that a relying party can match a
+// client certificate to it (RFC 8705 self_signed_tls_client_auth). JWK
+// stays the bare key, as thumbprints, DPoP headers and req_cnf use it.
+type PublishedJWK struct {
+	JWK
+	X5c     []string `json:"x5c,omitempty"`
+	X5tS256 string   `json:"x5t#S256,omitempty"`
+}
+
+// WithChain is j published with a certificate chain (DER, leaf first); an
+// empty chain adds nothing.
+func (j JWK) WithChain(chain [][]byte) PublishedJWK {
+	p := PublishedJWK{JWK: j}
+	if len(chain) == 0 {
+		return p
+	}
+	p.X5c = make([]string, len(chain))
+	for i, c := range chain {
+		p.X5c[i] = base64.StdEncoding.EncodeToString(c)
+	}
+	p.X5tS256 = X5TS256(chain[0])
+	return p
+}
+
+// PublishedJWKS is the JWK Set a relying party fetches: JWKS with the
+// keys' certificate chains.
+type PublishedJWKS struct {
+	Keys []PublishedJWK `json:"keys"`
+}
+
+// MarshalJSON writes a nil Keys as an empty array, as JWKS does.
+func (s PublishedJWKS) MarshalJSON() ([]byte, error) {
+	type plain PublishedJWKS
+	if s.Keys == nil {
+		s.Keys = []PublishedJWK{}
+	}
+	return json.Marshal(plain(s))
+}
+
 // JWKS is a JWK Set (RFC 7517 §5).
 type JWKS struct {
 	Keys []JWK `json:"keys"`

@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -442,5 +443,42 @@ func TestJWKDropsPrivateMembers(t *testing.T) {
 	}
 	if tp, err := j.Thumbprint(); err != nil || tp != rfc9449TP {
 		t.Errorf("Thumbprint: got %q, %v, want %q", tp, err, rfc9449TP)
+	}
+}
+
+// TestJWKWithChain: WithChain publishes the key with x5c (standard base64,
+// leaf first) and the leaf's x5t#S256, the key and its thumbprint
+// unchanged; no chain adds nothing.
+func TestJWKWithChain(t *testing.T) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := NewJWK(k.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := j.WithChain(nil); got.X5c != nil || got.X5tS256 != "" || got.JWK != j {
+		t.Errorf("WithChain(nil) = %+v", got)
+	}
+	leaf, inter := []byte{0x30, 0x01, 0xff}, []byte{0x30, 0x02, 0xfe, 0xfd}
+	c := j.WithChain([][]byte{leaf, inter})
+	sum := sha256.Sum256(leaf)
+	if c.JWK != j || len(c.X5c) != 2 || c.X5c[0] != "MAH/" || c.X5c[1] != "MAL+/Q==" || c.X5tS256 != base64.RawURLEncoding.EncodeToString(sum[:]) {
+		t.Errorf("WithChain = %+v", c)
+	}
+	b, err := json.Marshal(PublishedJWKS{Keys: []PublishedJWK{c}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back JWKS // a relying party that ignores the chain reads the same key
+	if err := json.Unmarshal(b, &back); err != nil || len(back.Keys) != 1 || back.Keys[0] != j {
+		t.Fatalf("%s read back as %+v (%v)", b, back, err)
+	}
+	if !strings.Contains(string(b), `"x5c":["MAH/","MAL+/Q=="]`) || !strings.Contains(string(b), `"x5t#S256":"`+c.X5tS256+`"`) {
+		t.Errorf("JSON %s", b)
+	}
+	if b, _ := json.Marshal(PublishedJWKS{}); string(b) != `{"keys":[]}` {
+		t.Errorf("an empty set is %s", b)
 	}
 }

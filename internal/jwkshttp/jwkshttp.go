@@ -346,7 +346,7 @@ func (h *Handler) key(ctx context.Context, td *tenantDoc, tenant, name string) (
 	if err != nil {
 		return nil, err
 	}
-	set := pop.JWKS{}
+	set := pop.PublishedJWKS{}
 	for _, v := range info.Versions {
 		if !v.State.Published() {
 			continue
@@ -355,7 +355,7 @@ func (h *Handler) key(ctx context.Context, td *tenantDoc, tenant, name string) (
 		if err != nil {
 			return nil, err
 		}
-		set.Keys = append(set.Keys, pk.JWK)
+		set.Keys = append(set.Keys, pk.JWK.WithChain(pk.Chain))
 	}
 	body, err := json.Marshal(set)
 	if err != nil {

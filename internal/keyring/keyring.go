@@ -682,11 +682,11 @@ func (r *Keyring) JWKS(ctx context.Context, tenant string) ([]byte, error) {
 	if b, ok := r.jwks[tenant]; ok {
 		return b, nil
 	}
-	set := pop.JWKS{}
+	set := pop.PublishedJWKS{}
 	for _, n := range r.names[tenant] {
 		for _, v := range r.keys[keyID{tenant, n}].versions {
 			if v.State.Published() {
-				set.Keys = append(set.Keys, v.jwk)
+				set.Keys = append(set.Keys, v.jwk.WithChain(v.Certificates))
 			}
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/json"
 	"math/big"
 	"strings"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/internal/audit"
 	"github.com/keybroker/keybroker/internal/testpki"
+	"github.com/keybroker/keybroker/pop"
 )
 
 // csrFor asks the daemon for a CSR of a key version (0: the ACTIVE one).
@@ -80,6 +82,29 @@ func TestImportCertificate(t *testing.T) {
 		k, _ := s.client.GetKey(ctx, &kbv1.GetKeyRequest{Name: name})
 		if v := k.GetKey().GetVersions()[0]; v.X5TS256 != want || !v.CertificateExpireTime.AsTime().Equal(resp.ExpireTime.AsTime()) {
 			t.Errorf("%s: GetKey version 1: %v", name, v)
+		}
+		// The JWK Set publishes the chain with the key (x5c, x5t#S256), so
+		// a relying party can match the certificate; the JWK itself (and
+		// so its thumbprint, the kid) is unchanged.
+		jr, err := s.client.GetJWKS(ctx, &kbv1.GetJWKSRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var set pop.PublishedJWKS
+		if err := json.Unmarshal([]byte(jr.Jwks), &set); err != nil {
+			t.Fatal(err)
+		}
+		var published *pop.PublishedJWK
+		for i := range set.Keys {
+			if set.Keys[i].Kid == pk.Kid {
+				published = &set.Keys[i]
+			}
+		}
+		if published == nil || len(published.X5c) != 2 || published.X5c[0] != base64.StdEncoding.EncodeToString(leaf) ||
+			published.X5c[1] != base64.StdEncoding.EncodeToString(inter.Cert.Raw) || published.X5tS256 != want {
+			t.Errorf("%s: the JWKS entry of version 1 is %+v, want x5c = [leaf, intermediate] and x5t#S256 %s", name, published, want)
+		} else if tp, err := published.Thumbprint(); err != nil || tp != pk.Kid {
+			t.Errorf("%s: the published JWK's thumbprint %q (%v), want the kid %s", name, tp, err, pk.Kid)
 		}
 		// The imported chain verifies to the root, as a relying party sees it.
 		lc, _ := x509.ParseCertificate(leaf)
