@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
 	"github.com/keybroker/keybroker/client"
@@ -139,5 +140,54 @@ func TestMTLS(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestMTLSThroughJWKSURI: a client registered by its jwks_uri alone (no
+// key material at the AS) authenticates with self_signed_tls_client_auth
+// once its certificate is imported into the key's version: keybroker's
+// JWK Set then carries the chain (x5c), which is what oidc-provider
+// matches the TLS client certificate against; the SDK presents the ACTIVE
+// version's chain. Before the import the same certificate is refused.
+func TestMTLSThroughJWKSURI(t *testing.T) {
+	e := newEnv(t)
+	const id = "mtls-by-uri"
+	s := e.key(t, id, kbv1.Algorithm_ALGORITHM_ES256)
+	c := newSelfSigned(t, e, s, id)
+	as := oidcprovidertest.Start(t, oidcprovidertest.Config{CA: e.ca, Clients: []map[string]any{rsClientMetadata(), {
+		"client_id": id, "token_endpoint_auth_method": "self_signed_tls_client_auth",
+		"tls_client_certificate_bound_access_tokens": true, "jwks_uri": e.keyJWKSURI(id),
+	}}})
+	ctx := ctx30(t)
+	token := func(cert tls.Certificate) *oidcprovidertest.TokenResponse {
+		tc := as.TLSConfig()
+		tc.Certificates = []tls.Certificate{cert}
+		tr, err := as.Token(ctx, as.HTTPClient(tc), form("client_id", id), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tr
+	}
+	if tr := token(c.cert); tr.Status != http.StatusUnauthorized || tr.Error != "invalid_client" {
+		t.Fatalf("before the import (no x5c in the jwks_uri): %s, want 401 invalid_client", tr)
+	}
+	if _, err := e.c.API().ImportCertificate(ctx, &kbv1.ImportCertificateRequest{Name: id, CertificateChain: c.cert.Certificate}); err != nil {
+		t.Fatal(err)
+	}
+	as.AdvanceClock(t, 2*time.Minute) // past its jwks_uri cache, so it fetches the set with x5c
+	cert, err := e.c.TLSCertificate(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := token(cert)
+	if tr.Status != http.StatusOK || tr.TokenType != "Bearer" {
+		t.Fatalf("after the import: %s, want 200 Bearer\n%v", tr, as.Events(t))
+	}
+	in, err := as.Introspect(ctx, tr.AccessToken, rsClientID+":"+rsSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !in.Active || in.ClientID != id || in.Cnf.X5TS256 != c.x5t {
+		t.Fatalf("introspection %+v: want an active token of %s bound to x5t#S256 %s", in, id, c.x5t)
 	}
 }
