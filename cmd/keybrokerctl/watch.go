@@ -10,10 +10,9 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	kbv1 "github.com/keybroker/keybroker/api/proto/keybroker/v1"
+	"github.com/keybroker/keybroker/client"
 )
 
 func newKeysWatchCmd(a *app) *cobra.Command {
@@ -49,45 +48,20 @@ the daemon stops, the command fails UNAVAILABLE.`,
 }
 
 // watch prints events until ctx ends (nil) or the stream fails; a stream
-// cut off for falling behind is opened again.
+// cut off for falling behind is opened again (client.WatchKeys).
 func (a *app) watch(ctx context.Context, req *kbv1.WatchKeysRequest, stderr io.Writer) error {
 	conns, err := a.dialN(1)
 	if err != nil {
 		return err
 	}
 	defer conns[0].Close()
-	kb := kbv1.NewKeyBrokerClient(conns[0].Conn())
-	for {
-		err := a.watchOnce(ctx, kb, req)
-		if ctx.Err() != nil {
-			return nil
-		}
-		if status.Code(err) != codes.ResourceExhausted {
-			return err
-		}
-		fmt.Fprintln(stderr, "keybrokerctl: the watch fell behind; watching again")
-	}
-}
-
-func (a *app) watchOnce(ctx context.Context, kb kbv1.KeyBrokerClient, req *kbv1.WatchKeysRequest) error {
-	st, err := kb.WatchKeys(ctx, req)
-	if err != nil {
-		return err
-	}
-	for {
-		resp, err := st.Recv()
-		if err != nil {
-			return err
-		}
+	return conns[0].WatchKeys(ctx, req, func(ev *kbv1.KeyEvent) error {
 		if a.jsonOutput() {
-			err = a.printProto(resp.GetEvent())
-		} else {
-			_, err = fmt.Fprintln(a.stdout, eventLine(resp.GetEvent()))
+			return a.printProto(ev)
 		}
-		if err != nil {
-			return err
-		}
-	}
+		_, err := fmt.Fprintln(a.stdout, eventLine(ev))
+		return err
+	}, client.OnRewatch(func(error) { fmt.Fprintln(stderr, "keybrokerctl: the watch fell behind; watching again") }))
 }
 
 // eventLine is the text form of an event: time, type, key, version, kid,
