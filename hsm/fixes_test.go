@@ -298,16 +298,23 @@ func TestSaturatedPool(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := sha256.Sum256([]byte("x"))
+	t0 := time.Now()
 	if _, err := b.Sign(ctx, p, h, d[:], crypto.SHA256); err != nil { // cache the key
 		t.Fatal(err)
 	}
+	// One deadline for all callers, set before any starts: on a loaded
+	// machine goroutines start far apart, and a caller that left while
+	// its call ran makes the later waits look like a hung token
+	// (UNAVAILABLE, by design) instead of a saturated pool. It leaves
+	// time for a few signatures however slow the machine is.
+	deadline := time.Now().Add(max(100*time.Millisecond, 5*time.Since(t0)))
 	before := b.started.Load()
 	var mu sync.Mutex
 	var ok, abandoned, exhausted int
 	var wg sync.WaitGroup
 	for range 150 {
 		wg.Go(func() {
-			c, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+			c, cancel := context.WithDeadline(ctx, deadline)
 			defer cancel()
 			_, err := b.Sign(c, p, h, d[:], crypto.SHA256)
 			mu.Lock()
