@@ -153,6 +153,8 @@ func TestHookHangs(t *testing.T) {
 	active.Kind = keyring.EventActive
 	r.Notify(active)
 	waitFor(t, "the next event after giving up", func() bool { _, err := os.Stat(filepath.Join(dir, "active")); return err == nil })
+	// The run's record follows its exit, a moment after the file.
+	waitFor(t, "the record of the next event's run", func() bool { return len(a.codes()) >= 3 })
 	if got := a.codes(); !slices.Equal(got, []string{"TIMEOUT", "TIMEOUT", "OK"}) {
 		t.Fatalf("codes %v", got)
 	}
