@@ -33,6 +33,31 @@ func TestChangesReachEveryReplica(t *testing.T) {
 	leader := e.leader(leaseTTL + 5*time.Second)
 	t.Logf("leader: %s", leader.id)
 
+	// Replica 2 watches the key: every change made anywhere reaches its
+	// watchers once, whether it made it or learned it from etcd.
+	wctx, wcancel := ctxFor(2 * time.Minute)
+	defer wcancel()
+	watch, err := r2.api().WatchKeys(wctx, &kbv1.WatchKeysRequest{Name: "shared"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := watch.Recv(); err != nil || ev.GetEvent().GetType() != kbv1.KeyEventType_KEY_EVENT_TYPE_SNAPSHOT_COMPLETE {
+		t.Fatalf("%s watch: %v %v, want the snapshot's end", r2.id, ev, err)
+	}
+	var evMu sync.Mutex
+	var events []*kbv1.KeyEvent
+	go func() {
+		for {
+			ev, err := watch.Recv()
+			if err != nil {
+				return
+			}
+			evMu.Lock()
+			events = append(events, ev.GetEvent())
+			evMu.Unlock()
+		}
+	}()
+
 	k := e.createKey(r1, "shared", nil)
 	kid := k.GetActiveKid()
 	for _, r := range []*replica{r2, r3} {
@@ -109,6 +134,46 @@ func TestChangesReachEveryReplica(t *testing.T) {
 			t.Errorf("%s: signing by name after the revoke: kid %s, %v", r.id, got, err)
 		}
 	}
+	// The watch on replica 2 saw version 1 ACTIVE (made on 1), the policy
+	// (on 3), the rotation (its own), the revocation (on 3): each once.
+	seen := func() map[string]int {
+		evMu.Lock()
+		defer evMu.Unlock()
+		n := map[string]int{}
+		for _, ev := range events {
+			n[fmt.Sprintf("%s v%d %s", strings.TrimPrefix(ev.GetType().String(), "KEY_EVENT_TYPE_"), ev.GetVersion(), ev.GetKid())]++
+		}
+		return n
+	}
+	revoked := fmt.Sprintf("REVOKED v1 %s", kid)
+	if _, err := eventually(propagation, func() error {
+		if seen()[revoked] == 0 {
+			return fmt.Errorf("no %s", revoked)
+		}
+		return nil
+	}); err != nil {
+		t.Errorf("%s watch: %v; events %v", r2.id, err, seen())
+	}
+	got := seen()
+	for _, want := range []string{fmt.Sprintf("ACTIVE v1 %s", kid), "RETIRED v1 " + kid, revoked} {
+		if got[want] != 1 {
+			t.Errorf("%s watch: %q %d times, want once; events %v", r2.id, want, got[want], got)
+		}
+	}
+	policies := 0
+	for ev, n := range got {
+		if strings.HasPrefix(ev, "POLICY ") {
+			policies += n
+		}
+		if n > 1 && !strings.HasPrefix(ev, "POLICY ") {
+			t.Errorf("%s watch: %q %d times", r2.id, ev, n)
+		}
+	}
+	if policies != 1 {
+		t.Errorf("%s watch: %d policy events for one change; events %v", r2.id, policies, got)
+	}
+	wcancel()
+
 	for _, r := range e.replicas {
 		st := r.status()
 		if st == nil || st.GetReplica() != r.id || st.GetLeader() != leader.id || !st.GetServing() || len(st.GetReplicas()) != 3 {
