@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/pem"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,4 +88,24 @@ func TestImportCertCommand(t *testing.T) {
 		t.Errorf("a refused command called keybrokerd: %v", got)
 	}
 	runAt(socket, "import-cert", "nope", "--chain", chain).check(t, exitNotFound, "", "keybrokerctl: key not found\n")
+}
+
+// TestKeysGetShowsCertificates: keys get lists the versions that have an
+// imported certificate, with its x5t#S256 and expiry, after the versions;
+// a key without one prints no such section.
+func TestKeysGetShowsCertificates(t *testing.T) {
+	fake := newFakeBroker(t)
+	socket, _ := startFake(t, fake)
+	if r := runAt(socket, "keys", "get", "alpha"); r.code != exitOK || strings.Contains(r.stdout, "certificates:") {
+		t.Fatalf("keys get without certificates: code %d\n%s", r.code, r.stdout)
+	}
+	fake.mu.Lock()
+	v := fake.keys["alpha"].Versions[len(fake.keys["alpha"].Versions)-1]
+	v.X5TS256, v.CertificateExpireTime = "x5t-abc", created2
+	fake.mu.Unlock()
+	r := runAt(socket, "keys", "get", "alpha")
+	want := fmt.Sprintf("certificates:\n  v%d  x5t#S256=x5t-abc  expires 2026-02-03T04:05:06Z\n", v.GetVersion())
+	if r.code != exitOK || !strings.HasSuffix(r.stdout, want) {
+		t.Fatalf("keys get: code %d\n%s\nwant it to end with\n%s", r.code, r.stdout, want)
+	}
 }

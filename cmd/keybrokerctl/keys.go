@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -200,7 +201,25 @@ func (a *app) printVersions(k *kbv1.Key) error {
 		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", v.GetVersion(), stateName(v.GetState()), v.GetKid(), formatTime(v.GetCreateTime()),
 			nextStateName(v.GetNextState()), formatTime(v.GetNextTransitionTime()))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return a.printCertificates(k)
+}
+
+// printCertificates lists the versions' imported certificates, if any.
+func (a *app) printCertificates(k *kbv1.Key) error {
+	var lines []string
+	for _, v := range k.GetVersions() {
+		if v.GetX5TS256() != "" {
+			lines = append(lines, fmt.Sprintf("  v%d  x5t#S256=%s  expires %s", v.GetVersion(), v.GetX5TS256(), formatTime(v.GetCertificateExpireTime())))
+		}
+	}
+	if len(lines) == 0 {
+		return nil
+	}
+	_, err := fmt.Fprintf(a.stdout, "certificates:\n%s\n", strings.Join(lines, "\n"))
+	return err
 }
 
 func (a *app) printKeyTable(keys []*kbv1.Key) error {
